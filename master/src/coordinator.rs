@@ -1,0 +1,743 @@
+//! The master's sans-IO state machine.
+//!
+//! Inputs arrive through `handle_*` with the current time; outputs (messages to send, connections
+//! to close) leave through [`Coordinator::poll_output`]. The coordinator never reads a clock or
+//! touches a socket, so the same code runs under the real event loop ([`crate::server`]) and
+//! under deterministic simulation.
+//!
+//! Every transition is a unanimous vote of the accepted peers: accept pending peers and build a
+//! ring (`AcceptVote`), answer "are peers pending?" (`PendingQuery`), start a collective per tag
+//! (`CollInit`, with descriptors that must match), complete it (`CollComplete`). All pending
+//! votes are re-evaluated after every message and every disconnect, so a dead peer never blocks
+//! a vote: it is simply no longer among the voters, and whatever it was part of is aborted.
+//! A message that is illegal in the sender's state gets the sender kicked.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use concord_transport::PROTOCOL_VERSION;
+
+use crate::proto::{CollectiveDesc, MasterMsg, PeerId, PeerMsg, RingMember};
+
+/// Identifies one connection of the master (assigned by the I/O shell).
+pub type ConnId = u64;
+
+/// What the coordinator asks the I/O shell to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Send a message on a connection.
+    Send {
+        /// Target connection.
+        conn: ConnId,
+        /// The message.
+        msg: MasterMsg,
+    },
+    /// Flush what is queued for the connection, then close it.
+    Close {
+        /// The connection.
+        conn: ConnId,
+    },
+}
+
+/// Limits of the coordinator.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct CoordinatorConfig {
+    /// A connection must say hello within this time or it is closed.
+    pub hello_timeout: Duration,
+    /// Most peers registered at once; further ones are refused.
+    pub max_peers: usize,
+    /// Most collectives (tags) in flight at once across the group.
+    pub max_collectives: usize,
+    /// Seed of the per-epoch ring secrets (the server seeds it from the OS).
+    pub secret_seed: u64,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            hello_timeout: Duration::from_secs(10),
+            max_peers: 1024,
+            max_collectives: 4096,
+            secret_seed: 0x5eed,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Conn {
+    AwaitingHello { ip: IpAddr, deadline: Instant },
+    Peer(PeerId),
+}
+
+#[derive(Debug)]
+struct Peer {
+    conn: ConnId,
+    data_addr: String,
+    accepted: bool,
+}
+
+#[derive(Debug)]
+struct Round {
+    epoch: u64,
+    members: Vec<PeerId>,
+    connected: BTreeSet<PeerId>,
+}
+
+#[derive(Debug)]
+enum Coll {
+    Voting {
+        descs: BTreeMap<PeerId, CollectiveDesc>,
+    },
+    Running {
+        seq: u64,
+        members: BTreeSet<PeerId>,
+        done: BTreeSet<PeerId>,
+    },
+}
+
+/// The master's state: peers, ring, votes and collectives in flight.
+#[derive(Debug)]
+pub struct Coordinator {
+    config: CoordinatorConfig,
+    conns: BTreeMap<ConnId, Conn>,
+    peers: BTreeMap<PeerId, Peer>,
+    next_peer_id: PeerId,
+    epoch: u64,
+    ring: Vec<PeerId>,
+    /// Why the current ring cannot carry collectives (a member left), if it cannot.
+    ring_broken: Option<String>,
+    round: Option<Round>,
+    accept_votes: BTreeSet<PeerId>,
+    pending_votes: BTreeSet<PeerId>,
+    colls: BTreeMap<u64, Coll>,
+    next_seq: u64,
+    out: VecDeque<Output>,
+}
+
+impl Coordinator {
+    /// A coordinator with no peers.
+    pub fn new(config: CoordinatorConfig) -> Self {
+        Coordinator {
+            config,
+            conns: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            next_peer_id: 1,
+            epoch: 0,
+            ring: Vec::new(),
+            ring_broken: None,
+            round: None,
+            accept_votes: BTreeSet::new(),
+            pending_votes: BTreeSet::new(),
+            colls: BTreeMap::new(),
+            next_seq: 1,
+            out: VecDeque::new(),
+        }
+    }
+
+    /// Next output for the I/O shell.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// When [`Coordinator::handle_timeout`] must next be called, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.conns
+            .values()
+            .filter_map(|c| match c {
+                Conn::AwaitingHello { deadline, .. } => Some(*deadline),
+                Conn::Peer(_) => None,
+            })
+            .min()
+    }
+
+    /// Accepted peers, in ring order once a ring is built.
+    pub fn accepted(&self) -> Vec<PeerId> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.accepted)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Registered peers still waiting to be admitted.
+    pub fn pending(&self) -> Vec<PeerId> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| !p.accepted)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Number of open connections (peers and those still to say hello).
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Collectives in flight (voting or running).
+    pub fn collectives_in_flight(&self) -> usize {
+        self.colls.len()
+    }
+
+    /// A new connection from `ip`.
+    pub fn handle_connect(&mut self, conn: ConnId, ip: IpAddr, now: Instant) {
+        let deadline = now + self.config.hello_timeout;
+        let previous = self
+            .conns
+            .insert(conn, Conn::AwaitingHello { ip, deadline });
+        assert!(previous.is_none(), "connection id {conn} reused while open");
+    }
+
+    /// The connection closed (by the peer or by an I/O error).
+    pub fn handle_disconnect(&mut self, conn: ConnId, _now: Instant) {
+        if let Some(Conn::Peer(id)) = self.conns.remove(&conn) {
+            self.remove_peer(id, &format!("peer {id} disconnected"));
+        }
+        self.reevaluate();
+    }
+
+    /// The connection sent bytes that do not decode: kick it.
+    pub fn handle_malformed(&mut self, conn: ConnId, error: &str, _now: Instant) {
+        self.kick_conn(conn, &format!("malformed message: {error}"));
+        self.reevaluate();
+    }
+
+    /// The connection speaks another protocol version: refuse it, naming both versions.
+    pub fn handle_version_mismatch(&mut self, conn: ConnId, theirs: u32, _now: Instant) {
+        let reason = format!(
+            "protocol version mismatch: the master speaks version {PROTOCOL_VERSION}, this peer speaks {theirs}; run the same Concord release on every machine"
+        );
+        self.out.push_back(Output::Send {
+            conn,
+            msg: MasterMsg::Refused {
+                version: PROTOCOL_VERSION,
+                reason,
+            },
+        });
+        self.close(conn, "version mismatch");
+        self.reevaluate();
+    }
+
+    /// Deadlines: connections that never said hello are closed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let late: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter_map(|(id, c)| match c {
+                Conn::AwaitingHello { deadline, .. } if *deadline <= now => Some(*id),
+                _ => None,
+            })
+            .collect();
+        for conn in late {
+            let ms = self.config.hello_timeout.as_millis();
+            self.kick_conn(conn, &format!("no hello within {ms} ms"));
+        }
+        self.reevaluate();
+    }
+
+    /// A decoded message from a connection.
+    pub fn handle_message(&mut self, conn: ConnId, msg: PeerMsg, _now: Instant) {
+        match self.conns.get(&conn) {
+            None => {} // Already closed; late bytes are ignored.
+            Some(Conn::AwaitingHello { ip, .. }) => {
+                let ip = *ip;
+                self.on_hello(conn, ip, msg);
+            }
+            Some(Conn::Peer(id)) => {
+                let id = *id;
+                if let Err(reason) = self.on_peer_message(id, msg) {
+                    self.kick_conn(conn, &reason);
+                }
+            }
+        }
+        self.reevaluate();
+    }
+
+    fn on_hello(&mut self, conn: ConnId, ip: IpAddr, msg: PeerMsg) {
+        let PeerMsg::Hello {
+            version,
+            data_port,
+            advertise_ip,
+        } = msg
+        else {
+            self.kick_conn(
+                conn,
+                &format!("first message must be Hello, got {}", kind(&msg)),
+            );
+            return;
+        };
+        debug_assert_eq!(
+            version, PROTOCOL_VERSION,
+            "the codec refuses other versions"
+        );
+        if self.peers.len() >= self.config.max_peers {
+            let reason = format!("the master is full ({} peers)", self.config.max_peers);
+            self.out.push_back(Output::Send {
+                conn,
+                msg: MasterMsg::Refused {
+                    version: PROTOCOL_VERSION,
+                    reason,
+                },
+            });
+            self.close(conn, "full");
+            return;
+        }
+        let host = if advertise_ip.is_empty() {
+            ip.to_string()
+        } else {
+            advertise_ip
+        };
+        let data_addr = match host.parse::<IpAddr>() {
+            Ok(IpAddr::V6(v6)) => format!("[{v6}]:{data_port}"),
+            _ => format!("{host}:{data_port}"),
+        };
+        let id = self.next_peer_id;
+        self.next_peer_id += 1;
+        self.conns.insert(conn, Conn::Peer(id));
+        self.peers.insert(
+            id,
+            Peer {
+                conn,
+                data_addr,
+                accepted: false,
+            },
+        );
+        self.send(
+            id,
+            MasterMsg::Welcome {
+                version: PROTOCOL_VERSION,
+                peer_id: id,
+            },
+        );
+    }
+
+    /// Applies a message from a registered peer; `Err` means "kick with this reason".
+    fn on_peer_message(&mut self, id: PeerId, msg: PeerMsg) -> Result<(), String> {
+        let accepted = self.peers[&id].accepted;
+        match msg {
+            PeerMsg::Goodbye => {
+                let conn = self.peers[&id].conn;
+                self.remove_peer(id, &format!("peer {id} left"));
+                self.conns.remove(&conn);
+                self.out.push_back(Output::Close { conn });
+                Ok(())
+            }
+            PeerMsg::Hello { .. } => Err("sent Hello twice".into()),
+            other if !accepted => Err(format!(
+                "sent {} before being admitted to the group",
+                kind(&other)
+            )),
+            PeerMsg::AcceptVote => {
+                if self.round.is_some() {
+                    return Err("voted to update the topology during a connection round".into());
+                }
+                if self.in_collective(id) {
+                    return Err("voted to update the topology with collectives in flight (one operation kind at a time)".into());
+                }
+                if !self.accept_votes.insert(id) {
+                    return Err("voted twice to update the topology".into());
+                }
+                Ok(())
+            }
+            PeerMsg::PendingQuery => {
+                if !self.pending_votes.insert(id) {
+                    return Err("asked twice whether peers are pending".into());
+                }
+                Ok(())
+            }
+            PeerMsg::ConnectResult { epoch, ok, detail } => {
+                self.on_connect_result(id, epoch, ok, detail)
+            }
+            PeerMsg::CollInit { tag, desc } => self.on_coll_init(id, tag, desc),
+            PeerMsg::CollComplete {
+                tag,
+                seq,
+                ok,
+                detail,
+            } => self.on_coll_complete(id, tag, seq, ok, detail),
+        }
+    }
+
+    fn on_connect_result(
+        &mut self,
+        id: PeerId,
+        epoch: u64,
+        ok: bool,
+        detail: String,
+    ) -> Result<(), String> {
+        let Some(round) = self.round.as_mut().filter(|r| r.epoch == epoch) else {
+            if epoch <= self.epoch {
+                return Ok(()); // A report for a round that already ended.
+            }
+            return Err(format!(
+                "reported connections for epoch {epoch}, never announced"
+            ));
+        };
+        if !round.members.contains(&id) {
+            return Err(format!(
+                "reported connections for epoch {epoch} it is not part of"
+            ));
+        }
+        if ok {
+            if !round.connected.insert(id) {
+                return Err(format!("reported connections for epoch {epoch} twice"));
+            }
+        } else {
+            self.fail_round(&format!("peer {id} could not connect: {detail}"));
+        }
+        Ok(())
+    }
+
+    fn on_coll_init(&mut self, id: PeerId, tag: u64, desc: CollectiveDesc) -> Result<(), String> {
+        if desc.dtype.is_empty() || desc.op.is_empty() {
+            return Err(format!("collective {tag} with an empty dtype or op"));
+        }
+        if self.accept_votes.contains(&id) {
+            return Err("started a collective while voting to update the topology (one operation kind at a time)".into());
+        }
+        match self.colls.get_mut(&tag) {
+            Some(Coll::Voting { descs }) => {
+                if descs.insert(id, desc).is_some() {
+                    return Err(format!("tag {tag} is already in flight on this peer"));
+                }
+                Ok(())
+            }
+            Some(Coll::Running { .. }) => {
+                Err(format!("tag {tag} is already in flight on this peer"))
+            }
+            None => {
+                let refuse = if let Some(why) = &self.ring_broken {
+                    Some(format!(
+                        "{why}; the ring must be rebuilt: call update_topology() and retry"
+                    ))
+                } else if self.round.is_some() || self.ring.is_empty() {
+                    Some("the ring is being rebuilt; retry after update_topology()".to_string())
+                } else if self.colls.len() >= self.config.max_collectives {
+                    Some(format!(
+                        "too many collectives in flight (limit {})",
+                        self.config.max_collectives
+                    ))
+                } else {
+                    None
+                };
+                match refuse {
+                    Some(reason) => {
+                        self.send(
+                            id,
+                            MasterMsg::CollAborted {
+                                tag,
+                                seq: 0,
+                                reason,
+                                lost: Vec::new(),
+                            },
+                        );
+                    }
+                    None => {
+                        self.colls.insert(
+                            tag,
+                            Coll::Voting {
+                                descs: BTreeMap::from([(id, desc)]),
+                            },
+                        );
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn on_coll_complete(
+        &mut self,
+        id: PeerId,
+        tag: u64,
+        seq: u64,
+        ok: bool,
+        detail: String,
+    ) -> Result<(), String> {
+        match self.colls.get_mut(&tag) {
+            Some(Coll::Running {
+                seq: s,
+                members,
+                done,
+            }) if *s == seq && members.contains(&id) => {
+                if ok {
+                    if !done.insert(id) {
+                        return Err(format!("completed collective {tag} (seq {seq}) twice"));
+                    }
+                } else {
+                    let reason = format!("peer {id} failed collective {tag}: {detail}");
+                    self.abort_coll(tag, &reason, Vec::new());
+                    self.ring_broken.get_or_insert(reason);
+                }
+                Ok(())
+            }
+            _ if seq < self.next_seq => Ok(()), // Completion of an attempt already aborted.
+            _ => Err(format!(
+                "completed collective {tag} with sequence {seq}, never started"
+            )),
+        }
+    }
+
+    fn in_collective(&self, id: PeerId) -> bool {
+        self.colls.values().any(|c| match c {
+            Coll::Voting { descs } => descs.contains_key(&id),
+            Coll::Running { members, done, .. } => members.contains(&id) && !done.contains(&id),
+        })
+    }
+
+    /// Re-checks every vote; called after every input.
+    fn reevaluate(&mut self) {
+        let accepted: BTreeSet<PeerId> = self.accepted().into_iter().collect();
+        let has_pending = accepted.len() < self.peers.len();
+
+        // A group with no accepted peer admits whoever is waiting: the vote of nobody is unanimous.
+        if accepted.is_empty() && has_pending && self.round.is_none() {
+            self.start_round();
+            return self.reevaluate();
+        }
+        if self.round.is_none() && !accepted.is_empty() && self.accept_votes.is_superset(&accepted)
+        {
+            self.accept_votes.clear();
+            let ring_matches = self.ring.iter().copied().collect::<BTreeSet<_>>() == accepted;
+            if has_pending || self.ring_broken.is_some() || !ring_matches {
+                self.start_round();
+            } else {
+                let msg = MasterMsg::TopologyDone {
+                    epoch: self.epoch,
+                    world: accepted.len() as u32,
+                };
+                for id in &accepted {
+                    self.send(*id, msg.clone());
+                }
+            }
+        }
+        if let Some(round) = &self.round {
+            if round.connected.len() == round.members.len() {
+                let round = self.round.take().expect("checked");
+                let msg = MasterMsg::TopologyDone {
+                    epoch: round.epoch,
+                    world: round.members.len() as u32,
+                };
+                for id in &round.members {
+                    self.send(*id, msg.clone());
+                }
+                self.ring = round.members;
+                self.ring_broken = None;
+            }
+        }
+        if !accepted.is_empty() && self.pending_votes.is_superset(&accepted) {
+            let msg = MasterMsg::PendingAnswer {
+                pending: has_pending,
+            };
+            for id in std::mem::take(&mut self.pending_votes) {
+                self.send(id, msg.clone());
+            }
+        }
+        self.reevaluate_collectives(&accepted);
+    }
+
+    fn reevaluate_collectives(&mut self, accepted: &BTreeSet<PeerId>) {
+        let tags: Vec<u64> = self.colls.keys().copied().collect();
+        for tag in tags {
+            match &self.colls[&tag] {
+                Coll::Voting { descs }
+                    if descs.keys().copied().collect::<BTreeSet<_>>() == *accepted =>
+                {
+                    let first = descs.values().next().expect("accepted is not empty");
+                    if descs.values().all(|d| d == first) {
+                        let seq = self.next_seq;
+                        self.next_seq += 1;
+                        let members: BTreeSet<PeerId> = self.ring.iter().copied().collect();
+                        debug_assert_eq!(&members, accepted, "collectives start on an intact ring");
+                        let msg = MasterMsg::CollCommence {
+                            tag,
+                            seq,
+                            epoch: self.epoch,
+                        };
+                        for id in &members {
+                            self.send(*id, msg.clone());
+                        }
+                        self.colls.insert(
+                            tag,
+                            Coll::Running {
+                                seq,
+                                members,
+                                done: BTreeSet::new(),
+                            },
+                        );
+                    } else {
+                        let listing: Vec<String> = descs
+                            .iter()
+                            .map(|(id, d)| format!("peer {id}: {d}"))
+                            .collect();
+                        let reason = format!(
+                            "peers disagree on collective {tag}, nothing was reduced ({})",
+                            listing.join("; ")
+                        );
+                        let voters: Vec<PeerId> = descs.keys().copied().collect();
+                        self.colls.remove(&tag);
+                        for id in voters {
+                            self.send(
+                                id,
+                                MasterMsg::CollRefused {
+                                    tag,
+                                    reason: reason.clone(),
+                                },
+                            );
+                        }
+                    }
+                }
+                Coll::Running { seq, members, done } if done == members => {
+                    let msg = MasterMsg::CollDone { tag, seq: *seq };
+                    let members: Vec<PeerId> = members.iter().copied().collect();
+                    self.colls.remove(&tag);
+                    for id in members {
+                        self.send(id, msg.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn start_round(&mut self) {
+        debug_assert!(self.round.is_none());
+        for peer in self.peers.values_mut() {
+            peer.accepted = true;
+        }
+        self.epoch += 1;
+        let members: Vec<PeerId> = self.peers.keys().copied().collect();
+        let ring: Vec<RingMember> = members
+            .iter()
+            .map(|id| RingMember {
+                peer_id: *id,
+                data_addr: self.peers[id].data_addr.clone(),
+            })
+            .collect();
+        let secret = mix(self.config.secret_seed ^ self.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let msg = MasterMsg::Topology {
+            epoch: self.epoch,
+            secret,
+            ring,
+        };
+        for id in &members {
+            self.send(*id, msg.clone());
+        }
+        self.round = Some(Round {
+            epoch: self.epoch,
+            members,
+            connected: BTreeSet::new(),
+        });
+    }
+
+    fn fail_round(&mut self, reason: &str) {
+        let Some(round) = self.round.take() else {
+            return;
+        };
+        for id in &round.members {
+            let msg = MasterMsg::TopologyFailed {
+                epoch: round.epoch,
+                reason: reason.to_string(),
+            };
+            self.send(*id, msg);
+        }
+        self.ring_broken = Some(reason.to_string());
+    }
+
+    fn abort_coll(&mut self, tag: u64, reason: &str, lost: Vec<PeerId>) {
+        let Some(coll) = self.colls.remove(&tag) else {
+            return;
+        };
+        let (seq, targets): (u64, Vec<PeerId>) = match coll {
+            Coll::Voting { descs } => (0, descs.into_keys().collect()),
+            Coll::Running { seq, members, .. } => (seq, members.into_iter().collect()),
+        };
+        for id in targets {
+            let msg = MasterMsg::CollAborted {
+                tag,
+                seq,
+                reason: reason.to_string(),
+                lost: lost.clone(),
+            };
+            self.send(id, msg);
+        }
+    }
+
+    /// Forgets a peer and fails whatever it was part of.
+    fn remove_peer(&mut self, id: PeerId, reason: &str) {
+        let Some(peer) = self.peers.remove(&id) else {
+            return;
+        };
+        self.accept_votes.remove(&id);
+        self.pending_votes.remove(&id);
+        if !peer.accepted {
+            return;
+        }
+        if self.round.as_ref().is_some_and(|r| r.members.contains(&id)) {
+            self.fail_round(reason);
+        }
+        if self.ring.contains(&id) {
+            self.ring.retain(|p| *p != id);
+            self.ring_broken = Some(reason.to_string());
+        }
+        // The ring lost a member: nothing can run on it until it is rebuilt.
+        let tags: Vec<u64> = self.colls.keys().copied().collect();
+        for tag in tags {
+            self.abort_coll(tag, reason, vec![id]);
+        }
+    }
+
+    fn kick_conn(&mut self, conn: ConnId, reason: &str) {
+        let reason = match self.conns.get(&conn) {
+            Some(Conn::Peer(id)) => format!("peer {id} kicked: {reason}"),
+            _ => format!("connection {conn} kicked: {reason}"),
+        };
+        tracing::warn!("{reason}");
+        self.out.push_back(Output::Send {
+            conn,
+            msg: MasterMsg::Kicked {
+                reason: reason.clone(),
+            },
+        });
+        self.close(conn, &reason);
+    }
+
+    fn close(&mut self, conn: ConnId, reason: &str) {
+        if let Some(Conn::Peer(id)) = self.conns.remove(&conn) {
+            self.remove_peer(id, reason);
+        }
+        self.out.push_back(Output::Close { conn });
+    }
+
+    fn send(&mut self, id: PeerId, msg: MasterMsg) {
+        if let Some(peer) = self.peers.get(&id) {
+            self.out.push_back(Output::Send {
+                conn: peer.conn,
+                msg,
+            });
+        }
+    }
+}
+
+fn kind(msg: &PeerMsg) -> &'static str {
+    match msg {
+        PeerMsg::Hello { .. } => "Hello",
+        PeerMsg::AcceptVote => "AcceptVote",
+        PeerMsg::PendingQuery => "PendingQuery",
+        PeerMsg::ConnectResult { .. } => "ConnectResult",
+        PeerMsg::CollInit { .. } => "CollInit",
+        PeerMsg::CollComplete { .. } => "CollComplete",
+        PeerMsg::Goodbye => "Goodbye",
+    }
+}
+
+/// splitmix64 finaliser: spreads a seed into a secret.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests;

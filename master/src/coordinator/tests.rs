@@ -1,0 +1,577 @@
+//! Unit tests of the coordinator: votes, disconnects during votes, kicks.
+
+use super::*;
+use crate::proto::CollectiveDesc;
+
+struct H {
+    c: Coordinator,
+    now: Instant,
+}
+
+impl H {
+    fn new() -> Self {
+        H {
+            c: Coordinator::new(CoordinatorConfig::default()),
+            now: Instant::now(),
+        }
+    }
+    fn drain(&mut self) -> Vec<Output> {
+        std::iter::from_fn(|| self.c.poll_output()).collect()
+    }
+    fn sent_to(out: &[Output], conn: ConnId) -> Vec<MasterMsg> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send { conn: c, msg } if *c == conn => Some(msg.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+    fn closed(out: &[Output], conn: ConnId) -> bool {
+        out.iter().any(|o| *o == Output::Close { conn })
+    }
+    fn msg(&mut self, conn: ConnId, m: PeerMsg) -> Vec<Output> {
+        self.c.handle_message(conn, m, self.now);
+        self.drain()
+    }
+    fn hello(&mut self, conn: ConnId) -> Vec<Output> {
+        self.c
+            .handle_connect(conn, "127.0.0.1".parse().unwrap(), self.now);
+        self.msg(
+            conn,
+            PeerMsg::Hello {
+                version: PROTOCOL_VERSION,
+                data_port: 1000 + conn as u16,
+                advertise_ip: String::new(),
+            },
+        )
+    }
+    /// Connects peers on conns 1..=n and builds a ring of all of them. Peer ids equal conn ids.
+    fn group(n: u64) -> Self {
+        let mut h = H::new();
+        let out = h.hello(1);
+        let epoch = topology_epoch(&H::sent_to(&out, 1)).expect("first peer admitted at once");
+        h.msg(
+            1,
+            PeerMsg::ConnectResult {
+                epoch,
+                ok: true,
+                detail: String::new(),
+            },
+        );
+        for conn in 2..=n {
+            h.hello(conn);
+        }
+        if n > 1 {
+            let out = h.msg(1, PeerMsg::AcceptVote);
+            let epoch = topology_epoch(&H::sent_to(&out, 1)).unwrap();
+            for conn in 1..=n {
+                h.msg(
+                    conn,
+                    PeerMsg::ConnectResult {
+                        epoch,
+                        ok: true,
+                        detail: String::new(),
+                    },
+                );
+            }
+        }
+        assert_eq!(h.c.accepted().len(), n as usize);
+        h
+    }
+}
+
+fn topology_epoch(msgs: &[MasterMsg]) -> Option<u64> {
+    msgs.iter().find_map(|m| match m {
+        MasterMsg::Topology { epoch, .. } => Some(*epoch),
+        _ => None,
+    })
+}
+
+fn desc(count: u64) -> CollectiveDesc {
+    CollectiveDesc {
+        count,
+        dtype: "float".into(),
+        op: "sum".into(),
+    }
+}
+
+fn kicked(msgs: &[MasterMsg]) -> Option<String> {
+    msgs.iter().find_map(|m| match m {
+        MasterMsg::Kicked { reason } => Some(reason.clone()),
+        _ => None,
+    })
+}
+
+#[test]
+fn first_peer_is_admitted_alone_and_later_ones_wait_for_a_vote() {
+    let mut h = H::new();
+    let out = h.hello(1);
+    let msgs = H::sent_to(&out, 1);
+    assert!(matches!(msgs[0], MasterMsg::Welcome { peer_id: 1, .. }));
+    let epoch = topology_epoch(&msgs).unwrap();
+    let out = h.msg(
+        1,
+        PeerMsg::ConnectResult {
+            epoch,
+            ok: true,
+            detail: String::new(),
+        },
+    );
+    assert_eq!(
+        H::sent_to(&out, 1),
+        vec![MasterMsg::TopologyDone { epoch, world: 1 }]
+    );
+
+    let out = h.hello(2);
+    assert_eq!(H::sent_to(&out, 2).len(), 1, "only a Welcome: peer 2 waits");
+    assert_eq!(h.c.pending(), vec![2]);
+
+    let out = h.msg(1, PeerMsg::PendingQuery);
+    assert_eq!(
+        H::sent_to(&out, 1),
+        vec![MasterMsg::PendingAnswer { pending: true }]
+    );
+
+    let out = h.msg(1, PeerMsg::AcceptVote);
+    let e2 = topology_epoch(&H::sent_to(&out, 2)).expect("the new peer gets the ring");
+    assert_eq!(topology_epoch(&H::sent_to(&out, 1)), Some(e2));
+    h.msg(
+        1,
+        PeerMsg::ConnectResult {
+            epoch: e2,
+            ok: true,
+            detail: String::new(),
+        },
+    );
+    let out = h.msg(
+        2,
+        PeerMsg::ConnectResult {
+            epoch: e2,
+            ok: true,
+            detail: String::new(),
+        },
+    );
+    for conn in [1, 2] {
+        assert_eq!(
+            H::sent_to(&out, conn),
+            vec![MasterMsg::TopologyDone {
+                epoch: e2,
+                world: 2
+            }]
+        );
+    }
+    let out = h.msg(1, PeerMsg::PendingQuery);
+    assert!(out.is_empty(), "the vote waits for peer 2");
+    let out = h.msg(2, PeerMsg::PendingQuery);
+    assert_eq!(
+        H::sent_to(&out, 1),
+        vec![MasterMsg::PendingAnswer { pending: false }]
+    );
+    assert_eq!(
+        H::sent_to(&out, 2),
+        vec![MasterMsg::PendingAnswer { pending: false }]
+    );
+}
+
+#[test]
+fn update_topology_without_changes_answers_at_once() {
+    let mut h = H::group(2);
+    h.msg(1, PeerMsg::AcceptVote);
+    let out = h.msg(2, PeerMsg::AcceptVote);
+    assert!(
+        topology_epoch(&H::sent_to(&out, 1)).is_none(),
+        "no reconnect when nothing changed"
+    );
+    assert!(matches!(
+        H::sent_to(&out, 2)[0],
+        MasterMsg::TopologyDone { world: 2, .. }
+    ));
+}
+
+#[test]
+fn collective_runs_after_unanimous_votes_with_rising_sequence_numbers() {
+    let mut h = H::group(3);
+    let mut last_seq = 0;
+    for tag in [7u64, 8] {
+        h.msg(
+            1,
+            PeerMsg::CollInit {
+                tag,
+                desc: desc(10),
+            },
+        );
+        h.msg(
+            2,
+            PeerMsg::CollInit {
+                tag,
+                desc: desc(10),
+            },
+        );
+        let out = h.msg(
+            3,
+            PeerMsg::CollInit {
+                tag,
+                desc: desc(10),
+            },
+        );
+        let seq = match H::sent_to(&out, 3)[0] {
+            MasterMsg::CollCommence { seq, tag: t, .. } if t == tag => seq,
+            ref m => panic!("{m:?}"),
+        };
+        assert!(seq > last_seq);
+        last_seq = seq;
+        h.msg(
+            1,
+            PeerMsg::CollComplete {
+                tag,
+                seq,
+                ok: true,
+                detail: String::new(),
+            },
+        );
+        let out = h.msg(
+            2,
+            PeerMsg::CollComplete {
+                tag,
+                seq,
+                ok: true,
+                detail: String::new(),
+            },
+        );
+        assert!(out.is_empty());
+        let out = h.msg(
+            3,
+            PeerMsg::CollComplete {
+                tag,
+                seq,
+                ok: true,
+                detail: String::new(),
+            },
+        );
+        for conn in 1..=3 {
+            assert_eq!(
+                H::sent_to(&out, conn),
+                vec![MasterMsg::CollDone { tag, seq }]
+            );
+        }
+    }
+    assert_eq!(h.c.collectives_in_flight(), 0);
+}
+
+#[test]
+fn mismatched_descriptors_are_refused_to_everyone_naming_both() {
+    let mut h = H::group(2);
+    h.msg(
+        1,
+        PeerMsg::CollInit {
+            tag: 1,
+            desc: desc(100),
+        },
+    );
+    let out = h.msg(
+        2,
+        PeerMsg::CollInit {
+            tag: 1,
+            desc: desc(99),
+        },
+    );
+    for conn in [1, 2] {
+        match &H::sent_to(&out, conn)[0] {
+            MasterMsg::CollRefused { tag: 1, reason } => {
+                assert!(
+                    reason.contains("count=100") && reason.contains("count=99"),
+                    "{reason}"
+                );
+            }
+            m => panic!("{m:?}"),
+        }
+    }
+}
+
+#[test]
+fn disconnect_during_a_vote_aborts_it_for_the_survivors() {
+    let mut h = H::group(3);
+    h.msg(
+        1,
+        PeerMsg::CollInit {
+            tag: 5,
+            desc: desc(1),
+        },
+    );
+    h.msg(
+        2,
+        PeerMsg::CollInit {
+            tag: 5,
+            desc: desc(1),
+        },
+    );
+    h.c.handle_disconnect(3, h.now);
+    let out = h.drain();
+    for conn in [1, 2] {
+        assert!(
+            matches!(&H::sent_to(&out, conn)[0], MasterMsg::CollAborted { tag: 5, lost, .. } if lost == &vec![3]),
+            "{out:?}"
+        );
+    }
+    // A new collective is refused until the ring is rebuilt, then runs with the survivors.
+    let out = h.msg(
+        1,
+        PeerMsg::CollInit {
+            tag: 6,
+            desc: desc(1),
+        },
+    );
+    assert!(
+        matches!(&H::sent_to(&out, 1)[0], MasterMsg::CollAborted { seq: 0, reason, .. } if reason.contains("update_topology"))
+    );
+    h.msg(1, PeerMsg::AcceptVote);
+    let out = h.msg(2, PeerMsg::AcceptVote);
+    let epoch = topology_epoch(&H::sent_to(&out, 1)).expect("ring rebuilt around the hole");
+    h.msg(
+        1,
+        PeerMsg::ConnectResult {
+            epoch,
+            ok: true,
+            detail: String::new(),
+        },
+    );
+    let out = h.msg(
+        2,
+        PeerMsg::ConnectResult {
+            epoch,
+            ok: true,
+            detail: String::new(),
+        },
+    );
+    assert_eq!(
+        H::sent_to(&out, 1),
+        vec![MasterMsg::TopologyDone { epoch, world: 2 }]
+    );
+}
+
+#[test]
+fn disconnect_mid_collective_aborts_once_per_survivor_and_late_completions_are_ignored() {
+    let mut h = H::group(3);
+    for conn in 1..=3 {
+        h.msg(
+            conn,
+            PeerMsg::CollInit {
+                tag: 1,
+                desc: desc(4),
+            },
+        );
+    }
+    h.msg(
+        1,
+        PeerMsg::CollComplete {
+            tag: 1,
+            seq: 1,
+            ok: true,
+            detail: String::new(),
+        },
+    );
+    h.c.handle_disconnect(2, h.now);
+    let out = h.drain();
+    for conn in [1, 3] {
+        let aborts = H::sent_to(&out, conn);
+        assert_eq!(aborts.len(), 1, "{aborts:?}");
+        assert!(
+            matches!(&aborts[0], MasterMsg::CollAborted { seq: 1, lost, .. } if lost == &vec![2])
+        );
+    }
+    let out = h.msg(
+        3,
+        PeerMsg::CollComplete {
+            tag: 1,
+            seq: 1,
+            ok: true,
+            detail: String::new(),
+        },
+    );
+    assert!(
+        out.is_empty(),
+        "a completion racing the abort is not a violation: {out:?}"
+    );
+}
+
+#[test]
+fn a_failed_peer_aborts_the_collective_for_all() {
+    let mut h = H::group(2);
+    for conn in 1..=2 {
+        h.msg(
+            conn,
+            PeerMsg::CollInit {
+                tag: 1,
+                desc: desc(4),
+            },
+        );
+    }
+    let out = h.msg(
+        2,
+        PeerMsg::CollComplete {
+            tag: 1,
+            seq: 1,
+            ok: false,
+            detail: "reset".into(),
+        },
+    );
+    for conn in 1..=2 {
+        assert!(
+            matches!(&H::sent_to(&out, conn)[0], MasterMsg::CollAborted { reason, .. } if reason.contains("reset"))
+        );
+    }
+}
+
+#[test]
+fn disconnect_during_a_connection_round_fails_the_round() {
+    let mut h = H::group(2);
+    h.hello(3);
+    h.msg(1, PeerMsg::AcceptVote);
+    let out = h.msg(2, PeerMsg::AcceptVote);
+    let epoch = topology_epoch(&H::sent_to(&out, 3)).unwrap();
+    h.msg(
+        1,
+        PeerMsg::ConnectResult {
+            epoch,
+            ok: true,
+            detail: String::new(),
+        },
+    );
+    h.c.handle_disconnect(2, h.now);
+    let out = h.drain();
+    for conn in [1, 3] {
+        assert!(
+            matches!(&H::sent_to(&out, conn)[0], MasterMsg::TopologyFailed { .. }),
+            "{out:?}"
+        );
+    }
+    // Everyone left votes again and gets a ring of the two survivors.
+    h.msg(1, PeerMsg::AcceptVote);
+    let out = h.msg(3, PeerMsg::AcceptVote);
+    match &H::sent_to(&out, 3)[0] {
+        MasterMsg::Topology { ring, .. } => {
+            assert_eq!(
+                ring.iter().map(|m| m.peer_id).collect::<Vec<_>>(),
+                vec![1, 3]
+            );
+        }
+        m => panic!("{m:?}"),
+    }
+}
+
+#[test]
+fn illegal_messages_get_the_sender_kicked_and_others_keep_going() {
+    // Before hello.
+    let mut h = H::group(2);
+    h.c.handle_connect(9, "127.0.0.1".parse().unwrap(), h.now);
+    let out = h.msg(9, PeerMsg::AcceptVote);
+    assert!(kicked(&H::sent_to(&out, 9)).unwrap().contains("Hello") && H::closed(&out, 9));
+
+    // Not yet admitted.
+    h.hello(10);
+    let out = h.msg(
+        10,
+        PeerMsg::CollInit {
+            tag: 1,
+            desc: desc(1),
+        },
+    );
+    assert!(kicked(&H::sent_to(&out, 10))
+        .unwrap()
+        .contains("before being admitted"));
+
+    // Duplicate tag in flight.
+    h.msg(
+        1,
+        PeerMsg::CollInit {
+            tag: 3,
+            desc: desc(1),
+        },
+    );
+    let out = h.msg(
+        1,
+        PeerMsg::CollInit {
+            tag: 3,
+            desc: desc(1),
+        },
+    );
+    assert!(kicked(&H::sent_to(&out, 1))
+        .unwrap()
+        .contains("already in flight"));
+    assert!(H::closed(&out, 1));
+    assert!(
+        H::sent_to(&out, 2).is_empty(),
+        "peer 2 never voted on tag 3: {out:?}"
+    );
+    let out = h.msg(
+        2,
+        PeerMsg::CollInit {
+            tag: 3,
+            desc: desc(1),
+        },
+    );
+    assert!(
+        matches!(&H::sent_to(&out, 2)[0], MasterMsg::CollAborted { reason, .. } if reason.contains("kicked")),
+        "the ring lost the kicked peer: {out:?}"
+    );
+
+    // Topology vote with a collective in flight; a completion never started.
+    let mut h = H::group(2);
+    h.msg(
+        1,
+        PeerMsg::CollInit {
+            tag: 3,
+            desc: desc(1),
+        },
+    );
+    let out = h.msg(1, PeerMsg::AcceptVote);
+    assert!(kicked(&H::sent_to(&out, 1))
+        .unwrap()
+        .contains("collectives in flight"));
+    let out = h.msg(
+        2,
+        PeerMsg::CollComplete {
+            tag: 9,
+            seq: 999,
+            ok: true,
+            detail: String::new(),
+        },
+    );
+    assert!(kicked(&H::sent_to(&out, 2))
+        .unwrap()
+        .contains("never started"));
+}
+
+#[test]
+fn malformed_bytes_and_other_versions_are_refused() {
+    let mut h = H::group(1);
+    h.c.handle_connect(5, "127.0.0.1".parse().unwrap(), h.now);
+    h.c.handle_malformed(5, "bad magic", h.now);
+    let out = h.drain();
+    assert!(kicked(&H::sent_to(&out, 5)).unwrap().contains("bad magic") && H::closed(&out, 5));
+    h.c.handle_connect(6, "127.0.0.1".parse().unwrap(), h.now);
+    h.c.handle_version_mismatch(6, PROTOCOL_VERSION + 1, h.now);
+    let out = h.drain();
+    match &H::sent_to(&out, 6)[0] {
+        MasterMsg::Refused { reason, .. } => {
+            assert!(reason.contains(&format!("version {PROTOCOL_VERSION}")));
+            assert!(reason.contains(&(PROTOCOL_VERSION + 1).to_string()));
+        }
+        m => panic!("{m:?}"),
+    }
+    assert_eq!(h.c.accepted(), vec![1], "the group is untouched");
+}
+
+#[test]
+fn silent_connections_are_closed_after_the_hello_timeout() {
+    let mut h = H::new();
+    h.c.handle_connect(1, "127.0.0.1".parse().unwrap(), h.now);
+    let deadline = h.c.poll_timeout().unwrap();
+    h.c.handle_timeout(deadline - Duration::from_millis(1));
+    assert!(h.drain().is_empty());
+    h.c.handle_timeout(deadline);
+    let out = h.drain();
+    assert!(H::closed(&out, 1));
+    assert_eq!(h.c.connection_count(), 0);
+    assert!(h.c.poll_timeout().is_none());
+}

@@ -1,0 +1,21 @@
+//! Concord's master: admits peers, runs the unanimous votes, hands out sequence numbers and kicks
+//! peers that misbehave, from a single thread.
+//!
+//! - [`proto`]: control messages and their versioned codec (shared with the engine);
+//! - [`coordinator`]: the sans-IO state machine;
+//! - [`server`]: the single-threaded `mio` event loop around it.
+//!
+//! ```no_run
+//! use concord_master::{coordinator::CoordinatorConfig, server::Server};
+//! let server = Server::bind("0.0.0.0:48148".parse().unwrap(), CoordinatorConfig::default())?;
+//! server.run(None, || false)?; // serves until the process ends
+//! # Ok::<(), concord_master::server::ServerError>(())
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod coordinator;
+pub mod proto;
+pub mod server;
+
+/// The master's default port.
+pub const DEFAULT_PORT: u16 = 48148;

@@ -1,0 +1,210 @@
+//! Control messages between peers and the master, and their codec.
+//!
+//! Every message travels as `len u32 | kind u8 | fields`, little endian, `len` counting the bytes
+//! after itself and bounded by [`MAX_MESSAGE_BYTES`]. The first message of each side (`Hello`,
+//! `Welcome`/`Refused`) begins with a fixed `magic u32 | version u32` that no future version may
+//! move, so that two releases can always tell each other their versions before anything else.
+//! Decoding is total: any byte string yields a message or a [`ProtoError`], never a panic.
+
+use std::fmt;
+
+pub use concord_transport::PROTOCOL_VERSION;
+
+/// Magic opening the first message of each side ("CDM1").
+pub const CONTROL_MAGIC: u32 = 0x314D_4443;
+/// Largest encoded control message (bounds every buffer on both sides).
+pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+/// Longest string field (reasons, addresses, dtype and op names).
+pub const MAX_STRING_BYTES: usize = 4096;
+/// Most members a ring may list.
+pub const MAX_RING_MEMBERS: usize = 4096;
+
+/// Identifier the master gives each peer, unique for the master's lifetime.
+pub type PeerId = u64;
+
+/// What every peer must agree on for a collective with a given tag.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CollectiveDesc {
+    /// Element count.
+    pub count: u64,
+    /// Element type name (for example "float").
+    pub dtype: String,
+    /// Reduction name (for example "sum").
+    pub op: String,
+}
+
+impl fmt::Display for CollectiveDesc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "count={} dtype={} op={}",
+            self.count, self.dtype, self.op
+        )
+    }
+}
+
+/// One member of a ring, in ring order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RingMember {
+    /// The member's id.
+    pub peer_id: PeerId,
+    /// Where the member accepts data connections ("ip:port").
+    pub data_addr: String,
+}
+
+/// Messages a peer sends to the master.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerMsg {
+    /// First message: who I am and where my ring predecessor can reach me.
+    Hello {
+        /// The peer's protocol version.
+        version: u32,
+        /// Port of the peer's data listener.
+        data_port: u16,
+        /// Address to advertise instead of the one the master sees (empty: use the observed IP).
+        advertise_ip: String,
+    },
+    /// Vote to accept pending peers and (re)build the ring (`update_topology`).
+    AcceptVote,
+    /// Vote to learn whether peers are waiting to join (`are_new_peers_pending`).
+    PendingQuery,
+    /// The peer's connections for a ring epoch are up (or failed).
+    ConnectResult {
+        /// The epoch of the ring.
+        epoch: u64,
+        /// Whether every connection came up.
+        ok: bool,
+        /// Why not, when not.
+        detail: String,
+    },
+    /// Vote to start a collective.
+    CollInit {
+        /// User tag.
+        tag: u64,
+        /// What the peer asks for.
+        desc: CollectiveDesc,
+    },
+    /// Vote that the peer's part of a collective ended.
+    CollComplete {
+        /// User tag.
+        tag: u64,
+        /// Sequence number of the attempt.
+        seq: u64,
+        /// Whether the peer's ring I/O succeeded.
+        ok: bool,
+        /// Why not, when not.
+        detail: String,
+    },
+    /// The peer leaves on purpose.
+    Goodbye,
+}
+
+/// Messages the master sends to a peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MasterMsg {
+    /// Registration accepted; wait to be admitted.
+    Welcome {
+        /// The master's protocol version.
+        version: u32,
+        /// The id given to this peer.
+        peer_id: PeerId,
+    },
+    /// Registration refused (for example another version); the master closes the connection.
+    Refused {
+        /// The master's protocol version.
+        version: u32,
+        /// Why.
+        reason: String,
+    },
+    /// Result of the pending-peers vote, the same for every voter.
+    PendingAnswer {
+        /// Whether peers are waiting to join.
+        pending: bool,
+    },
+    /// A new ring: connect to your successor, accept from your predecessor, then report.
+    Topology {
+        /// The ring epoch.
+        epoch: u64,
+        /// The secret diallers present in this epoch.
+        secret: u64,
+        /// Members in ring order.
+        ring: Vec<RingMember>,
+    },
+    /// The topology vote finished; the ring of `epoch` is in place.
+    TopologyDone {
+        /// The ring epoch now in force.
+        epoch: u64,
+        /// Its size.
+        world: u32,
+    },
+    /// A connection round failed (a member dropped or could not connect); vote again.
+    TopologyFailed {
+        /// The failed epoch.
+        epoch: u64,
+        /// Why.
+        reason: String,
+    },
+    /// All members voted for a collective with matching descriptors: run it.
+    CollCommence {
+        /// User tag.
+        tag: u64,
+        /// Sequence number of this attempt.
+        seq: u64,
+        /// Ring epoch it runs on.
+        epoch: u64,
+    },
+    /// Members disagreed on the descriptor; nothing is reduced.
+    CollRefused {
+        /// User tag.
+        tag: u64,
+        /// Which peers asked for what.
+        reason: String,
+    },
+    /// Every member completed the collective.
+    CollDone {
+        /// User tag.
+        tag: u64,
+        /// Sequence number.
+        seq: u64,
+    },
+    /// The collective failed on some member or lost one; restore inputs and retry.
+    CollAborted {
+        /// User tag.
+        tag: u64,
+        /// Sequence number (0 when it had not started).
+        seq: u64,
+        /// Why.
+        reason: String,
+        /// Peers lost, if any.
+        lost: Vec<PeerId>,
+    },
+    /// The master removes this peer; the connection closes after this message.
+    Kicked {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A control message that cannot be decoded.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtoError {
+    /// The other side speaks another version.
+    #[error("protocol version mismatch: this side speaks version {ours}, the other side speaks {theirs}; run the same Concord release on every machine")]
+    Version {
+        /// Our version.
+        ours: u32,
+        /// Theirs.
+        theirs: u32,
+    },
+    /// Bytes that are not a valid message.
+    #[error("malformed control message: {0}")]
+    Malformed(String),
+}
+
+fn malformed(what: impl Into<String>) -> ProtoError {
+    ProtoError::Malformed(what.into())
+}
+
+mod codec;
+pub use codec::{decode_master, decode_peer, encode_master, encode_peer, split_frame};

@@ -1,0 +1,216 @@
+//! The hello that opens every data connection between ring neighbours.
+//!
+//! The connecting side (a peer dialling its ring successor) sends a [`DataHello`]; the accepting
+//! side checks the version, the ring epoch, who is calling and the per-epoch ring secret that the
+//! master handed to the members of the ring, then answers with a 16-byte [`HelloReply`]. A
+//! connection that fails any check is answered with the reason code and closed, so an
+//! unauthorised or stale dialler can never feed data into a collective.
+//!
+//! Hello layout (little endian, 48 bytes):
+//! `magic u32 | version u32 | epoch u64 | from u64 | to u64 | conn_index u32 | conn_count u32 | secret u64`.
+//! Reply layout (16 bytes): `magic u32 | version u32 | status u32 | reserved u32`.
+
+use std::io::{Read, Write};
+
+use crate::{Result, TransportError, PROTOCOL_VERSION};
+
+/// Magic of the data-connection hello ("CDH1").
+pub const HELLO_MAGIC: u32 = 0x3148_4443;
+/// Magic of the reply ("CDR1").
+pub const REPLY_MAGIC: u32 = 0x3152_4443;
+const HELLO_BYTES: usize = 48;
+const REPLY_BYTES: usize = 16;
+
+/// What a dialler says when it opens a data connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataHello {
+    /// Ring epoch the dialler is building.
+    pub epoch: u64,
+    /// Peer id of the dialler.
+    pub from: u64,
+    /// Peer id the dialler believes it is calling.
+    pub to: u64,
+    /// Index of this connection in the pool towards `to`.
+    pub conn_index: u32,
+    /// Size of the pool.
+    pub conn_count: u32,
+    /// Ring secret of this epoch, handed out by the master.
+    pub secret: u64,
+}
+
+/// Answer of the accepting side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HelloStatus {
+    /// Accepted.
+    Ok,
+    /// Wrong epoch, peer, index or secret.
+    Refused,
+}
+
+impl DataHello {
+    /// Writes the hello.
+    pub fn send(&self, stream: &mut impl Write) -> Result<()> {
+        let mut out = [0u8; HELLO_BYTES];
+        out[0..4].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
+        out[4..8].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        out[8..16].copy_from_slice(&self.epoch.to_le_bytes());
+        out[16..24].copy_from_slice(&self.from.to_le_bytes());
+        out[24..32].copy_from_slice(&self.to.to_le_bytes());
+        out[32..36].copy_from_slice(&self.conn_index.to_le_bytes());
+        out[36..40].copy_from_slice(&self.conn_count.to_le_bytes());
+        out[40..48].copy_from_slice(&self.secret.to_le_bytes());
+        stream
+            .write_all(&out)
+            .map_err(|e| TransportError::io("sending data hello", e))
+    }
+
+    /// Reads a hello; a version mismatch is answered before the error is returned.
+    pub fn receive(stream: &mut (impl Read + Write)) -> Result<Self> {
+        let mut head = [0u8; 8];
+        stream
+            .read_exact(&mut head)
+            .map_err(|e| TransportError::io("reading data hello", e))?;
+        let magic = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes"));
+        let version = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
+        if magic != HELLO_MAGIC {
+            return Err(TransportError::Protocol(format!(
+                "data connection opened with magic {magic:#010x}, not a Concord peer"
+            )));
+        }
+        if version != PROTOCOL_VERSION {
+            // Best effort: tell the dialler our version so that it can print both.
+            let _ = write_reply(stream, HelloStatus::Refused);
+            return Err(TransportError::VersionMismatch {
+                ours: PROTOCOL_VERSION,
+                theirs: version,
+                what: "a dialling peer".into(),
+            });
+        }
+        let mut all = [0u8; HELLO_BYTES];
+        all[..8].copy_from_slice(&head);
+        stream
+            .read_exact(&mut all[8..])
+            .map_err(|e| TransportError::io("reading data hello", e))?;
+        let u64_at = |i: usize| u64::from_le_bytes(all[i..i + 8].try_into().expect("8 bytes"));
+        let u32_at = |i: usize| u32::from_le_bytes(all[i..i + 4].try_into().expect("4 bytes"));
+        Ok(DataHello {
+            epoch: u64_at(8),
+            from: u64_at(16),
+            to: u64_at(24),
+            conn_index: u32_at(32),
+            conn_count: u32_at(36),
+            secret: u64_at(40),
+        })
+    }
+}
+
+/// Writes the accepting side's answer.
+pub fn write_reply(stream: &mut impl Write, status: HelloStatus) -> Result<()> {
+    let mut out = [0u8; REPLY_BYTES];
+    out[0..4].copy_from_slice(&REPLY_MAGIC.to_le_bytes());
+    out[4..8].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    let code: u32 = match status {
+        HelloStatus::Ok => 0,
+        HelloStatus::Refused => 1,
+    };
+    out[8..12].copy_from_slice(&code.to_le_bytes());
+    stream
+        .write_all(&out)
+        .map_err(|e| TransportError::io("answering data hello", e))
+}
+
+/// Reads the accepting side's answer (dialler side).
+pub fn read_reply(stream: &mut impl Read) -> Result<HelloStatus> {
+    let mut buf = [0u8; REPLY_BYTES];
+    stream
+        .read_exact(&mut buf)
+        .map_err(|e| TransportError::io("reading data hello reply", e))?;
+    let magic = u32::from_le_bytes(buf[0..4].try_into().expect("4 bytes"));
+    let version = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes"));
+    if magic != REPLY_MAGIC {
+        return Err(TransportError::Protocol(format!(
+            "data hello answered with magic {magic:#010x}, not a Concord peer"
+        )));
+    }
+    if version != PROTOCOL_VERSION {
+        return Err(TransportError::VersionMismatch {
+            ours: PROTOCOL_VERSION,
+            theirs: version,
+            what: "the ring neighbour".into(),
+        });
+    }
+    match u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes")) {
+        0 => Ok(HelloStatus::Ok),
+        _ => Ok(HelloStatus::Refused),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    /// An in-memory duplex for the tests: reads from `input`, writes to `output`.
+    struct Duplex {
+        input: Cursor<Vec<u8>>,
+        output: Vec<u8>,
+    }
+    impl Read for Duplex {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.input.read(buf)
+        }
+    }
+    impl Write for Duplex {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.output.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn hello_round_trip() {
+        let hello = DataHello {
+            epoch: 3,
+            from: 1,
+            to: 2,
+            conn_index: 1,
+            conn_count: 2,
+            secret: 0xfeed,
+        };
+        let mut bytes = Vec::new();
+        hello.send(&mut bytes).unwrap();
+        let mut d = Duplex {
+            input: Cursor::new(bytes),
+            output: Vec::new(),
+        };
+        assert_eq!(DataHello::receive(&mut d).unwrap(), hello);
+    }
+
+    #[test]
+    fn other_version_is_refused_with_both_versions() {
+        let hello = DataHello {
+            epoch: 3,
+            from: 1,
+            to: 2,
+            conn_index: 0,
+            conn_count: 1,
+            secret: 1,
+        };
+        let mut bytes = Vec::new();
+        hello.send(&mut bytes).unwrap();
+        bytes[4..8].copy_from_slice(&(PROTOCOL_VERSION + 1).to_le_bytes());
+        let mut d = Duplex {
+            input: Cursor::new(bytes),
+            output: Vec::new(),
+        };
+        let err = DataHello::receive(&mut d).unwrap_err().to_string();
+        assert!(err.contains(&PROTOCOL_VERSION.to_string()), "{err}");
+        assert!(err.contains(&(PROTOCOL_VERSION + 1).to_string()), "{err}");
+        assert_eq!(
+            read_reply(&mut Cursor::new(d.output)).unwrap(),
+            HelloStatus::Refused
+        );
+    }
+}
