@@ -1,0 +1,466 @@
+//! `concord bench`: all-reduce bandwidth, following nccl-tests (sizes, iterations, table, busbw).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use concord::{Communicator, DType, ReduceOp};
+
+use crate::check;
+use crate::sizes::parse_size;
+
+/// Options of `concord bench` (the short flags are those of nccl-tests).
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct BenchArgs {
+    /// Smallest size in bytes (K/M/G suffixes are powers of 1024).
+    #[arg(short = 'b', long = "minbytes", default_value = "64K", value_parser = parse_size)]
+    minbytes: usize,
+    /// Largest size in bytes.
+    #[arg(short = 'e', long = "maxbytes", default_value = "64M", value_parser = parse_size)]
+    maxbytes: usize,
+    /// Multiply the size by this factor between rows.
+    #[arg(short = 'f', long = "stepfactor", default_value_t = 4)]
+    stepfactor: usize,
+    /// Timed iterations per size.
+    #[arg(short = 'n', long = "iters", default_value_t = 20)]
+    iters: usize,
+    /// Warm-up iterations per size (not timed).
+    #[arg(short = 'w', long = "warmup_iters", default_value_t = 5)]
+    warmup: usize,
+    /// Check every timed iteration against a reference (1) or not (0).
+    #[arg(short = 'c', long = "check", default_value_t = 1)]
+    check: u8,
+    /// Reduction: sum, prod, min, max, avg.
+    #[arg(short = 'o', long = "op", default_value = "sum")]
+    op: ReduceOp,
+    /// Element type: float, half, bfloat16, double, int8..int64, uint8..uint64.
+    #[arg(short = 'd', long = "datatype", default_value = "float")]
+    dtype: DType,
+    /// Reduce in place instead of out of place.
+    #[arg(long)]
+    in_place: bool,
+    /// Deadline of each operation, in seconds.
+    #[arg(short = 'T', long = "timeout", default_value_t = 120)]
+    timeout_s: u64,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Start an embedded master and this many peer processes on loopback.
+    #[arg(long, conflicts_with_all = ["master", "world"])]
+    local: Option<usize>,
+    /// This process is one peer of the master at ADDR (host:port).
+    #[arg(long, requires = "world")]
+    master: Option<String>,
+    /// With --master: wait until this many peers are in the group.
+    #[arg(long)]
+    world: Option<usize>,
+    /// Connections per ring neighbour.
+    #[arg(long, default_value_t = 1)]
+    conns: usize,
+    /// Sub-chunk size (the unit of pipelining).
+    #[arg(long, default_value = "512K", value_parser = parse_size)]
+    sub_chunk: usize,
+    /// SO_SNDBUF/SO_RCVBUF of data sockets (default: kernel autotuning).
+    #[arg(long, value_parser = parse_size)]
+    socket_buffer: Option<usize>,
+}
+
+impl BenchArgs {
+    fn validate(&self) -> Result<(), String> {
+        if self.local.is_none() && self.master.is_none() {
+            return Err(
+                "give --local N (embedded master and N peers) or --master ADDR --world N".into(),
+            );
+        }
+        if let Some(n) = self.local {
+            if !(1..=64).contains(&n) {
+                return Err(format!("--local {n}: give 1 to 64 peers"));
+            }
+        }
+        if self.world == Some(0) {
+            return Err("--world 0: a group needs at least one peer".into());
+        }
+        if self.minbytes > self.maxbytes {
+            return Err(format!(
+                "-b {} is larger than -e {}",
+                self.minbytes, self.maxbytes
+            ));
+        }
+        if self.stepfactor < 2 && self.minbytes != self.maxbytes {
+            return Err(format!(
+                "-f {}: the step factor must be at least 2 (or give -b equal to -e)",
+                self.stepfactor
+            ));
+        }
+        if self.iters == 0 {
+            return Err("-n 0: give at least one timed iteration".into());
+        }
+        if self.check > 1 {
+            return Err(format!(
+                "-c {}: give 0 (no check) or 1 (check every iteration)",
+                self.check
+            ));
+        }
+        if self.maxbytes > (16usize << 30) {
+            return Err(format!("-e {}: at most 16G", self.maxbytes));
+        }
+        if self.timeout_s == 0 {
+            return Err("-T 0: the deadline must be at least one second".into());
+        }
+        Ok(())
+    }
+
+    fn sizes(&self) -> Vec<usize> {
+        let mut sizes = vec![self.minbytes];
+        while let Some(&last) = sizes.last() {
+            let next = last.saturating_mul(self.stepfactor.max(2)).max(last + 1);
+            if next > self.maxbytes || self.minbytes == self.maxbytes {
+                break;
+            }
+            sizes.push(next);
+        }
+        sizes
+    }
+
+    /// The flags a `--local` child gets (everything but the launch mode).
+    fn child_args(&self, master: &str, world: usize) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "bench".into(),
+            "--master".into(),
+            master.into(),
+            "--world".into(),
+            world.to_string(),
+        ];
+        for (flag, v) in [
+            ("-b", self.minbytes.to_string()),
+            ("-e", self.maxbytes.to_string()),
+            ("-f", self.stepfactor.to_string()),
+            ("-n", self.iters.to_string()),
+            ("-w", self.warmup.to_string()),
+            ("-c", self.check.to_string()),
+            ("-o", self.op.name().to_string()),
+            ("-d", self.dtype.name().to_string()),
+            ("-T", self.timeout_s.to_string()),
+            ("--conns", self.conns.to_string()),
+            ("--sub-chunk", self.sub_chunk.to_string()),
+        ] {
+            a.push(flag.into());
+            a.push(v);
+        }
+        if self.in_place {
+            a.push("--in-place".into());
+        }
+        if let Some(j) = &self.json {
+            a.push("--json".into());
+            a.push(j.display().to_string());
+        }
+        if let Some(b) = self.socket_buffer {
+            a.push("--socket-buffer".into());
+            a.push(b.to_string());
+        }
+        a
+    }
+}
+
+pub(crate) fn run(args: BenchArgs) -> Result<(), String> {
+    args.validate()?;
+    match args.local {
+        Some(n) => run_local(&args, n),
+        None => run_peer(&args),
+    }
+}
+
+/// Embedded master on a thread, `n` peer processes, their exit codes collected.
+fn run_local(args: &BenchArgs, n: usize) -> Result<(), String> {
+    let config = concord_master::coordinator::CoordinatorConfig::default();
+    let server =
+        concord_master::server::Server::bind("127.0.0.1:0".parse().expect("valid"), config)
+            .map_err(|e| e.to_string())?;
+    let addr = server.local_addr().to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_master = Arc::clone(&stop);
+    let master = std::thread::Builder::new()
+        .name("concord-master".into())
+        .spawn(move || {
+            server.run(Some(Duration::from_millis(100)), || {
+                stop_master.load(Ordering::Relaxed)
+            })
+        })
+        .map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().map_err(|e| format!("finding the concord binary: {e}"))?;
+    let mut children: Vec<Child> = Vec::with_capacity(n);
+    for _ in 0..n {
+        let child = Command::new(&exe)
+            .args(args.child_args(&addr, n))
+            .spawn()
+            .map_err(|e| format!("starting a peer process: {e}"))?;
+        children.push(child);
+    }
+    let mut failure = None;
+    let mut running: Vec<Option<Child>> = children.into_iter().map(Some).collect();
+    while running.iter().any(Option::is_some) {
+        for slot in running.iter_mut() {
+            let Some(child) = slot else { continue };
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    if !status.success() && failure.is_none() {
+                        failure = Some(format!("a peer process exited with {status}"));
+                    }
+                    *slot = None;
+                }
+                Ok(None) => {}
+                Err(e) => failure = Some(e.to_string()),
+            }
+        }
+        if failure.is_some() {
+            // One peer failed: the others would only wait for their deadline.
+            for child in running.iter_mut().flatten() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = master.join();
+    failure.map_or(Ok(()), Err)
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Row {
+    size_bytes: usize,
+    count: usize,
+    dtype: &'static str,
+    op: &'static str,
+    time_us: f64,
+    p10_us: f64,
+    p90_us: f64,
+    algbw_gbps: f64,
+    busbw_gbps: f64,
+    wrong: u64,
+}
+
+fn run_peer(args: &BenchArgs) -> Result<(), String> {
+    let master = args.master.as_deref().expect("validated");
+    let world = args.world.expect("validated");
+    let timeout = Duration::from_secs(args.timeout_s);
+    let mut comm = Communicator::builder(master)
+        .op_timeout(timeout)
+        .conns_per_neighbour(args.conns)
+        .sub_chunk_bytes(args.sub_chunk)
+        .socket_buffer_bytes(args.socket_buffer)
+        .connect()
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + timeout;
+    while comm.world_size() < world {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "only {} of {world} peers joined within {} s",
+                comm.world_size(),
+                args.timeout_s
+            ));
+        }
+        if comm.are_new_peers_pending().map_err(|e| e.to_string())? {
+            comm.update_topology().map_err(|e| e.to_string())?;
+        } else {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    if comm.world_size() != world {
+        return Err(format!(
+            "{} peers joined, more than --world {world}",
+            comm.world_size()
+        ));
+    }
+    let leader = comm.rank() == 0;
+    let (dtype, op) = (args.dtype, args.op);
+    let esize = dtype.size_bytes();
+    let mut out = std::io::stdout().lock();
+    if leader {
+        print_banner(&mut out, args, world);
+    }
+    let max_bytes = args.maxbytes / esize * esize;
+    let mut src = vec![0u8; max_bytes];
+    let mut dst = vec![0u8; max_bytes];
+    let mut want = if args.check == 1 {
+        vec![0u8; max_bytes]
+    } else {
+        Vec::new()
+    };
+    let mut tag = 0u64;
+    let mut rows = Vec::new();
+    for (size_index, &size) in args.sizes().iter().enumerate() {
+        let count = size / esize;
+        let bytes = count * esize;
+        let (src, dst) = (&mut src[..bytes], &mut dst[..bytes]);
+        let mut times = Vec::with_capacity(args.iters);
+        let mut wrong = 0u64;
+        check::fill(dtype, op, comm.rank(), 0, src);
+        for it in 0..args.warmup + args.iters {
+            let iter_id = ((size_index as u64) << 32) | it as u64;
+            let timed = it >= args.warmup;
+            if timed && args.check == 1 {
+                check::fill(dtype, op, comm.rank(), iter_id, src);
+                dst.fill(0xA5); // A stale result must not pass the check.
+            }
+            if args.in_place {
+                dst.copy_from_slice(src);
+            }
+            tag += 1;
+            let start = Instant::now();
+            let r = if args.in_place {
+                comm.all_reduce_raw(None, dst, dtype, op, tag)
+            } else {
+                comm.all_reduce_raw(Some(src), dst, dtype, op, tag)
+            };
+            let elapsed = start.elapsed();
+            r.map_err(|e| format!("all-reduce of {bytes} bytes: {e}"))?;
+            if timed {
+                times.push(elapsed.as_secs_f64() * 1e6);
+                if args.check == 1 {
+                    check::reference(dtype, op, world, iter_id, &mut want[..bytes]);
+                    wrong += check::count_wrong(dtype, dst, &want[..bytes]);
+                }
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        let pick = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+        // Every peer's median, p10, p90: the slowest peer sets the figure.
+        let mut stats = [pick(0.5), pick(0.1), pick(0.9)];
+        tag += 1;
+        comm.all_reduce_in_place(&mut stats, ReduceOp::Max, tag)
+            .map_err(|e| e.to_string())?;
+        let mut wrong_all = [wrong];
+        tag += 1;
+        comm.all_reduce_in_place(&mut wrong_all, ReduceOp::Sum, tag)
+            .map_err(|e| e.to_string())?;
+        let algbw = if stats[0] > 0.0 {
+            bytes as f64 / (stats[0] * 1e-6) / 1e9
+        } else {
+            0.0
+        };
+        let busbw = algbw * 2.0 * (world as f64 - 1.0) / world as f64;
+        let row = Row {
+            size_bytes: bytes,
+            count,
+            dtype: dtype.name(),
+            op: op.name(),
+            time_us: stats[0],
+            p10_us: stats[1],
+            p90_us: stats[2],
+            algbw_gbps: algbw,
+            busbw_gbps: busbw,
+            wrong: if args.check == 1 { wrong_all[0] } else { 0 },
+        };
+        if leader {
+            let wrong_col = if args.check == 1 {
+                row.wrong.to_string()
+            } else {
+                "N/A".into()
+            };
+            let _ = writeln!(
+                out,
+                "{:>12} {:>12} {:>8} {:>6} {:>10.1} {:>8.3} {:>8.3} {:>7} {:>9.1} {:>9.1}",
+                row.size_bytes,
+                row.count,
+                row.dtype,
+                row.op,
+                row.time_us,
+                row.algbw_gbps,
+                row.busbw_gbps,
+                wrong_col,
+                row.p10_us,
+                row.p90_us
+            );
+            let _ = out.flush();
+        }
+        rows.push(row);
+    }
+    let total_wrong: u64 = rows.iter().map(|r| r.wrong).sum();
+    let avg_busbw = rows.iter().map(|r| r.busbw_gbps).sum::<f64>() / rows.len().max(1) as f64;
+    if leader {
+        let _ = writeln!(
+            out,
+            "# Out of bounds values : {total_wrong} {}",
+            if total_wrong == 0 { "OK" } else { "FAILED" }
+        );
+        let _ = writeln!(out, "# Avg bus bandwidth    : {avg_busbw:.3}");
+        let _ = writeln!(out, "#");
+        if let Some(path) = &args.json {
+            write_json(path, args, world, &rows, avg_busbw)?;
+        }
+    }
+    if total_wrong > 0 {
+        return Err(format!("{total_wrong} wrong elements"));
+    }
+    Ok(())
+}
+
+fn print_banner(out: &mut impl Write, args: &BenchArgs, world: usize) {
+    let _ = writeln!(
+        out,
+        "# concord bench {}: all_reduce, {world} peers, {} {}, {}, kernels {}, transport socket (tcp), {} conn(s)/neighbour, sub-chunk {} B",
+        env!("CARGO_PKG_VERSION"),
+        args.dtype,
+        args.op,
+        if args.in_place { "in-place" } else { "out-of-place" },
+        concord_kernels::cpu_path(),
+        args.conns,
+        args.sub_chunk,
+    );
+    let _ = writeln!(
+        out,
+        "# time: median over {} iterations ({} warm-up) of the slowest peer; p10/p90 its spread",
+        args.iters, args.warmup
+    );
+    let _ = writeln!(
+        out,
+        "# {:>10} {:>12} {:>8} {:>6} {:>10} {:>8} {:>8} {:>7} {:>9} {:>9}",
+        "size(B)",
+        "count",
+        "type",
+        "redop",
+        "time(us)",
+        "algbw",
+        "busbw",
+        "#wrong",
+        "p10(us)",
+        "p90(us)"
+    );
+    let _ = writeln!(
+        out,
+        "# {:>10} {:>12} {:>8} {:>6} {:>10} {:>8} {:>8} {:>7}",
+        "", "(elements)", "", "", "", "(GB/s)", "(GB/s)", ""
+    );
+}
+
+fn write_json(
+    path: &PathBuf,
+    args: &BenchArgs,
+    world: usize,
+    rows: &[Row],
+    avg_busbw: f64,
+) -> Result<(), String> {
+    let doc = serde_json::json!({
+        "tool": "concord bench",
+        "version": env!("CARGO_PKG_VERSION"),
+        "world": world,
+        "dtype": args.dtype.name(),
+        "op": args.op.name(),
+        "in_place": args.in_place,
+        "iters": args.iters,
+        "warmup_iters": args.warmup,
+        "kernels": concord_kernels::cpu_path(),
+        "transport": "socket",
+        "conns_per_neighbour": args.conns,
+        "sub_chunk_bytes": args.sub_chunk,
+        "results": rows,
+        "avg_busbw_gbps": avg_busbw,
+    });
+    let text = serde_json::to_string_pretty(&doc).expect("serialisable");
+    std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))
+}

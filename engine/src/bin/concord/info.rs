@@ -1,0 +1,47 @@
+//! `concord info`: what this host offers Concord.
+
+pub(crate) fn print() {
+    println!(
+        "concord {} (protocol version {})",
+        env!("CARGO_PKG_VERSION"),
+        concord_transport::PROTOCOL_VERSION
+    );
+    println!("cpu features: {}", cpu_features());
+    println!(
+        "kernels: {} (set CONCORD_KERNELS=scalar|avx2|avx512 to force a path)",
+        concord_kernels::cpu_path()
+    );
+    println!("transports: socket (tcp): available; io_uring: not built yet (socket is used)");
+    println!("cuda: {}", crate::cuda_status());
+}
+
+fn cpu_features() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut f = Vec::new();
+        macro_rules! feat {
+            ($($name:tt),*) => { $( if std::arch::is_x86_feature_detected!($name) { f.push($name); } )* };
+        }
+        feat!(
+            "sse4.2",
+            "avx",
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512bw",
+            "avx512vl",
+            "avx512bf16",
+            "avx512fp16"
+        );
+        if f.is_empty() {
+            "none of interest".into()
+        } else {
+            f.join(" ")
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        std::env::consts::ARCH.to_string()
+    }
+}

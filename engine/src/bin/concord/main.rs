@@ -1,0 +1,83 @@
+//! `concord`: run a master, benchmark all-reduce bandwidth, or describe this host.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod check;
+mod info;
+mod sizes;
+
+/// Concord: fault-tolerant ring all-reduce.
+#[derive(Debug, Parser)]
+#[command(name = "concord", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a master: one thread that admits peers and coordinates their collectives.
+    Master {
+        /// Address to listen on.
+        #[arg(long, default_value_t = format!("0.0.0.0:{}", concord_master::DEFAULT_PORT))]
+        listen: String,
+        /// Close connections that do not say hello within this many milliseconds.
+        #[arg(long, default_value_t = 10_000)]
+        hello_timeout_ms: u64,
+        /// Most peers at once.
+        #[arg(long, default_value_t = 1024)]
+        max_peers: usize,
+    },
+    /// Measure all-reduce bandwidth (nccl-tests conventions).
+    Bench(bench::BenchArgs),
+    /// Print the version, CPU features, kernel path, transports and CUDA status.
+    Info,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Master {
+            listen,
+            hello_timeout_ms,
+            max_peers,
+        } => run_master(&listen, hello_timeout_ms, max_peers),
+        Command::Bench(args) => bench::run(args),
+        Command::Info => {
+            info::print();
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("concord: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_master(listen: &str, hello_timeout_ms: u64, max_peers: usize) -> Result<(), String> {
+    let addr = concord_transport::socket::resolve(listen).map_err(|e| e.to_string())?;
+    let mut config = concord_master::coordinator::CoordinatorConfig::default();
+    config.hello_timeout = std::time::Duration::from_millis(hello_timeout_ms);
+    config.max_peers = max_peers;
+    let server = concord_master::server::Server::bind(addr, config).map_err(|e| e.to_string())?;
+    eprintln!("concord master listening on {}", server.local_addr());
+    server.run(None, || false).map_err(|e| e.to_string())
+}
+
+/// CUDA availability, in words (kernels::cuda::probe once the CUDA module lands).
+fn cuda_status() -> String {
+    "not available: this build has no CUDA support yet".to_string()
+}

@@ -1,0 +1,29 @@
+//! Concord: a fault-tolerant ring all-reduce engine.
+//!
+//! A `concord master` coordinates; each process embeds a [`Communicator`] that joins the master,
+//! is admitted by the group, and all-reduces buffers with its ring neighbours over TCP.
+//!
+//! ```no_run
+//! use concord::{Communicator, ReduceOp};
+//! // Start `concord master` first (default port 48148).
+//! let mut comm = Communicator::builder("127.0.0.1:48148").connect()?;
+//! // Between steps: let waiting peers in.
+//! if comm.are_new_peers_pending()? {
+//!     comm.update_topology()?;
+//! }
+//! let mut grads = vec![0.5f32; 1 << 20];
+//! comm.all_reduce_in_place(&mut grads, ReduceOp::Avg, 0)?;
+//! # Ok::<(), concord::Error>(())
+//! ```
+
+pub mod collective;
+mod communicator;
+mod element;
+mod error;
+mod links;
+pub mod protocol;
+
+pub use communicator::{Communicator, CommunicatorBuilder, Config, ReduceInfo};
+pub use concord_kernels::{DType, ReduceOp};
+pub use element::Element;
+pub use error::Error;

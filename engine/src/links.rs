@@ -1,0 +1,202 @@
+//! Data-plane connections to the ring neighbours, built once per ring epoch.
+//!
+//! Each peer dials its successor `conns` times and accepts `conns` connections from its
+//! predecessor, concurrently (with two peers, successor and predecessor are the same peer, one
+//! pool each way). Every connection opens with a [`DataHello`] that the acceptor checks: epoch,
+//! who is calling, the connection's index and the epoch's secret from the master. Anything else
+//! is refused and closed, so a stale or unauthorised dialler never feeds a collective.
+
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use concord_master::proto::{PeerId, RingMember};
+use concord_transport::handshake::{read_reply, write_reply, DataHello, HelloStatus};
+use concord_transport::socket::{connect_with_retry, resolve, SocketOptions};
+use socket2::SockRef;
+
+/// The connections of one ring epoch.
+#[derive(Debug)]
+pub(crate) struct Links {
+    /// To the successor, by connection index.
+    pub(crate) next: Vec<TcpStream>,
+    /// From the predecessor, by connection index.
+    pub(crate) prev: Vec<TcpStream>,
+    /// Ids of the successor and the predecessor (for error messages).
+    pub(crate) next_id: PeerId,
+    pub(crate) prev_id: PeerId,
+}
+
+impl Links {
+    /// Tears every connection down; blocked reads and writes on other threads return at once.
+    pub(crate) fn shutdown(&self) {
+        for s in self.next.iter().chain(&self.prev) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for Links {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// What building one epoch's ring needs.
+#[derive(Debug)]
+pub(crate) struct RingSetup<'a> {
+    pub(crate) me: PeerId,
+    pub(crate) epoch: u64,
+    pub(crate) secret: u64,
+    pub(crate) ring: &'a [RingMember],
+    pub(crate) conns: usize,
+    pub(crate) options: SocketOptions,
+    pub(crate) timeout: Duration,
+    /// Read/write timeout set on every data socket: how long a neighbour may stay silent.
+    pub(crate) io_timeout: Option<Duration>,
+}
+
+/// Builds the connections of a ring epoch. A ring of one needs none.
+pub(crate) fn establish(listener: &TcpListener, setup: &RingSetup<'_>) -> Result<Links, String> {
+    let n = setup.ring.len();
+    let pos = setup
+        .ring
+        .iter()
+        .position(|m| m.peer_id == setup.me)
+        .ok_or_else(|| "this peer is not in the ring it was given".to_string())?;
+    let succ = &setup.ring[(pos + 1) % n];
+    let pred = &setup.ring[(pos + n - 1) % n];
+    if n == 1 {
+        return Ok(Links {
+            next: Vec::new(),
+            prev: Vec::new(),
+            next_id: setup.me,
+            prev_id: setup.me,
+        });
+    }
+    let deadline = Instant::now() + setup.timeout;
+    let (dialled, accepted) = std::thread::scope(|s| {
+        let acceptor = s.spawn(|| accept_from(listener, setup, pred.peer_id, deadline));
+        let dialled = dial(setup, succ, deadline);
+        (
+            dialled,
+            acceptor
+                .join()
+                .unwrap_or_else(|_| Err("the accepting thread panicked".into())),
+        )
+    });
+    let (next, prev) = (dialled?, accepted?);
+    for s in next.iter().chain(&prev) {
+        s.set_read_timeout(setup.io_timeout)
+            .map_err(|e| format!("setting SO_RCVTIMEO: {e}"))?;
+        s.set_write_timeout(setup.io_timeout)
+            .map_err(|e| format!("setting SO_SNDTIMEO: {e}"))?;
+    }
+    Ok(Links {
+        next,
+        prev,
+        next_id: succ.peer_id,
+        prev_id: pred.peer_id,
+    })
+}
+
+fn dial(
+    setup: &RingSetup<'_>,
+    succ: &RingMember,
+    deadline: Instant,
+) -> Result<Vec<TcpStream>, String> {
+    let addr: SocketAddr = resolve(&succ.data_addr).map_err(|e| e.to_string())?;
+    let what = format!("ring successor {}", succ.peer_id);
+    (0..setup.conns)
+        .map(|i| {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut stream =
+                connect_with_retry(addr, &setup.options, left, &what).map_err(|e| e.to_string())?;
+            stream
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .map_err(|e| e.to_string())?;
+            let hello = DataHello {
+                epoch: setup.epoch,
+                from: setup.me,
+                to: succ.peer_id,
+                conn_index: i as u32,
+                conn_count: setup.conns as u32,
+                secret: setup.secret,
+            };
+            hello.send(&mut stream).map_err(|e| e.to_string())?;
+            match read_reply(&mut stream).map_err(|e| format!("{what} at {addr}: {e}"))? {
+                HelloStatus::Ok => Ok(stream),
+                HelloStatus::Refused => Err(format!(
+                    "{what} at {addr} refused data connection {i} of epoch {}",
+                    setup.epoch
+                )),
+            }
+        })
+        .collect()
+}
+
+fn accept_from(
+    listener: &TcpListener,
+    setup: &RingSetup<'_>,
+    pred: PeerId,
+    deadline: Instant,
+) -> Result<Vec<TcpStream>, String> {
+    let mut slots: Vec<Option<TcpStream>> = (0..setup.conns).map(|_| None).collect();
+    while slots.iter().any(Option::is_none) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            let got = slots.iter().filter(|s| s.is_some()).count();
+            return Err(format!(
+                "ring predecessor {pred} opened {got} of {} data connections within {} ms (is the data port reachable from it?)",
+                setup.conns,
+                setup.timeout.as_millis()
+            ));
+        }
+        // Linux honours SO_RCVTIMEO on accept(): a bounded wait without polling.
+        SockRef::from(listener)
+            .set_read_timeout(Some(left))
+            .map_err(|e| e.to_string())?;
+        let mut stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("accepting data connections: {e}")),
+        };
+        let _ = stream.set_read_timeout(Some(
+            left.clamp(Duration::from_millis(1), Duration::from_secs(5)),
+        ));
+        let hello = match DataHello::receive(&mut stream) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!("refused a data connection: {e}");
+                continue;
+            }
+        };
+        let index = hello.conn_index as usize;
+        let valid = hello.epoch == setup.epoch
+            && hello.from == pred
+            && hello.to == setup.me
+            && hello.secret == setup.secret
+            && hello.conn_count as usize == setup.conns
+            && index < setup.conns
+            && slots[index].is_none();
+        if !valid {
+            tracing::warn!(
+                ?hello,
+                "refused a data connection that is not from this epoch's predecessor"
+            );
+            let _ = write_reply(&mut stream, HelloStatus::Refused);
+            continue;
+        }
+        setup.options.apply(&stream).map_err(|e| e.to_string())?;
+        write_reply(&mut stream, HelloStatus::Ok).map_err(|e| e.to_string())?;
+        slots[index] = Some(stream);
+    }
+    Ok(slots.into_iter().map(|s| s.expect("all filled")).collect())
+}

@@ -1,0 +1,542 @@
+//! The peer's side of the control protocol, as a sans-IO state machine.
+//!
+//! Inputs: the user's requests (`start_*`), messages from the master ([`PeerProto::handle`]) and
+//! what the I/O shell reports back (`connect_finished`, `collective_finished`). Outputs: messages
+//! for the master ([`PeerProto::poll_transmit`]), [`Effect`]s for the shell, and states that
+//! blocked callers wait on. It never reads a clock or touches a socket, so the same logic runs in
+//! the real [`crate::Communicator`] and in a simulation.
+//!
+//! It also enforces the rule of one operation kind at a time: a topology update cannot start
+//! while collectives are in flight, and the reverse.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use concord_master::proto::{CollectiveDesc, MasterMsg, PeerId, PeerMsg, RingMember};
+use concord_transport::PROTOCOL_VERSION;
+
+use crate::Error;
+
+/// Where the peer stands in a topology update.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TopoPhase {
+    /// Nothing under way.
+    Idle,
+    /// Voted (or, when joining, registered); waiting for the master.
+    Waiting,
+    /// The master announced a ring: the shell must connect, then call `connect_finished`.
+    Connect {
+        /// Ring epoch.
+        epoch: u64,
+        /// Secret of the epoch.
+        secret: u64,
+        /// Members in ring order.
+        ring: Vec<RingMember>,
+    },
+    /// Connections reported; waiting for the master's verdict.
+    Reported {
+        /// Ring epoch.
+        epoch: u64,
+    },
+    /// The ring of the epoch is in place.
+    Done {
+        /// Ring epoch.
+        epoch: u64,
+        /// Ring size.
+        world: u32,
+    },
+    /// The round failed; vote again.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Where one collective (by tag) stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CollPhase {
+    /// Voted to start; waiting for the master.
+    Voting,
+    /// The master said go: the shell runs the ring, then calls `collective_finished`.
+    Run {
+        /// Sequence number of the attempt.
+        seq: u64,
+    },
+    /// Ring done locally; waiting for every other peer.
+    Completing {
+        /// Sequence number of the attempt.
+        seq: u64,
+    },
+    /// Every peer completed.
+    Done,
+    /// Refused (descriptor mismatch) or aborted; the error says which.
+    Failed(Error),
+}
+
+/// What the I/O shell must do after a master message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Interrupt the ring I/O of this attempt (the data connections are torn down).
+    AbortRing {
+        /// User tag.
+        tag: u64,
+    },
+}
+
+/// The peer's protocol state.
+#[derive(Debug)]
+pub struct PeerProto {
+    peer_id: Option<PeerId>,
+    /// Set once the master refused, kicked us or went away: every wait ends with it.
+    fatal: Option<Error>,
+    topo: TopoPhase,
+    /// The ring in force: epoch, members, our rank.
+    ring: Option<(u64, Vec<RingMember>)>,
+    pending: Option<Option<bool>>,
+    colls: BTreeMap<u64, CollPhase>,
+    out: VecDeque<PeerMsg>,
+}
+
+impl PeerProto {
+    /// A peer about to register; queues the hello.
+    pub fn new(data_port: u16, advertise_ip: String) -> Self {
+        let mut out = VecDeque::new();
+        out.push_back(PeerMsg::Hello {
+            version: PROTOCOL_VERSION,
+            data_port,
+            advertise_ip,
+        });
+        PeerProto {
+            peer_id: None,
+            fatal: None,
+            topo: TopoPhase::Waiting,
+            ring: None,
+            pending: None,
+            colls: BTreeMap::new(),
+            out,
+        }
+    }
+
+    /// Next message for the master.
+    pub fn poll_transmit(&mut self) -> Option<PeerMsg> {
+        self.out.pop_front()
+    }
+
+    /// Our id, once welcomed.
+    pub fn peer_id(&self) -> Option<PeerId> {
+        self.peer_id
+    }
+
+    /// The fatal error, if the peer can no longer talk to the master.
+    pub fn fatal(&self) -> Option<&Error> {
+        self.fatal.as_ref()
+    }
+
+    /// The topology phase.
+    pub fn topology(&self) -> &TopoPhase {
+        &self.topo
+    }
+
+    /// The ring in force: (epoch, members).
+    pub fn ring(&self) -> Option<&(u64, Vec<RingMember>)> {
+        self.ring.as_ref()
+    }
+
+    /// The phase of a collective.
+    pub fn collective(&self, tag: u64) -> Option<&CollPhase> {
+        self.colls.get(&tag)
+    }
+
+    /// Collectives in flight (not yet taken).
+    pub fn collectives_in_flight(&self) -> usize {
+        self.colls.len()
+    }
+
+    /// The answer of the pending-peers vote, once it came.
+    pub fn pending_answer(&self) -> Option<bool> {
+        self.pending.flatten()
+    }
+
+    fn usable(&self) -> Result<(), Error> {
+        match &self.fatal {
+            Some(e) => Err(e.clone()),
+            None if self.peer_id.is_none() => {
+                Err(Error::Usage("not registered with the master yet".into()))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Starts a topology update (vote to admit pending peers and rebuild the ring).
+    pub fn start_update_topology(&mut self) -> Result<(), Error> {
+        self.usable()?;
+        if !self.colls.is_empty() {
+            return Err(Error::Usage(format!(
+                "update_topology() while {} collective(s) are in flight: wait for them first (one operation kind at a time)",
+                self.colls.len()
+            )));
+        }
+        if !matches!(
+            self.topo,
+            TopoPhase::Idle | TopoPhase::Done { .. } | TopoPhase::Failed { .. }
+        ) {
+            return Err(Error::Usage(
+                "a topology update is already under way".into(),
+            ));
+        }
+        self.topo = TopoPhase::Waiting;
+        self.out.push_back(PeerMsg::AcceptVote);
+        Ok(())
+    }
+
+    /// Starts the "are peers pending?" vote.
+    pub fn start_pending_query(&mut self) -> Result<(), Error> {
+        self.usable()?;
+        if self.pending.is_some() {
+            return Err(Error::Usage(
+                "are_new_peers_pending() is already being asked".into(),
+            ));
+        }
+        self.pending = Some(None);
+        self.out.push_back(PeerMsg::PendingQuery);
+        Ok(())
+    }
+
+    /// Takes the answer of the pending-peers vote.
+    pub fn take_pending_answer(&mut self) -> Option<bool> {
+        let answer = self.pending.flatten();
+        if answer.is_some() {
+            self.pending = None;
+        }
+        answer
+    }
+
+    /// Starts the vote for a collective.
+    pub fn start_collective(&mut self, tag: u64, desc: CollectiveDesc) -> Result<(), Error> {
+        self.usable()?;
+        if !matches!(self.topo, TopoPhase::Idle | TopoPhase::Done { .. }) {
+            return Err(Error::Usage(format!(
+                "all_reduce(tag {tag}) while the topology is not established ({}): call update_topology() first",
+                match &self.topo {
+                    TopoPhase::Failed { reason } => reason.as_str(),
+                    _ => "an update is under way",
+                }
+            )));
+        }
+        if self.colls.contains_key(&tag) {
+            return Err(Error::Usage(format!(
+                "tag {tag} is already in flight: each collective in flight needs its own tag"
+            )));
+        }
+        self.colls.insert(tag, CollPhase::Voting);
+        self.out.push_back(PeerMsg::CollInit { tag, desc });
+        Ok(())
+    }
+
+    /// The shell finished (or failed) building the connections of `epoch`.
+    pub fn connect_finished(&mut self, epoch: u64, result: Result<(), String>) {
+        if !matches!(&self.topo, TopoPhase::Connect { epoch: e, .. } if *e == epoch) {
+            return;
+        }
+        let (ok, detail) = match result {
+            Ok(()) => (true, String::new()),
+            Err(e) => (false, e),
+        };
+        self.topo = TopoPhase::Reported { epoch };
+        self.out
+            .push_back(PeerMsg::ConnectResult { epoch, ok, detail });
+    }
+
+    /// The shell finished (or failed) its part of collective `tag`.
+    pub fn collective_finished(&mut self, tag: u64, seq: u64, result: Result<(), String>) {
+        if self.colls.get(&tag) != Some(&CollPhase::Run { seq }) {
+            return; // Aborted meanwhile: the master already knows.
+        }
+        let (ok, detail) = match result {
+            Ok(()) => (true, String::new()),
+            Err(e) => (false, e),
+        };
+        self.colls.insert(tag, CollPhase::Completing { seq });
+        self.out.push_back(PeerMsg::CollComplete {
+            tag,
+            seq,
+            ok,
+            detail,
+        });
+    }
+
+    /// Takes a finished collective's outcome (`Done` or `Failed`), freeing its tag.
+    pub fn take_collective(&mut self, tag: u64) -> Option<Result<(), Error>> {
+        match self.colls.get(&tag)? {
+            CollPhase::Done => {
+                self.colls.remove(&tag);
+                Some(Ok(()))
+            }
+            CollPhase::Failed(_) => match self.colls.remove(&tag) {
+                Some(CollPhase::Failed(e)) => Some(Err(e)),
+                _ => unreachable!("checked above"),
+            },
+            _ => None,
+        }
+    }
+
+    /// The master connection is gone: every wait ends with `error`.
+    pub fn master_lost(&mut self, error: Error) -> Vec<Effect> {
+        if self.fatal.is_none() {
+            self.fatal = Some(error.clone());
+        }
+        self.fail_everything(error)
+    }
+
+    fn fail_everything(&mut self, error: Error) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        for (tag, phase) in self.colls.iter_mut() {
+            if matches!(phase, CollPhase::Run { .. } | CollPhase::Completing { .. }) {
+                effects.push(Effect::AbortRing { tag: *tag });
+            }
+            if !matches!(phase, CollPhase::Done | CollPhase::Failed(_)) {
+                *phase = CollPhase::Failed(error.clone());
+            }
+        }
+        if !matches!(self.topo, TopoPhase::Idle | TopoPhase::Done { .. }) {
+            self.topo = TopoPhase::Failed {
+                reason: error.to_string(),
+            };
+        }
+        effects
+    }
+
+    /// A message from the master. An `Err` is a protocol violation by the master (fatal).
+    pub fn handle(&mut self, msg: MasterMsg) -> Result<Vec<Effect>, Error> {
+        let violation = |what: &str| Err(Error::Protocol(format!("the master sent {what}")));
+        match msg {
+            MasterMsg::Welcome { peer_id, .. } => {
+                if self.peer_id.is_some() {
+                    return violation("Welcome twice");
+                }
+                self.peer_id = Some(peer_id);
+            }
+            MasterMsg::Refused { version, reason } => {
+                let error = if version != PROTOCOL_VERSION {
+                    Error::VersionMismatch {
+                        ours: PROTOCOL_VERSION,
+                        theirs: version,
+                    }
+                } else {
+                    Error::Refused(reason)
+                };
+                return Ok(self.master_lost(error));
+            }
+            MasterMsg::Kicked { reason } => return Ok(self.master_lost(Error::Kicked(reason))),
+            MasterMsg::PendingAnswer { pending } => {
+                if self.pending != Some(None) {
+                    return violation("an answer to a question not asked");
+                }
+                self.pending = Some(Some(pending));
+            }
+            MasterMsg::Topology {
+                epoch,
+                secret,
+                ring,
+            } => {
+                let me = self.peer_id;
+                if !ring.iter().any(|m| Some(m.peer_id) == me) {
+                    return violation("a ring that does not include this peer");
+                }
+                // A joining peer waits in `Waiting`; a member that voted too. A member that did not
+                // vote cannot get a ring (the vote is unanimous).
+                if self.topo != TopoPhase::Waiting {
+                    return violation("a ring without a vote");
+                }
+                self.topo = TopoPhase::Connect {
+                    epoch,
+                    secret,
+                    ring,
+                };
+            }
+            MasterMsg::TopologyDone { epoch, world } => {
+                let fits = match &self.topo {
+                    // The ring we connected is now in force.
+                    TopoPhase::Reported { epoch: e } => *e == epoch,
+                    // Nothing changed: the ring we have stays.
+                    TopoPhase::Waiting => self.ring.as_ref().is_some_and(|r| r.0 == epoch),
+                    _ => false,
+                };
+                if !fits {
+                    return violation("TopologyDone out of turn");
+                }
+                self.topo = TopoPhase::Done { epoch, world };
+            }
+            MasterMsg::TopologyFailed { epoch: _, reason } => {
+                if matches!(self.topo, TopoPhase::Idle | TopoPhase::Done { .. }) {
+                    return violation("TopologyFailed out of turn");
+                }
+                self.topo = TopoPhase::Failed { reason };
+            }
+            MasterMsg::CollCommence { tag, seq, epoch } => {
+                if self.colls.get(&tag) != Some(&CollPhase::Voting) {
+                    return violation(&format!("CollCommence for tag {tag}, which is not voting"));
+                }
+                if self.ring.as_ref().map(|r| r.0) != Some(epoch) {
+                    return violation(&format!(
+                        "CollCommence for epoch {epoch}, not the ring in force"
+                    ));
+                }
+                self.colls.insert(tag, CollPhase::Run { seq });
+            }
+            MasterMsg::CollRefused { tag, reason } => {
+                if self.colls.get(&tag) != Some(&CollPhase::Voting) {
+                    return violation(&format!("CollRefused for tag {tag}, which is not voting"));
+                }
+                self.colls
+                    .insert(tag, CollPhase::Failed(Error::Mismatch { tag, reason }));
+            }
+            MasterMsg::CollDone { tag, seq } => {
+                if self.colls.get(&tag) != Some(&CollPhase::Completing { seq }) {
+                    return violation(&format!("CollDone for tag {tag} seq {seq} out of turn"));
+                }
+                self.colls.insert(tag, CollPhase::Done);
+            }
+            MasterMsg::CollAborted {
+                tag,
+                seq,
+                reason,
+                lost,
+            } => {
+                let running = match self.colls.get(&tag) {
+                    Some(CollPhase::Voting) => false,
+                    Some(CollPhase::Run { seq: s } | CollPhase::Completing { seq: s })
+                        if *s == seq =>
+                    {
+                        true
+                    }
+                    _ => return Ok(Vec::new()), // Already failed locally; nothing to do.
+                };
+                self.colls
+                    .insert(tag, CollPhase::Failed(Error::Aborted { tag, reason, lost }));
+                if running {
+                    return Ok(vec![Effect::AbortRing { tag }]);
+                }
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    /// Records that the ring announced for `epoch` is the one in force (called by the shell once
+    /// its connections are up, before reporting them).
+    pub fn install_ring(&mut self, epoch: u64, ring: Vec<RingMember>) {
+        self.ring = Some((epoch, ring));
+    }
+
+    /// Forgets a finished topology outcome so that the next update can start.
+    pub fn reset_topology(&mut self) {
+        if matches!(self.topo, TopoPhase::Done { .. } | TopoPhase::Failed { .. }) {
+            self.topo = TopoPhase::Idle;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn welcomed() -> PeerProto {
+        let mut p = PeerProto::new(9, String::new());
+        assert!(matches!(p.poll_transmit(), Some(PeerMsg::Hello { .. })));
+        p.handle(MasterMsg::Welcome {
+            version: PROTOCOL_VERSION,
+            peer_id: 4,
+        })
+        .unwrap();
+        let ring = vec![RingMember {
+            peer_id: 4,
+            data_addr: "x:1".into(),
+        }];
+        p.handle(MasterMsg::Topology {
+            epoch: 1,
+            secret: 0,
+            ring: ring.clone(),
+        })
+        .unwrap();
+        p.install_ring(1, ring);
+        p.connect_finished(1, Ok(()));
+        assert!(matches!(
+            p.poll_transmit(),
+            Some(PeerMsg::ConnectResult { ok: true, .. })
+        ));
+        p.handle(MasterMsg::TopologyDone { epoch: 1, world: 1 })
+            .unwrap();
+        p
+    }
+
+    fn desc() -> CollectiveDesc {
+        CollectiveDesc {
+            count: 1,
+            dtype: "float".into(),
+            op: "sum".into(),
+        }
+    }
+
+    #[test]
+    fn one_operation_kind_at_a_time_and_unique_tags() {
+        let mut p = welcomed();
+        p.start_collective(1, desc()).unwrap();
+        assert!(
+            matches!(p.start_collective(1, desc()), Err(Error::Usage(m)) if m.contains("already in flight"))
+        );
+        assert!(
+            matches!(p.start_update_topology(), Err(Error::Usage(m)) if m.contains("in flight"))
+        );
+        p.start_pending_query()
+            .expect("the pending query may run beside collectives");
+    }
+
+    #[test]
+    fn abort_of_a_running_collective_interrupts_the_ring() {
+        let mut p = welcomed();
+        p.start_collective(1, desc()).unwrap();
+        p.handle(MasterMsg::CollCommence {
+            tag: 1,
+            seq: 5,
+            epoch: 1,
+        })
+        .unwrap();
+        let fx = p
+            .handle(MasterMsg::CollAborted {
+                tag: 1,
+                seq: 5,
+                reason: "gone".into(),
+                lost: vec![2],
+            })
+            .unwrap();
+        assert_eq!(fx, vec![Effect::AbortRing { tag: 1 }]);
+        assert!(
+            matches!(p.take_collective(1), Some(Err(Error::Aborted { lost, .. })) if lost == vec![2])
+        );
+        assert_eq!(p.collectives_in_flight(), 0);
+    }
+
+    #[test]
+    fn master_loss_fails_every_wait() {
+        let mut p = welcomed();
+        p.start_collective(1, desc()).unwrap();
+        p.master_lost(Error::MasterLost("eof".into()));
+        assert!(matches!(
+            p.take_collective(1),
+            Some(Err(Error::MasterLost(_)))
+        ));
+        assert!(p.start_collective(2, desc()).is_err());
+    }
+
+    #[test]
+    fn out_of_turn_master_messages_are_violations() {
+        let mut p = welcomed();
+        assert!(p.handle(MasterMsg::CollDone { tag: 3, seq: 1 }).is_err());
+        assert!(p
+            .handle(MasterMsg::CollCommence {
+                tag: 3,
+                seq: 1,
+                epoch: 1
+            })
+            .is_err());
+    }
+}
