@@ -22,6 +22,7 @@ mod element;
 mod error;
 mod links;
 pub mod protocol;
+pub mod verify;
 
 pub use communicator::{Communicator, CommunicatorBuilder, Config, ReduceInfo};
 pub use concord_kernels::{DType, ReduceOp};

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use concord::{Communicator, DType, ReduceOp};
 
-use crate::check;
 use crate::sizes::parse_size;
+use concord::verify as check;
 
 /// Options of `concord bench` (the short flags are those of nccl-tests).
 #[derive(Debug, Clone, clap::Args)]

@@ -1,4 +1,4 @@
-//! Bench inputs and the reference each peer computes on its own.
+//! Inputs and the reference each peer computes on its own, for `concord bench -c 1` and the tests.
 //!
 //! Inputs vary with rank, element index and iteration (a constant input hides indexing bugs).
 //! They are chosen so that the exact result does not depend on the order of the reduction:
@@ -7,7 +7,7 @@
 //! reference is then computed in f64 (or wrapping integers), divided for avg, and rounded once;
 //! the ring's result must match it bit for bit.
 
-use concord::{DType, ReduceOp};
+use crate::{DType, ReduceOp};
 use half::{bf16, f16};
 
 fn mix(mut z: u64) -> u64 {
@@ -64,13 +64,13 @@ macro_rules! ints {
 }
 
 /// Writes `rank`'s input for iteration `iter` into `out`.
-pub(crate) fn fill(dtype: DType, op: ReduceOp, rank: usize, iter: u64, out: &mut [u8]) {
+pub fn fill(dtype: DType, op: ReduceOp, rank: usize, iter: u64, out: &mut [u8]) {
     ints!(dtype, op, 1, rank, iter, out, true, I8 => i8, I16 => i16, I32 => i32, I64 => i64, U8 => u8, U16 => u16, U32 => u32, U64 => u64);
     floats(dtype, out, |i| float_value(op, code(rank, i, iter)));
 }
 
 /// Writes the expected result over `world` peers for iteration `iter` into `out`.
-pub(crate) fn reference(dtype: DType, op: ReduceOp, world: usize, iter: u64, out: &mut [u8]) {
+pub fn reference(dtype: DType, op: ReduceOp, world: usize, iter: u64, out: &mut [u8]) {
     ints!(dtype, op, world, 0, iter, out, false, I8 => i8, I16 => i16, I32 => i32, I64 => i64, U8 => u8, U16 => u16, U32 => u32, U64 => u64);
     floats(dtype, out, |i| {
         let mut acc = float_value(op, code(0, i, iter));
@@ -106,7 +106,7 @@ fn floats(dtype: DType, out: &mut [u8], value: impl Fn(usize) -> f64) {
 }
 
 /// Counts elements of `got` whose bits differ from `want`.
-pub(crate) fn count_wrong(dtype: DType, got: &[u8], want: &[u8]) -> u64 {
+pub fn count_wrong(dtype: DType, got: &[u8], want: &[u8]) -> u64 {
     let size = dtype.size_bytes();
     got.chunks_exact(size)
         .zip(want.chunks_exact(size))

@@ -1,0 +1,145 @@
+//! Multi-process all-reduce on loopback: a real master process, 2 to 4 peer processes, every
+//! dtype and op, counts 0, 1, W-1, primes and about a million plus a few, in place and out of
+//! place. Every peer checks against the reference it computes alone, and prints a digest of its
+//! results so that the parent can check all peers hold the same bits.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use concord::{verify, DType, ReduceOp};
+
+fn counts(world: usize) -> Vec<usize> {
+    vec![0, 1, world - 1, 7, 7919, 1_000_003]
+}
+
+/// Peer side of `allreduce_matrix`: runs the whole matrix and prints one line per case.
+#[test]
+fn peer_matrix() {
+    if !is_peer() {
+        return;
+    }
+    let addr = std::env::var("MASTER").unwrap();
+    let world: usize = std::env::var("WORLD").unwrap().parse().unwrap();
+    let comm = join_world(&addr, world);
+    let rank = comm.rank();
+    let mut tag = 0u64;
+    for dtype in DType::ALL {
+        for op in ReduceOp::ALL {
+            for count in counts(world) {
+                // The million-element cases for every dtype with sum, and for f32/bf16/i32 with all ops.
+                let big = count > 100_000;
+                if big
+                    && op != ReduceOp::Sum
+                    && !matches!(dtype, DType::F32 | DType::BF16 | DType::I32)
+                {
+                    continue;
+                }
+                for in_place in [false, true] {
+                    tag += 1;
+                    let iter = tag;
+                    let bytes = count * dtype.size_bytes();
+                    let mut src = vec![0u8; bytes];
+                    verify::fill(dtype, op, rank, iter, &mut src);
+                    let mut dst = vec![0xA5u8; bytes];
+                    let r = if in_place {
+                        dst.copy_from_slice(&src);
+                        comm.all_reduce_raw(None, &mut dst, dtype, op, tag)
+                    } else {
+                        comm.all_reduce_raw(Some(&src), &mut dst, dtype, op, tag)
+                    };
+                    let info = r.unwrap_or_else(|e| panic!("{dtype} {op} count {count}: {e}"));
+                    assert_eq!(info.world, world);
+                    let mut want = vec![0u8; bytes];
+                    verify::reference(dtype, op, world, iter, &mut want);
+                    let wrong = verify::count_wrong(dtype, &dst, &want);
+                    println!(
+                        "CASE {dtype}/{op}/{count}/{in_place} {:016x} {wrong} {}",
+                        digest(&dst),
+                        info.traffic.bytes_sent
+                    );
+                }
+            }
+        }
+    }
+    println!("DONE");
+}
+
+fn run_matrix(world: usize) {
+    if is_peer() {
+        return;
+    }
+    let master = MasterProcess::start();
+    let peers: Vec<_> = (0..world)
+        .map(|_| {
+            spawn_peer(
+                "peer_matrix",
+                &[
+                    ("MASTER", master.addr.clone()),
+                    ("WORLD", world.to_string()),
+                ],
+            )
+        })
+        .collect();
+    let outputs: Vec<String> = peers
+        .into_iter()
+        .map(|p| {
+            let (ok, out) = wait_output(p, Duration::from_secs(300));
+            assert!(ok, "a peer failed:\n{out}");
+            out
+        })
+        .collect();
+    let cases: Vec<Vec<Vec<&str>>> = outputs
+        .iter()
+        .map(|o| {
+            lines_with(o, "CASE ")
+                .into_iter()
+                .map(|l| l.split(' ').collect())
+                .collect()
+        })
+        .collect();
+    assert!(
+        cases[0].len() > 100,
+        "the matrix ran: {} cases",
+        cases[0].len()
+    );
+    for (p, peer_cases) in cases.iter().enumerate() {
+        assert_eq!(peer_cases.len(), cases[0].len(), "peer {p} ran every case");
+        for (case, first) in peer_cases.iter().zip(&cases[0]) {
+            assert_eq!(case[0], first[0]);
+            assert_eq!(case[2], "0", "peer {p} case {}: wrong elements", case[0]);
+            assert_eq!(
+                case[1], first[1],
+                "peer {p} case {}: bits differ from peer 0",
+                case[0]
+            );
+        }
+    }
+    // Traffic: a peer sends 2(W-1)/W of the buffer plus frame headers.
+    let big = cases[0]
+        .iter()
+        .find(|c| c[0] == "float/sum/1000003/false")
+        .expect("big f32 case");
+    let sent: f64 = big[3].parse().unwrap();
+    let expect = 2.0 * (world as f64 - 1.0) / world as f64 * 4.0 * 1_000_003.0;
+    assert!(
+        sent >= expect && sent < expect * 1.01,
+        "sent {sent} bytes, expected about {expect}"
+    );
+}
+
+#[test]
+fn allreduce_matrix_world_2() {
+    run_matrix(2);
+}
+
+#[test]
+fn allreduce_matrix_world_3() {
+    run_matrix(3);
+}
+
+#[test]
+fn allreduce_matrix_world_4() {
+    run_matrix(4);
+}

@@ -1,0 +1,151 @@
+//! Harness for the multi-process tests: a real `concord master` process and peer processes
+//! (this test binary re-executed with a role in its environment).
+
+#![allow(unreachable_pub)]
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `concord master` process on a free loopback port; killed on drop.
+pub struct MasterProcess {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl MasterProcess {
+    pub fn start() -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_concord"))
+            .args(["master", "--listen", "127.0.0.1:0"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start concord master");
+        let mut stderr = BufReader::new(child.stderr.take().expect("piped"));
+        let mut line = String::new();
+        stderr
+            .read_line(&mut line)
+            .expect("master prints its address");
+        let addr = line.trim().rsplit(' ').next().expect("address").to_string();
+        assert!(
+            addr.starts_with("127.0.0.1:"),
+            "unexpected master banner {line:?}"
+        );
+        // Keep draining stderr so the master never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            let _ = stderr.read_to_string(&mut sink);
+        });
+        MasterProcess { child, addr }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for MasterProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Re-executes this test binary as a peer running `entry` (a test function name) with `env`.
+pub fn spawn_peer(entry: &str, env: &[(&str, String)]) -> Child {
+    let mut cmd = Command::new(std::env::current_exe().expect("test binary"));
+    cmd.args([
+        "--exact",
+        entry,
+        "--nocapture",
+        "--test-threads=1",
+        "--include-ignored",
+    ]);
+    cmd.env("CONCORD_TEST_ROLE", "peer");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+    cmd.spawn().expect("spawn peer process")
+}
+
+/// Whether this process is a peer spawned by [`spawn_peer`].
+pub fn is_peer() -> bool {
+    std::env::var("CONCORD_TEST_ROLE").as_deref() == Ok("peer")
+}
+
+/// Waits for a child with a deadline; kills it and panics on timeout. Returns its stdout.
+pub fn wait_output(mut child: Child, timeout: Duration) -> (bool, String) {
+    let mut stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("peer process did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    (status.success(), reader.join().expect("reader"))
+}
+
+/// What follows `marker` on each line of `out` that has it (libtest may print a test's name
+/// before the first line a test prints).
+pub fn lines_with<'a>(out: &'a str, marker: &str) -> Vec<&'a str> {
+    out.lines()
+        .filter_map(|l| l.find(marker).map(|i| &l[i + marker.len()..]))
+        .collect()
+}
+
+/// CPU time (user + system) of a process in clock ticks, from /proc.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/pid/stat");
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Number of threads of a process.
+pub fn thread_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("read /proc/pid/task")
+        .count()
+}
+
+/// Joins the group at `addr` and waits until `world` peers are in it.
+pub fn join_world(addr: &str, world: usize) -> concord::Communicator {
+    let mut comm = concord::Communicator::builder(addr)
+        .op_timeout(Duration::from_secs(60))
+        .connect()
+        .expect("connect to the master");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while comm.world_size() < world {
+        assert!(
+            Instant::now() < deadline,
+            "group never reached {world} peers"
+        );
+        if comm.are_new_peers_pending().expect("pending vote") {
+            comm.update_topology().expect("update topology");
+        } else {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    assert_eq!(comm.world_size(), world);
+    comm
+}
+
+/// FNV-1a of a byte string, for comparing results across processes.
+pub fn digest(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
