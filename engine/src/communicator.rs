@@ -1,29 +1,27 @@
 //! The communicator: a peer's handle on its group.
 //!
-//! Threads: the caller's thread runs the API; one reader thread per communicator
-//! (`concord-master-rx`) blocks on the master connection and feeds each message to the
-//! [`PeerProto`] under a mutex, then wakes waiters through a condition variable. A collective in
-//! flight adds one scoped sender thread (`concord-ring-tx`) for its duration. Nothing polls: an
-//! idle communicator is three blocked syscalls (master read, nothing else).
+//! Threads (a bound that does not grow with the operations in flight): the owner's thread runs
+//! the API; `concord-master-rx` blocks on the master connection and feeds each message to the
+//! [`crate::protocol::PeerProto`] under a mutex; `concord-watchdog` sleeps until the next
+//! deadline; the data plane of the ring in force runs one TX and one RX thread per connection to
+//! each neighbour. Nothing polls: an idle communicator is blocked syscalls only.
 
-use std::io::{BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::cell::Cell;
+use std::marker::PhantomData;
+use std::net::{Shutdown, SocketAddr};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use concord_kernels::{DType, ReduceOp};
-use concord_master::proto::{
-    decode_master, encode_peer, CollectiveDesc, PeerId, PeerMsg, ProtoError, RingMember,
-    MAX_MESSAGE_BYTES,
-};
+use concord_master::proto::{encode_peer, PeerId, PeerMsg, RingMember};
 use concord_transport::socket::{connect_with_retry, listen, resolve, SocketOptions};
 
-use crate::collective::ring::RingPlan;
-use crate::collective::run::{self, Attempt};
 use crate::collective::Traffic;
-use crate::links::{establish, Links, RingSetup};
-use crate::protocol::{CollPhase, Effect, PeerProto, TopoPhase};
+use crate::core::{flush, read_master, watchdog, Inner};
+use crate::dataplane::{DataPlane, RawBuf};
+use crate::links::{establish, RingSetup};
+use crate::protocol::{PeerProto, TopoPhase};
 use crate::{Element, Error};
 
 /// How a communicator connects and moves data. Every field has a default; see the builder.
@@ -52,6 +50,9 @@ pub struct Config {
     /// How long one collective may take, votes included; also how long a ring neighbour may stay
     /// silent.
     pub op_timeout: Duration,
+    /// Most collectives in flight at once; launching one more blocks until one completes (with
+    /// the new one's deadline running).
+    pub max_in_flight: usize,
 }
 
 impl Config {
@@ -67,6 +68,7 @@ impl Config {
             join_timeout: Duration::from_secs(600),
             topology_timeout: Duration::from_secs(30),
             op_timeout: Duration::from_secs(120),
+            max_in_flight: 256,
         }
     }
 }
@@ -114,9 +116,14 @@ impl CommunicatorBuilder {
         self.config.join_timeout = d;
         self
     }
-    /// Deadline of each collective (default 120 s).
+    /// Deadline of each collective (default 120 s); a call may give its own.
     pub fn op_timeout(mut self, d: Duration) -> Self {
         self.config.op_timeout = d;
+        self
+    }
+    /// Most collectives in flight at once (default 256, at most 65536).
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.config.max_in_flight = n;
         self
     }
 
@@ -140,18 +147,11 @@ pub struct ReduceInfo {
     pub traffic: Traffic,
 }
 
-struct Shared {
-    proto: PeerProto,
-    links: Option<Arc<Links>>,
-    master: TcpStream,
-}
-
-struct Inner {
-    state: Mutex<Shared>,
-    cond: Condvar,
-}
-
 /// A peer's membership in a Concord group.
+///
+/// The communicator is `Send` but not `Sync`: one thread owns it. Blocking collectives and
+/// topology updates are methods on it; async collectives go through [`Communicator::split`],
+/// whose borrow keeps `update_topology` away while any are in flight.
 ///
 /// ```no_run
 /// use concord::{Communicator, ReduceOp};
@@ -163,17 +163,15 @@ struct Inner {
 /// # Ok::<(), concord::Error>(())
 /// ```
 pub struct Communicator {
-    inner: Arc<Inner>,
-    listener: TcpListener,
-    config: Config,
-    reader: Option<JoinHandle<()>>,
-    scratch: Mutex<Vec<Vec<u8>>>,
+    pub(crate) inner: Arc<Inner>,
+    threads: Vec<JoinHandle<()>>,
+    _not_sync: PhantomData<Cell<()>>,
 }
 
 impl std::fmt::Debug for Communicator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Communicator")
-            .field("master", &self.config.master)
+            .field("master", &self.inner.config.master)
             .finish_non_exhaustive()
     }
 }
@@ -204,68 +202,38 @@ impl Communicator {
         .map_err(|e| Error::MasterLost(format!("{e}; is `concord master` running there?")))?;
         let read_half = stream.try_clone().map_err(|e| Error::Io(e.to_string()))?;
         let proto = PeerProto::new(data_port, config.advertise_ip.clone().unwrap_or_default());
-        let inner = Arc::new(Inner {
-            state: Mutex::new(Shared {
-                proto,
-                links: None,
-                master: stream,
-            }),
-            cond: Condvar::new(),
-        });
+        let inner = Arc::new(Inner::new(proto, stream, listener, config));
+        let mut threads = Vec::new();
         let reader_inner = Arc::clone(&inner);
-        let reader = std::thread::Builder::new()
-            .name("concord-master-rx".into())
-            .spawn(move || read_master(read_half, reader_inner))
-            .map_err(|e| Error::Io(format!("spawning the master reader: {e}")))?;
+        threads.push(
+            std::thread::Builder::new()
+                .name("concord-master-rx".into())
+                .spawn(move || read_master(read_half, reader_inner))
+                .map_err(|e| Error::Io(format!("spawning the master reader: {e}")))?,
+        );
+        let weak = Arc::downgrade(&inner);
+        threads.push(
+            std::thread::Builder::new()
+                .name("concord-watchdog".into())
+                .spawn(move || watchdog(weak))
+                .map_err(|e| Error::Io(format!("spawning the watchdog: {e}")))?,
+        );
         let comm = Communicator {
             inner,
-            listener,
-            config,
-            reader: Some(reader),
-            scratch: Mutex::new(Vec::new()),
+            threads,
+            _not_sync: PhantomData,
         };
-        flush(&mut comm.lock());
+        flush(&mut comm.inner.lock());
         // Registered: wait for the group to admit us, then build the ring like any member.
-        let deadline = Instant::now() + comm.config.join_timeout;
+        let deadline = Instant::now() + comm.inner.config.join_timeout;
         comm.finish_topology(deadline, "waiting to be admitted by the group")?;
         Ok(comm)
     }
 
-    fn lock(&self) -> MutexGuard<'_, Shared> {
-        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Waits until `f` yields, the master goes away, or `deadline` passes.
-    fn wait<T>(
-        &self,
-        deadline: Instant,
-        what: &str,
-        mut f: impl FnMut(&mut Shared) -> Option<Result<T, Error>>,
-    ) -> Result<T, Error> {
-        let mut guard = self.lock();
-        loop {
-            if let Some(r) = f(&mut guard) {
-                return r;
-            }
-            if let Some(e) = guard.proto.fatal() {
-                return Err(e.clone());
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Error::Timeout(what.to_string()));
-            }
-            guard = self
-                .inner
-                .cond
-                .wait_timeout(guard, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-    }
-
     /// This peer's id in the group.
     pub fn peer_id(&self) -> PeerId {
-        self.lock()
+        self.inner
+            .lock()
             .proto
             .peer_id()
             .expect("connected communicators are registered")
@@ -273,12 +241,12 @@ impl Communicator {
 
     /// Number of peers in the ring in force.
     pub fn world_size(&self) -> usize {
-        self.lock().proto.ring().map_or(0, |r| r.1.len())
+        self.inner.lock().proto.ring().map_or(0, |r| r.1.len())
     }
 
     /// This peer's position in the ring in force.
     pub fn rank(&self) -> usize {
-        let g = self.lock();
+        let g = self.inner.lock();
         let me = g.proto.peer_id();
         g.proto
             .ring()
@@ -287,27 +255,24 @@ impl Communicator {
     }
 
     /// Whether peers are waiting to join: a cheap unanimous vote, so that every member gets the
-    /// same answer and calls [`Communicator::update_topology`] together.
+    /// same answer and calls [`Communicator::update_topology`] together. It may run while async
+    /// collectives are in flight (see [`PeerProbe`]).
     pub fn are_new_peers_pending(&self) -> Result<bool, Error> {
-        {
-            let mut g = self.lock();
-            g.proto.start_pending_query()?;
-            flush(&mut g);
-        }
-        let deadline = Instant::now() + self.config.op_timeout;
-        self.wait(
-            deadline,
-            "are_new_peers_pending: not every member asked",
-            |s| s.proto.take_pending_answer().map(Ok),
-        )
+        pending_vote(&self.inner)
     }
 
     /// Admits pending peers and (re)builds the ring; retries a connection round that a dropped
-    /// peer spoiled. Every member must call it (the vote is unanimous).
+    /// peer spoiled. Every member must call it (the vote is unanimous). Takes `&mut self`: it
+    /// cannot run while async collectives borrow the communicator.
     pub fn update_topology(&mut self) -> Result<(), Error> {
-        let deadline = Instant::now() + self.config.topology_timeout.max(self.config.op_timeout);
+        let deadline = Instant::now()
+            + self
+                .inner
+                .config
+                .topology_timeout
+                .max(self.inner.config.op_timeout);
         {
-            let mut g = self.lock();
+            let mut g = self.inner.lock();
             g.proto.reset_topology();
             g.proto.start_update_topology()?;
             flush(&mut g);
@@ -319,12 +284,14 @@ impl Communicator {
     fn finish_topology(&self, deadline: Instant, what: &str) -> Result<(), Error> {
         const MAX_ROUNDS: usize = 16;
         for _ in 0..MAX_ROUNDS {
-            let phase = self.wait(deadline, what, |s| match s.proto.topology() {
-                TopoPhase::Connect { .. } | TopoPhase::Done { .. } | TopoPhase::Failed { .. } => {
-                    Some(Ok(s.proto.topology().clone()))
-                }
-                _ => None,
-            })?;
+            let phase = self
+                .inner
+                .wait(deadline, what, |s| match s.proto.topology() {
+                    TopoPhase::Connect { .. }
+                    | TopoPhase::Done { .. }
+                    | TopoPhase::Failed { .. } => Some(Ok(s.proto.topology().clone())),
+                    _ => None,
+                })?;
             match phase {
                 TopoPhase::Done { .. } => return Ok(()),
                 TopoPhase::Failed { reason } => {
@@ -336,32 +303,31 @@ impl Communicator {
                     secret,
                     ring,
                 } => {
-                    let result = self.build_links(epoch, secret, &ring);
+                    let result = self.build_plane(epoch, secret, &ring);
                     {
-                        let mut g = self.lock();
+                        let mut g = self.inner.lock();
                         match result {
-                            Ok(links) => {
-                                g.links = Some(Arc::new(links));
+                            Ok(plane) => {
+                                g.plane = Some(plane);
                                 g.proto.install_ring(epoch, ring);
                                 g.proto.connect_finished(epoch, Ok(()));
                             }
-                            Err(e) => {
-                                g.links = None;
-                                g.proto.connect_finished(epoch, Err(e));
-                            }
+                            Err(e) => g.proto.connect_finished(epoch, Err(e)),
                         }
                         flush(&mut g);
                     }
-                    let outcome = self.wait(
-                        deadline,
-                        "waiting for the ring to be confirmed",
-                        |s| match s.proto.topology() {
-                            TopoPhase::Done { .. } => Some(Ok(true)),
-                            TopoPhase::Failed { .. } => Some(Ok(false)),
-                            _ => None,
-                        },
-                    )?;
-                    if outcome {
+                    let confirmed =
+                        self.inner
+                            .wait(
+                                deadline,
+                                "waiting for the ring to be confirmed",
+                                |s| match s.proto.topology() {
+                                    TopoPhase::Done { .. } => Some(Ok(true)),
+                                    TopoPhase::Failed { .. } => Some(Ok(false)),
+                                    _ => None,
+                                },
+                            )?;
+                    if confirmed {
                         return Ok(());
                     }
                     self.revote()?;
@@ -375,28 +341,45 @@ impl Communicator {
     }
 
     fn revote(&self) -> Result<(), Error> {
-        let mut g = self.lock();
-        g.links = None;
-        g.proto.reset_topology();
-        g.proto.start_update_topology()?;
-        flush(&mut g);
+        let old = {
+            let mut g = self.inner.lock();
+            g.proto.reset_topology();
+            g.proto.start_update_topology()?;
+            flush(&mut g);
+            g.plane.take()
+        };
+        drop(old); // Outside the lock: its threads may report to it while stopping.
         Ok(())
     }
 
-    fn build_links(&self, epoch: u64, secret: u64, ring: &[RingMember]) -> Result<Links, String> {
+    fn build_plane(
+        &self,
+        epoch: u64,
+        secret: u64,
+        ring: &[RingMember],
+    ) -> Result<DataPlane, String> {
         // Old connections go first: a neighbour must never see two epochs' streams at once.
-        self.lock().links = None;
+        let old = self.inner.lock().plane.take();
+        drop(old);
+        let config = &self.inner.config;
         let setup = RingSetup {
             me: self.peer_id(),
             epoch,
             secret,
             ring,
-            conns: self.config.conns_per_neighbour,
-            options: self.config.socket,
-            timeout: self.config.topology_timeout,
-            io_timeout: Some(self.config.op_timeout),
+            conns: config.conns_per_neighbour,
+            options: config.socket,
+            timeout: config.topology_timeout,
+            io_timeout: Some(config.op_timeout),
         };
-        establish(&self.listener, &setup)
+        let links = establish(&self.inner.listener, &setup)?;
+        let weak = Arc::downgrade(&self.inner);
+        let events = Arc::new(move |event| {
+            if let Some(inner) = weak.upgrade() {
+                inner.on_plane_event(event);
+            }
+        });
+        DataPlane::start(links, config.sub_chunk_bytes, config.op_timeout, events)
     }
 
     /// Out-of-place all-reduce: `dst = op over all peers of their src`. Blocks until every peer
@@ -415,12 +398,13 @@ impl Communicator {
                 dst.len()
             )));
         }
-        self.reduce_bytes(
+        self.blocking(
             Some(bytemuck::cast_slice(src)),
             bytemuck::cast_slice_mut(dst),
             T::DTYPE,
             op,
             tag,
+            None,
         )
     }
 
@@ -431,10 +415,11 @@ impl Communicator {
         op: ReduceOp,
         tag: u64,
     ) -> Result<ReduceInfo, Error> {
-        self.reduce_bytes(None, bytemuck::cast_slice_mut(buf), T::DTYPE, op, tag)
+        self.blocking(None, bytemuck::cast_slice_mut(buf), T::DTYPE, op, tag, None)
     }
 
-    /// The untyped form: `src == None` means in place. Lengths in bytes.
+    /// The untyped form, with an optional deadline of its own: `src == None` means in place.
+    /// Lengths in bytes.
     pub fn all_reduce_raw(
         &self,
         src: Option<&[u8]>,
@@ -442,6 +427,7 @@ impl Communicator {
         dtype: DType,
         op: ReduceOp,
         tag: u64,
+        timeout: Option<Duration>,
     ) -> Result<ReduceInfo, Error> {
         if dst.len() % dtype.size_bytes() != 0 || src.is_some_and(|s| s.len() != dst.len()) {
             return Err(Error::InvalidArgument(format!(
@@ -450,188 +436,107 @@ impl Communicator {
                 dst.len()
             )));
         }
-        self.reduce_bytes(src, dst, dtype, op, tag)
+        self.blocking(src, dst, dtype, op, tag, timeout)
     }
 
-    fn reduce_bytes(
+    fn blocking(
         &self,
         src: Option<&[u8]>,
         dst: &mut [u8],
         dtype: DType,
         op: ReduceOp,
         tag: u64,
+        timeout: Option<Duration>,
     ) -> Result<ReduceInfo, Error> {
-        let deadline = Instant::now() + self.config.op_timeout;
-        let count = dst.len() / dtype.size_bytes();
-        let desc = CollectiveDesc {
-            count: count as u64,
-            dtype: dtype.name().into(),
-            op: op.name().into(),
+        let timeout = timeout.unwrap_or(self.inner.config.op_timeout);
+        // In place: reduce from a copy of the input, which also restores it on failure.
+        let backup: Option<Vec<u8>> = src.is_none().then(|| dst.to_vec());
+        let src = src.or(backup.as_deref()).expect("one of them");
+        let src_raw = RawBuf {
+            ptr: src.as_ptr() as *mut u8,
+            len: src.len(),
         };
-        {
-            let mut g = self.lock();
-            g.proto.start_collective(tag, desc)?;
-            flush(&mut g);
-        }
-        let what = format!("all_reduce(tag {tag}): not every peer started it");
-        let started = self.wait(deadline, &what, |s| match s.proto.collective(tag) {
-            Some(CollPhase::Run { seq }) => {
-                let ring = s.proto.ring().expect("a collective runs on a ring");
-                let me = s.proto.peer_id();
-                let rank = ring
-                    .1
-                    .iter()
-                    .position(|m| Some(m.peer_id) == me)
-                    .expect("member");
-                Some(Ok((*seq, ring.1.len(), rank, s.links.clone())))
-            }
-            Some(CollPhase::Failed(_)) => Some(Err(s
-                .proto
-                .take_collective(tag)
-                .expect("failed")
-                .unwrap_err())),
-            _ => None,
-        });
-        let (seq, world, rank, links) = match started {
-            Ok(x) => x,
-            Err(e) => {
-                self.forget(tag);
-                return Err(e);
-            }
+        let dst_raw = RawBuf {
+            ptr: dst.as_mut_ptr(),
+            len: dst.len(),
         };
-        let plan = RingPlan::new(
-            world,
-            rank,
-            count,
-            dtype.size_bytes(),
-            self.config.sub_chunk_bytes,
-        );
-        let attempt = Attempt {
-            tag,
-            seq,
-            dtype,
-            op,
+        // SAFETY: `src`, `dst` and `backup` outlive this call, which returns only through
+        // `complete`, after the data plane released them.
+        unsafe {
+            self.inner
+                .launch(src_raw, dst_raw, dtype, op, tag, timeout)?
         };
-        let mut backup = None;
-        let result = {
-            let mut staging = self.take_scratch(self.config.sub_chunk_bytes);
-            let r = match (src, &links) {
-                (_, None) if world > 1 => Err("this peer has no ring connections".to_string()),
-                (Some(src), links) => {
-                    run_on(links.as_deref(), &plan, attempt, src, dst, &mut staging)
-                }
-                (None, links) => {
-                    // In place: keep the original to reduce from and to restore on failure.
-                    let mut copy = self.take_scratch(dst.len());
-                    copy[..dst.len()].copy_from_slice(dst);
-                    let r = run_on(
-                        links.as_deref(),
-                        &plan,
-                        attempt,
-                        &copy[..dst.len()],
-                        dst,
-                        &mut staging,
-                    );
-                    backup = Some(copy);
-                    r
-                }
-            };
-            self.give_scratch(staging);
-            r
-        };
-        {
-            let mut g = self.lock();
-            g.proto.collective_finished(
-                tag,
-                seq,
-                result.as_ref().map(|_| ()).map_err(Clone::clone),
-            );
-            flush(&mut g);
+        let result = self.inner.complete(tag);
+        if let (Err(_), Some(original)) = (&result, &backup) {
+            dst.copy_from_slice(original);
         }
-        let done = self.wait(
-            deadline,
-            &format!("all_reduce(tag {tag}): waiting for every peer to complete"),
-            |s| s.proto.take_collective(tag),
-        );
-        if done.is_err() {
-            self.forget(tag);
-            if let Some(b) = &backup {
-                dst.copy_from_slice(&b[..dst.len()]);
-            }
-        }
-        if let Some(b) = backup {
-            self.give_scratch(b);
-        }
-        done?;
-        let traffic = result.map_err(|e| {
-            Error::Protocol(format!(
-                "the master completed a collective this peer failed: {e}"
-            ))
-        })?;
-        Ok(ReduceInfo {
-            world,
-            seq,
-            traffic,
-        })
+        result
     }
 
-    /// Drops a failed tag's state so the tag can be used again.
-    fn forget(&self, tag: u64) {
-        let mut g = self.lock();
-        let _ = g.proto.take_collective(tag);
-    }
-
-    fn take_scratch(&self, bytes: usize) -> Vec<u8> {
-        let mut pool = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        let mut v = match pool.iter().position(|v| v.capacity() >= bytes) {
-            Some(i) => pool.swap_remove(i),
-            None => Vec::with_capacity(bytes),
-        };
-        v.resize(bytes, 0);
-        v
-    }
-
-    fn give_scratch(&self, v: Vec<u8>) {
-        let mut pool = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.len() < 4 {
-            pool.push(v);
-        }
+    /// Splits the communicator for async collectives: a [`Collectives`] that may move to
+    /// another thread to launch and await them, and a [`PeerProbe`] that stays on this thread and
+    /// may only ask [`PeerProbe::are_new_peers_pending`]. Both borrow the communicator, so
+    /// `update_topology` (which takes `&mut self`) waits until they, and every handle, are gone.
+    ///
+    /// ```compile_fail
+    /// # fn f(comm: &mut concord::Communicator) {
+    /// let (collectives, _probe) = comm.split();
+    /// comm.update_topology(); // error: the communicator is borrowed while async work is possible
+    /// drop(collectives);
+    /// # }
+    /// ```
+    ///
+    /// The probe stays on the owner's thread:
+    ///
+    /// ```compile_fail
+    /// # fn f(comm: &mut concord::Communicator) {
+    /// let (_collectives, probe) = comm.split();
+    /// std::thread::scope(|s| { s.spawn(move || probe.are_new_peers_pending()); });
+    /// # }
+    /// ```
+    ///
+    /// and the communicator itself is not shared between threads (it is `Send`, not `Sync`):
+    ///
+    /// ```compile_fail
+    /// # fn f(comm: &concord::Communicator) {
+    /// std::thread::scope(|s| { s.spawn(|| comm.world_size()); });
+    /// # }
+    /// ```
+    pub fn split(&mut self) -> (crate::Collectives<'_>, crate::PeerProbe<'_>) {
+        (
+            crate::Collectives::new(Arc::clone(&self.inner)),
+            crate::PeerProbe::new(Arc::clone(&self.inner)),
+        )
     }
 }
 
-fn run_on(
-    links: Option<&Links>,
-    plan: &RingPlan,
-    attempt: Attempt,
-    src: &[u8],
-    dst: &mut [u8],
-    staging: &mut [u8],
-) -> Result<Traffic, String> {
-    match links {
-        Some(l) => run::run(l, plan, attempt, src, dst, staging),
-        None => {
-            let empty = Links {
-                next: Vec::new(),
-                prev: Vec::new(),
-                next_id: 0,
-                prev_id: 0,
-            };
-            run::run(&empty, plan, attempt, src, dst, staging)
-        }
+/// The pending-peers vote (shared by the communicator and the probe).
+pub(crate) fn pending_vote(inner: &Inner) -> Result<bool, Error> {
+    {
+        let mut g = inner.lock();
+        g.proto.start_pending_query()?;
+        flush(&mut g);
     }
+    let deadline = Instant::now() + inner.config.op_timeout;
+    inner.wait(
+        deadline,
+        "are_new_peers_pending: not every member asked",
+        |s| s.proto.take_pending_answer().map(Ok),
+    )
 }
 
 impl Drop for Communicator {
     fn drop(&mut self) {
-        {
-            let mut g = self.lock();
-            let bye = encode_peer(&PeerMsg::Goodbye);
-            let _ = g.master.write_all(&bye);
+        self.inner.begin_shutdown();
+        let plane = {
+            let mut g = self.inner.lock();
+            let _ = std::io::Write::write_all(&mut g.master, &encode_peer(&PeerMsg::Goodbye));
             let _ = g.master.shutdown(Shutdown::Both);
-            g.links = None;
-        }
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
+            g.plane.take()
+        };
+        drop(plane);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
         }
     }
 }
@@ -649,75 +554,11 @@ fn validate(c: &Config) -> Result<(), Error> {
             c.sub_chunk_bytes
         )));
     }
-    Ok(())
-}
-
-/// Sends what the protocol queued for the master. A write error means the master is gone.
-fn flush(g: &mut Shared) {
-    while let Some(msg) = g.proto.poll_transmit() {
-        if let Err(e) = g.master.write_all(&encode_peer(&msg)) {
-            let effects = g
-                .proto
-                .master_lost(Error::MasterLost(format!("writing to the master: {e}")));
-            apply(g, effects);
-            return;
-        }
-    }
-}
-
-fn apply(g: &mut Shared, effects: Vec<Effect>) {
-    for Effect::AbortRing { .. } in effects {
-        if let Some(l) = &g.links {
-            l.shutdown();
-        }
-        g.links = None;
-    }
-}
-
-/// The reader thread: master messages into the protocol, until the connection ends.
-fn read_master(stream: TcpStream, inner: Arc<Inner>) {
-    let mut reader = BufReader::new(stream);
-    let error = loop {
-        match read_message(&mut reader) {
-            Ok(msg) => {
-                let mut g = inner.state.lock().unwrap_or_else(|p| p.into_inner());
-                match g.proto.handle(msg) {
-                    Ok(effects) => apply(&mut g, effects),
-                    Err(e) => break e,
-                }
-                flush(&mut g);
-                drop(g);
-                inner.cond.notify_all();
-            }
-            Err(e) => break e,
-        }
-    };
-    let mut g = inner.state.lock().unwrap_or_else(|p| p.into_inner());
-    let effects = g.proto.master_lost(error);
-    apply(&mut g, effects);
-    drop(g);
-    inner.cond.notify_all();
-}
-
-fn read_message(r: &mut impl Read) -> Result<concord_master::proto::MasterMsg, Error> {
-    let mut len = [0u8; 4];
-    r.read_exact(&mut len).map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => {
-            Error::MasterLost("the master closed the connection".into())
-        }
-        _ => Error::MasterLost(format!("reading from the master: {e}")),
-    })?;
-    let len = u32::from_le_bytes(len) as usize;
-    if len == 0 || len > MAX_MESSAGE_BYTES {
-        return Err(Error::Protocol(format!(
-            "the master sent a message of {len} bytes"
+    if !(1..=65536).contains(&c.max_in_flight) {
+        return Err(Error::InvalidArgument(format!(
+            "max_in_flight {} not in 1..=65536",
+            c.max_in_flight
         )));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)
-        .map_err(|e| Error::MasterLost(format!("reading from the master: {e}")))?;
-    decode_master(&body).map_err(|e| match e {
-        ProtoError::Version { ours, theirs } => Error::VersionMismatch { ours, theirs },
-        other => Error::Protocol(other.to_string()),
-    })
+    Ok(())
 }

@@ -34,6 +34,15 @@ pub enum Error {
         /// The peers lost, if any.
         lost: Vec<PeerId>,
     },
+    /// The collective was cancelled (by this peer or another); in-place inputs were restored and
+    /// the ring is intact.
+    #[error("collective {tag} cancelled: {reason}")]
+    Cancelled {
+        /// The tag.
+        tag: u64,
+        /// Who cancelled it.
+        reason: String,
+    },
     /// Could not reach the master, or it went away.
     #[error("master connection lost: {0}")]
     MasterLost(String),

@@ -18,8 +18,11 @@
 
 pub mod collective;
 mod communicator;
+mod core;
+mod dataplane;
 mod element;
 mod error;
+mod handle;
 mod links;
 pub mod protocol;
 pub mod verify;
@@ -28,3 +31,4 @@ pub use communicator::{Communicator, CommunicatorBuilder, Config, ReduceInfo};
 pub use concord_kernels::{DType, ReduceOp};
 pub use element::Element;
 pub use error::Error;
+pub use handle::{Collectives, Completion, Handle, PeerProbe};

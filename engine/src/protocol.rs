@@ -16,6 +16,11 @@ use concord_transport::PROTOCOL_VERSION;
 
 use crate::Error;
 
+/// Words a cancel reason carries so that every peer reports the right kind of error.
+pub(crate) const TIMEOUT_MARK: &str = "timed out";
+/// See [`TIMEOUT_MARK`].
+pub(crate) const CANCEL_MARK: &str = "cancelled";
+
 /// Where the peer stands in a topology update.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TopoPhase {
@@ -75,10 +80,19 @@ pub enum CollPhase {
 /// What the I/O shell must do after a master message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Effect {
-    /// Interrupt the ring I/O of this attempt (the data connections are torn down).
-    AbortRing {
+    /// Start moving this attempt's data on the ring.
+    Run {
         /// User tag.
         tag: u64,
+        /// Attempt.
+        seq: u64,
+    },
+    /// Stop this attempt's I/O (it completed or was aborted); its late frames are dropped.
+    Retire {
+        /// User tag.
+        tag: u64,
+        /// Attempt.
+        seq: u64,
     },
 }
 
@@ -279,6 +293,32 @@ impl PeerProto {
         }
     }
 
+    /// Asks the master to abort collective `tag` on every peer (`reason` says why). Returns
+    /// false when the tag is not in flight here.
+    pub fn cancel(&mut self, tag: u64, reason: String) -> bool {
+        let seq = match self.colls.get(&tag) {
+            Some(CollPhase::Voting) => 0,
+            Some(CollPhase::Run { seq } | CollPhase::Completing { seq }) => *seq,
+            _ => return false,
+        };
+        self.out.push_back(PeerMsg::CollCancel { tag, seq, reason });
+        true
+    }
+
+    /// Fails a tag here without the master (it did not answer in time).
+    pub fn fail_locally(&mut self, tag: u64, error: Error) {
+        if let Some(phase) = self.colls.get_mut(&tag) {
+            if !matches!(phase, CollPhase::Done | CollPhase::Failed(_)) {
+                *phase = CollPhase::Failed(error);
+            }
+        }
+    }
+
+    /// Forgets a tag whatever its state (the shell gave up waiting for the master).
+    pub fn forget(&mut self, tag: u64) {
+        self.colls.remove(&tag);
+    }
+
     /// The master connection is gone: every wait ends with `error`.
     pub fn master_lost(&mut self, error: Error) -> Vec<Effect> {
         if self.fatal.is_none() {
@@ -290,8 +330,11 @@ impl PeerProto {
     fn fail_everything(&mut self, error: Error) -> Vec<Effect> {
         let mut effects = Vec::new();
         for (tag, phase) in self.colls.iter_mut() {
-            if matches!(phase, CollPhase::Run { .. } | CollPhase::Completing { .. }) {
-                effects.push(Effect::AbortRing { tag: *tag });
+            if let CollPhase::Run { seq } | CollPhase::Completing { seq } = phase {
+                effects.push(Effect::Retire {
+                    tag: *tag,
+                    seq: *seq,
+                });
             }
             if !matches!(phase, CollPhase::Done | CollPhase::Failed(_)) {
                 *phase = CollPhase::Failed(error.clone());
@@ -382,6 +425,7 @@ impl PeerProto {
                     ));
                 }
                 self.colls.insert(tag, CollPhase::Run { seq });
+                return Ok(vec![Effect::Run { tag, seq }]);
             }
             MasterMsg::CollRefused { tag, reason } => {
                 if self.colls.get(&tag) != Some(&CollPhase::Voting) {
@@ -390,12 +434,15 @@ impl PeerProto {
                 self.colls
                     .insert(tag, CollPhase::Failed(Error::Mismatch { tag, reason }));
             }
-            MasterMsg::CollDone { tag, seq } => {
-                if self.colls.get(&tag) != Some(&CollPhase::Completing { seq }) {
-                    return violation(&format!("CollDone for tag {tag} seq {seq} out of turn"));
+            MasterMsg::CollDone { tag, seq } => match self.colls.get(&tag) {
+                Some(CollPhase::Completing { seq: s }) if *s == seq => {
+                    self.colls.insert(tag, CollPhase::Done);
+                    return Ok(vec![Effect::Retire { tag, seq }]);
                 }
-                self.colls.insert(tag, CollPhase::Done);
-            }
+                // A tag this peer gave up on (its deadline passed) and forgot.
+                None => {}
+                _ => return violation(&format!("CollDone for tag {tag} seq {seq} out of turn")),
+            },
             MasterMsg::CollAborted {
                 tag,
                 seq,
@@ -409,12 +456,18 @@ impl PeerProto {
                     {
                         true
                     }
-                    _ => return Ok(Vec::new()), // Already failed locally; nothing to do.
+                    _ => return Ok(Vec::new()), // Already failed or forgotten here.
                 };
-                self.colls
-                    .insert(tag, CollPhase::Failed(Error::Aborted { tag, reason, lost }));
+                let error = if reason.contains(TIMEOUT_MARK) {
+                    Error::Timeout(format!("collective {tag}: {reason}"))
+                } else if reason.contains(CANCEL_MARK) {
+                    Error::Cancelled { tag, reason }
+                } else {
+                    Error::Aborted { tag, reason, lost }
+                };
+                self.colls.insert(tag, CollPhase::Failed(error));
                 if running {
-                    return Ok(vec![Effect::AbortRing { tag }]);
+                    return Ok(vec![Effect::Retire { tag, seq }]);
                 }
             }
         }
@@ -508,7 +561,7 @@ mod tests {
                 lost: vec![2],
             })
             .unwrap();
-        assert_eq!(fx, vec![Effect::AbortRing { tag: 1 }]);
+        assert_eq!(fx, vec![Effect::Retire { tag: 1, seq: 5 }]);
         assert!(
             matches!(p.take_collective(1), Some(Err(Error::Aborted { lost, .. })) if lost == vec![2])
         );
@@ -530,10 +583,11 @@ mod tests {
     #[test]
     fn out_of_turn_master_messages_are_violations() {
         let mut p = welcomed();
+        p.start_collective(3, desc()).unwrap();
         assert!(p.handle(MasterMsg::CollDone { tag: 3, seq: 1 }).is_err());
         assert!(p
             .handle(MasterMsg::CollCommence {
-                tag: 3,
+                tag: 4,
                 seq: 1,
                 epoch: 1
             })

@@ -45,9 +45,9 @@ fn peer_matrix() {
                     let mut dst = vec![0xA5u8; bytes];
                     let r = if in_place {
                         dst.copy_from_slice(&src);
-                        comm.all_reduce_raw(None, &mut dst, dtype, op, tag)
+                        comm.all_reduce_raw(None, &mut dst, dtype, op, tag, None)
                     } else {
-                        comm.all_reduce_raw(Some(&src), &mut dst, dtype, op, tag)
+                        comm.all_reduce_raw(Some(&src), &mut dst, dtype, op, tag, None)
                     };
                     let info = r.unwrap_or_else(|e| panic!("{dtype} {op} count {count}: {e}"));
                     assert_eq!(info.world, world);

@@ -356,7 +356,33 @@ impl Coordinator {
                 ok,
                 detail,
             } => self.on_coll_complete(id, tag, seq, ok, detail),
+            PeerMsg::CollCancel { tag, seq, reason } => self.on_coll_cancel(id, tag, seq, &reason),
         }
+    }
+
+    fn on_coll_cancel(
+        &mut self,
+        id: PeerId,
+        tag: u64,
+        seq: u64,
+        reason: &str,
+    ) -> Result<(), String> {
+        let current = match self.colls.get(&tag) {
+            Some(Coll::Voting { descs }) => seq == 0 && descs.contains_key(&id),
+            Some(Coll::Running {
+                seq: s, members, ..
+            }) => *s == seq && members.contains(&id),
+            None => false,
+        };
+        if current {
+            // The connections stay up: only this collective's frames stop.
+            self.abort_coll(tag, &format!("peer {id}: {reason}"), Vec::new());
+        } else if seq >= self.next_seq {
+            return Err(format!(
+                "cancelled collective {tag} with sequence {seq}, never started"
+            ));
+        }
+        Ok(())
     }
 
     fn on_connect_result(
@@ -729,6 +755,7 @@ fn kind(msg: &PeerMsg) -> &'static str {
         PeerMsg::CollInit { .. } => "CollInit",
         PeerMsg::CollComplete { .. } => "CollComplete",
         PeerMsg::Goodbye => "Goodbye",
+        PeerMsg::CollCancel { .. } => "CollCancel",
     }
 }
 

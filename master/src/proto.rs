@@ -97,6 +97,15 @@ pub enum PeerMsg {
     },
     /// The peer leaves on purpose.
     Goodbye,
+    /// Abort a collective on every peer (its deadline passed, or the user cancelled it).
+    CollCancel {
+        /// User tag.
+        tag: u64,
+        /// Sequence number of the attempt (0 while it is still being voted on).
+        seq: u64,
+        /// Why, in words ("timed out after 120 s", "cancelled").
+        reason: String,
+    },
 }
 
 /// Messages the master sends to a peer.

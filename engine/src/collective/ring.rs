@@ -164,7 +164,7 @@ mod tests {
     /// ends with the exact total, for many shapes: the schedule alone, with no I/O.
     #[test]
     fn in_memory_ring_gives_every_peer_the_full_sum() {
-        for world in 1..7 {
+        for world in 1..7usize {
             for count in [0, 1, world.saturating_sub(1), 13, 97, 1000] {
                 let inputs: Vec<Vec<u64>> = (0..world)
                     .map(|r| (0..count).map(|i| (i * 31 + r * 7 + 1) as u64).collect())

@@ -575,3 +575,59 @@ fn silent_connections_are_closed_after_the_hello_timeout() {
     assert_eq!(h.c.connection_count(), 0);
     assert!(h.c.poll_timeout().is_none());
 }
+
+#[test]
+fn a_cancel_aborts_the_collective_everywhere_and_keeps_the_ring() {
+    let mut h = H::group(2);
+    for conn in 1..=2 {
+        h.msg(
+            conn,
+            PeerMsg::CollInit {
+                tag: 4,
+                desc: desc(8),
+            },
+        );
+    }
+    let out = h.msg(
+        1,
+        PeerMsg::CollCancel {
+            tag: 4,
+            seq: 1,
+            reason: "timed out after 1 s".into(),
+        },
+    );
+    for conn in 1..=2 {
+        assert!(
+            matches!(&H::sent_to(&out, conn)[0], MasterMsg::CollAborted { reason, lost, .. } if reason.contains("timed out") && lost.is_empty())
+        );
+    }
+    // The ring is intact: the next collective starts without a topology update.
+    h.msg(
+        1,
+        PeerMsg::CollInit {
+            tag: 5,
+            desc: desc(8),
+        },
+    );
+    let out = h.msg(
+        2,
+        PeerMsg::CollInit {
+            tag: 5,
+            desc: desc(8),
+        },
+    );
+    assert!(matches!(
+        &H::sent_to(&out, 1)[0],
+        MasterMsg::CollCommence { tag: 5, .. }
+    ));
+    // A late cancel of the finished attempt is ignored, not kicked.
+    let out = h.msg(
+        2,
+        PeerMsg::CollCancel {
+            tag: 4,
+            seq: 1,
+            reason: "late".into(),
+        },
+    );
+    assert!(out.is_empty(), "{out:?}");
+}

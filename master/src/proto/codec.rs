@@ -180,6 +180,11 @@ pub fn encode_peer(msg: &PeerMsg) -> Vec<u8> {
             e
         }
         PeerMsg::Goodbye => Enc::new(7),
+        PeerMsg::CollCancel { tag, seq, reason } => {
+            let mut e = Enc::new(8);
+            e.u64(*tag).u64(*seq).str(reason);
+            e
+        }
     };
     e.finish()
 }
@@ -218,6 +223,11 @@ pub fn decode_peer(body: &[u8]) -> Result<PeerMsg, ProtoError> {
             detail: d.str()?,
         },
         7 => PeerMsg::Goodbye,
+        8 => PeerMsg::CollCancel {
+            tag: d.u64()?,
+            seq: d.u64()?,
+            reason: d.str()?,
+        },
         k => return Err(malformed(format!("unknown peer message kind {k}"))),
     };
     d.end()?;
@@ -424,6 +434,11 @@ mod tests {
                 detail: String::new(),
             },
             PeerMsg::Goodbye,
+            PeerMsg::CollCancel {
+                tag: 3,
+                seq: 4,
+                reason: "timed out".into(),
+            },
         ];
         for m in peers {
             assert_eq!(decode_peer(body(&encode_peer(&m))).unwrap(), m);

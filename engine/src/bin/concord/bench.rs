@@ -313,9 +313,9 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
             tag += 1;
             let start = Instant::now();
             let r = if args.in_place {
-                comm.all_reduce_raw(None, dst, dtype, op, tag)
+                comm.all_reduce_raw(None, dst, dtype, op, tag, None)
             } else {
-                comm.all_reduce_raw(Some(src), dst, dtype, op, tag)
+                comm.all_reduce_raw(Some(src), dst, dtype, op, tag, None)
             };
             let elapsed = start.elapsed();
             r.map_err(|e| format!("all-reduce of {bytes} bytes: {e}"))?;

@@ -1,0 +1,470 @@
+//! The communicator's shared core: state under one mutex, the master-reader thread, the deadline
+//! watchdog, and the launch/complete steps every collective goes through (blocking or not).
+
+use std::collections::HashMap;
+use std::io::{BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use concord_kernels::{DType, ReduceOp};
+use concord_master::proto::{
+    decode_master, encode_peer, CollectiveDesc, MasterMsg, ProtoError, MAX_MESSAGE_BYTES,
+};
+
+use crate::collective::ring::RingPlan;
+use crate::collective::Traffic;
+use crate::communicator::{Config, ReduceInfo};
+use crate::dataplane::{DataPlane, Op, PlaneEvent, RawBuf};
+use crate::protocol::{CollPhase, Effect, PeerProto, TIMEOUT_MARK};
+use crate::Error;
+
+/// A collective launched by this peer, from its vote to its outcome.
+#[derive(Debug)]
+pub(crate) struct Launch {
+    src: RawBuf,
+    dst: RawBuf,
+    dtype: DType,
+    op: ReduceOp,
+    count: usize,
+    deadline: Instant,
+    timeout: Duration,
+    /// When this peer asked the master to abort it (deadline passed or user cancel).
+    cancelled_at: Option<Instant>,
+    running: Option<(u64, usize, Arc<Op>)>,
+    traffic: Traffic,
+}
+
+pub(crate) struct Shared {
+    pub(crate) proto: PeerProto,
+    pub(crate) plane: Option<DataPlane>,
+    pub(crate) master: TcpStream,
+    launched: HashMap<u64, Launch>,
+    wakers: Vec<(u64, Waker)>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) state: Mutex<Shared>,
+    pub(crate) cond: Condvar,
+    pub(crate) listener: TcpListener,
+    pub(crate) config: Config,
+    closing: std::sync::atomic::AtomicBool,
+}
+
+/// How long a peer waits for the master's answer to a cancel before failing the operation alone.
+const CANCEL_GRACE: Duration = Duration::from_secs(5);
+
+impl Inner {
+    pub(crate) fn new(
+        proto: PeerProto,
+        master: TcpStream,
+        listener: TcpListener,
+        config: Config,
+    ) -> Self {
+        Inner {
+            state: Mutex::new(Shared {
+                proto,
+                plane: None,
+                master,
+                launched: HashMap::new(),
+                wakers: Vec::new(),
+            }),
+            cond: Condvar::new(),
+            listener,
+            config,
+            closing: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes blocked callers, the watchdog and pending futures.
+    pub(crate) fn notify(&self, g: &mut Shared) {
+        for (_, w) in g.wakers.drain(..) {
+            w.wake();
+        }
+        self.cond.notify_all();
+    }
+
+    /// Waits until `f` yields, the master goes away, or `deadline` passes.
+    pub(crate) fn wait<T>(
+        &self,
+        deadline: Instant,
+        what: &str,
+        mut f: impl FnMut(&mut Shared) -> Option<Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let mut g = self.lock();
+        loop {
+            if let Some(r) = f(&mut g) {
+                return r;
+            }
+            if let Some(e) = g.proto.fatal() {
+                return Err(e.clone());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout(what.to_string()));
+            }
+            g = self
+                .cond
+                .wait_timeout(g, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Starts a collective: backpressure on the in-flight limit, then the vote.
+    ///
+    /// # Safety
+    /// `src` and `dst` must stay alive, and untouched by the caller, until [`Inner::complete`]
+    /// returned for this tag (or forever, if it never does).
+    pub(crate) unsafe fn launch(
+        &self,
+        src: RawBuf,
+        dst: RawBuf,
+        dtype: DType,
+        op: ReduceOp,
+        tag: u64,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        let deadline = Instant::now() + timeout;
+        let limit = self.config.max_in_flight;
+        let mut g = self
+            .wait(
+                deadline,
+                &format!("all_reduce(tag {tag}): {limit} collectives already in flight"),
+                |s| (s.launched.len() < limit).then_some(Ok(())),
+            )
+            .map(|()| self.lock())?;
+        let count = dst.len / dtype.size_bytes();
+        let desc = CollectiveDesc {
+            count: count as u64,
+            dtype: dtype.name().into(),
+            op: op.name().into(),
+        };
+        g.proto.start_collective(tag, desc)?;
+        let launch = Launch {
+            src,
+            dst,
+            dtype,
+            op,
+            count,
+            deadline,
+            timeout,
+            cancelled_at: None,
+            running: None,
+            traffic: Traffic::default(),
+        };
+        g.launched.insert(tag, launch);
+        flush(&mut g);
+        self.notify(&mut g); // The watchdog learns the new deadline.
+        Ok(())
+    }
+
+    /// The outcome of `tag`, if it has one: `Some` only once, after which the buffers are free.
+    pub(crate) fn try_complete(&self, tag: u64) -> Option<Result<ReduceInfo, Error>> {
+        let mut g = self.lock();
+        let outcome = match g.proto.take_collective(tag) {
+            Some(r) => r,
+            None => {
+                let e = g.proto.fatal().cloned()?;
+                g.proto.forget(tag);
+                Err(e)
+            }
+        };
+        let launch = g
+            .launched
+            .remove(&tag)
+            .expect("a launched tag has a launch");
+        if let (Some((seq, _, _)), Some(plane)) = (&launch.running, &g.plane) {
+            plane.retire(tag, *seq);
+        }
+        self.notify(&mut g); // A slot is free: wake a launch waiting on the limit.
+        drop(g);
+        Some(self.release(launch, outcome))
+    }
+
+    /// Blocks until `tag` has its outcome (the watchdog bounds the wait by the deadline).
+    pub(crate) fn complete(&self, tag: u64) -> Result<ReduceInfo, Error> {
+        {
+            let mut g = self.lock();
+            while g
+                .proto
+                .collective(tag)
+                .is_some_and(|p| !matches!(p, CollPhase::Done | CollPhase::Failed(_)))
+                && g.proto.fatal().is_none()
+            {
+                g = self.cond.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+        self.try_complete(tag).expect("finished above")
+    }
+
+    /// Registers a waker for `tag` (futures).
+    pub(crate) fn register_waker(&self, tag: u64, waker: &Waker) {
+        let mut g = self.lock();
+        let done = g
+            .proto
+            .collective(tag)
+            .is_none_or(|p| matches!(p, CollPhase::Done | CollPhase::Failed(_)))
+            || g.proto.fatal().is_some();
+        if done {
+            waker.wake_by_ref();
+        } else {
+            g.wakers.push((tag, waker.clone()));
+        }
+    }
+
+    /// Asks every peer to abort `tag`.
+    pub(crate) fn cancel(&self, tag: u64, reason: String) {
+        let mut guard = self.lock();
+        let g = &mut *guard;
+        if let Some(l) = g.launched.get_mut(&tag) {
+            if l.cancelled_at.is_none() && g.proto.cancel(tag, reason) {
+                l.cancelled_at = Some(Instant::now());
+                flush(g);
+                self.notify(g);
+            }
+        }
+    }
+
+    /// Waits until no thread touches the launch's buffers, then turns the outcome into a result.
+    fn release(&self, launch: Launch, outcome: Result<(), Error>) -> Result<ReduceInfo, Error> {
+        let (seq, world) = launch.running.as_ref().map_or((0, 0), |(s, w, _)| (*s, *w));
+        if let Some((_, _, op)) = &launch.running {
+            if !op.retire_and_wait(self.config.op_timeout) {
+                // A thread is stuck in a socket call: break the ring so that it returns.
+                let plane = self.lock().plane.take();
+                drop(plane);
+                op.retire_and_wait(Duration::from_secs(3600));
+            }
+        }
+        outcome.map(|()| ReduceInfo {
+            world,
+            seq,
+            traffic: launch.traffic,
+        })
+    }
+
+    /// Starts the data movement of an attempt the master let go (reader thread, lock held).
+    fn run(&self, g: &mut Shared, tag: u64, seq: u64) {
+        let ring = g.proto.ring().expect("collectives run on a ring").1.clone();
+        let me = g.proto.peer_id();
+        let rank = ring
+            .iter()
+            .position(|m| Some(m.peer_id) == me)
+            .expect("this peer is in its ring");
+        let world = ring.len();
+        let Some(l) = g.launched.get_mut(&tag) else {
+            return;
+        };
+        let plan = RingPlan::new(
+            world,
+            rank,
+            l.count,
+            l.dtype.size_bytes(),
+            self.config.sub_chunk_bytes,
+        );
+        let op = Arc::new(Op::new(
+            tag,
+            seq,
+            plan,
+            l.dtype,
+            l.op,
+            l.src,
+            l.dst,
+            self.config.conns_per_neighbour,
+        ));
+        l.running = Some((seq, world, Arc::clone(&op)));
+        if world == 1 || l.count == 0 {
+            // Nothing to move: the result is the input (divided by one for avg).
+            let _busy = op.enter();
+            // SAFETY: the launch's buffers are alive (launch contract) and no other thread has
+            // this op; src and dst are distinct buffers.
+            let (src, dst) = unsafe { (l.src.slice(0..l.src.len), l.dst.slice_mut(0..l.dst.len)) };
+            dst.copy_from_slice(src);
+            let r = concord_kernels::finish(dst, l.dtype, l.op, 1).map_err(|e| e.to_string());
+            g.proto.collective_finished(tag, seq, r);
+            return;
+        }
+        let registered = match &g.plane {
+            Some(plane) => plane.register(op),
+            None => Err("this peer has no ring connections; call update_topology()".into()),
+        };
+        if let Err(e) = registered {
+            g.proto.collective_finished(tag, seq, Err(e));
+        }
+    }
+
+    fn apply(&self, g: &mut Shared, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Run { tag, seq } => self.run(g, tag, seq),
+                Effect::Retire { tag, seq } => {
+                    if let Some(plane) = &g.plane {
+                        plane.retire(tag, seq);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A plane's report that an attempt finished here (TX or RX thread; no lock held).
+    pub(crate) fn on_plane_event(&self, event: PlaneEvent) {
+        let PlaneEvent::Finished { tag, seq, result } = event;
+        let mut g = self.lock();
+        if let (Ok(t), Some(l)) = (&result, g.launched.get_mut(&tag)) {
+            l.traffic = *t;
+        }
+        g.proto.collective_finished(tag, seq, result.map(drop));
+        flush(&mut g);
+        self.notify(&mut g);
+    }
+
+    pub(crate) fn shutting_down(&self) -> bool {
+        self.closing.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub(crate) fn begin_shutdown(&self) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::Release);
+        let mut g = self.lock();
+        self.notify(&mut g);
+    }
+}
+
+/// Sends what the protocol queued for the master. A write error means the master is gone.
+pub(crate) fn flush(g: &mut Shared) {
+    while let Some(msg) = g.proto.poll_transmit() {
+        if let Err(e) = g.master.write_all(&encode_peer(&msg)) {
+            let effects = g
+                .proto
+                .master_lost(Error::MasterLost(format!("writing to the master: {e}")));
+            for e in effects {
+                if let (Effect::Retire { tag, seq }, Some(plane)) = (e, &g.plane) {
+                    plane.retire(tag, seq);
+                }
+            }
+            return;
+        }
+    }
+}
+
+/// The reader thread: master messages into the protocol, until the connection ends.
+pub(crate) fn read_master(stream: TcpStream, inner: Arc<Inner>) {
+    let mut reader = BufReader::new(stream);
+    let error = loop {
+        match read_message(&mut reader) {
+            Ok(msg) => {
+                let mut g = inner.lock();
+                match g.proto.handle(msg) {
+                    Ok(effects) => inner.apply(&mut g, effects),
+                    Err(e) => break e,
+                }
+                flush(&mut g);
+                inner.notify(&mut g);
+            }
+            Err(e) => break e,
+        }
+    };
+    let mut g = inner.lock();
+    let error = if inner.shutting_down() {
+        Error::MasterLost("the communicator was dropped".into())
+    } else {
+        error
+    };
+    let effects = g.proto.master_lost(error);
+    inner.apply(&mut g, effects);
+    inner.notify(&mut g);
+}
+
+fn read_message(r: &mut impl Read) -> Result<MasterMsg, Error> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => {
+            Error::MasterLost("the master closed the connection".into())
+        }
+        _ => Error::MasterLost(format!("reading from the master: {e}")),
+    })?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len == 0 || len > MAX_MESSAGE_BYTES {
+        return Err(Error::Protocol(format!(
+            "the master sent a message of {len} bytes"
+        )));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)
+        .map_err(|e| Error::MasterLost(format!("reading from the master: {e}")))?;
+    decode_master(&body).map_err(|e| match e {
+        ProtoError::Version { ours, theirs } => Error::VersionMismatch { ours, theirs },
+        other => Error::Protocol(other.to_string()),
+    })
+}
+
+/// The watchdog thread: sleeps until the next deadline, then asks the master to abort what is
+/// late; fails alone what the master does not answer for within a grace period.
+pub(crate) fn watchdog(inner: Weak<Inner>) {
+    loop {
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.shutting_down() {
+            return;
+        }
+        let mut g = inner.lock();
+        let now = Instant::now();
+        let mut next: Option<Instant> = None;
+        let mut late = Vec::new();
+        let mut unanswered = Vec::new();
+        for (tag, l) in &g.launched {
+            match l.cancelled_at {
+                None if l.deadline <= now => late.push((*tag, l.timeout)),
+                None => next = Some(next.map_or(l.deadline, |n| n.min(l.deadline))),
+                Some(at) if at + CANCEL_GRACE <= now => unanswered.push(*tag),
+                Some(at) => {
+                    next = Some(next.map_or(at + CANCEL_GRACE, |n| n.min(at + CANCEL_GRACE)))
+                }
+            }
+        }
+        let me = g.proto.peer_id().unwrap_or(0);
+        for (tag, timeout) in late {
+            let reason = format!(
+                "{TIMEOUT_MARK} after {} ms (deadline of peer {me})",
+                timeout.as_millis()
+            );
+            if let Some(l) = g.launched.get_mut(&tag) {
+                l.cancelled_at = Some(now);
+            }
+            if !g.proto.cancel(tag, reason) {
+                continue;
+            }
+            next = Some(next.map_or(now + CANCEL_GRACE, |n| n.min(now + CANCEL_GRACE)));
+        }
+        for tag in unanswered {
+            // The master did not answer: fail it here, alone.
+            g.proto.fail_locally(
+                tag,
+                Error::Timeout(format!(
+                    "collective {tag}: the master did not answer a cancel within {} s",
+                    CANCEL_GRACE.as_secs()
+                )),
+            );
+        }
+        flush(&mut g);
+        inner.notify(&mut g);
+        let cond = &inner.cond;
+        match next {
+            Some(at) => {
+                let wait = at
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1));
+                drop(
+                    cond.wait_timeout(g, wait)
+                        .unwrap_or_else(|p| p.into_inner()),
+                );
+            }
+            None => drop(cond.wait(g).unwrap_or_else(|p| p.into_inner())),
+        }
+    }
+}

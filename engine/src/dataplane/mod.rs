@@ -1,0 +1,415 @@
+//! The data plane of one ring epoch: fixed TX/RX threads per connection serving every operation
+//! in flight (see README.md beside this file).
+
+mod op;
+
+pub(crate) use op::{Op, RawBuf};
+
+use std::collections::VecDeque;
+use std::io::Read;
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread::{JoinHandle, Thread};
+use std::time::{Duration, Instant};
+
+use concord_master::proto::PeerId;
+use concord_transport::frame::{DataHeader, HEADER_BYTES};
+use concord_transport::socket::{discard, read_header, write_frame};
+
+use crate::collective::ring::RecvKind;
+use crate::collective::Traffic;
+use crate::links::Links;
+
+/// How many finished (tag, seq) pairs are remembered, to drop their leftover frames.
+const RETIRED_MEMORY: usize = 4096;
+
+/// What the plane tells its owner.
+#[derive(Debug)]
+pub(crate) enum PlaneEvent {
+    /// An operation finished its part here (or failed).
+    Finished {
+        /// User tag.
+        tag: u64,
+        /// Attempt.
+        seq: u64,
+        /// Bytes moved, or why it failed.
+        result: Result<Traffic, String>,
+    },
+}
+
+type Events = Arc<dyn Fn(PlaneEvent) + Send + Sync>;
+
+#[derive(Default)]
+struct Registry {
+    ops: Vec<Arc<Op>>,
+    retired: VecDeque<(u64, u64)>,
+    generation: u64,
+    failure: Option<String>,
+}
+
+struct Shared {
+    next: Vec<TcpStream>,
+    prev: Vec<TcpStream>,
+    next_id: PeerId,
+    prev_id: PeerId,
+    registry: Mutex<Registry>,
+    registry_cv: Condvar,
+    tx_threads: OnceLock<Vec<Thread>>,
+    failed: AtomicBool,
+    events: Events,
+    sub_bytes: usize,
+    /// How long an RX thread waits for the operation of a frame to be registered here.
+    register_timeout: Duration,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wake_tx(&self) {
+        for t in self.tx_threads.get().into_iter().flatten() {
+            t.unpark();
+        }
+    }
+
+    fn finish(&self, op: &Op, result: Result<Traffic, String>) {
+        if op.claim_report() {
+            (self.events)(PlaneEvent::Finished {
+                tag: op.tag,
+                seq: op.seq,
+                result,
+            });
+        }
+    }
+
+    /// Fails the plane: every operation on it fails, sockets are shut down, threads wake.
+    fn fail(&self, why: String) {
+        if self.failed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::warn!("data plane failed: {why}");
+        let ops = {
+            let mut r = self.lock();
+            r.failure = Some(why.clone());
+            std::mem::take(&mut r.ops)
+        };
+        self.registry_cv.notify_all();
+        for s in self.next.iter().chain(&self.prev) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        self.wake_tx();
+        for op in ops {
+            op.failed.store(true, Ordering::Release);
+            self.finish(&op, Err(why.clone()));
+        }
+    }
+}
+
+/// The connections and threads of one ring epoch.
+pub(crate) struct DataPlane {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for DataPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataPlane")
+            .field("threads", &self.threads.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DataPlane {
+    /// Takes over the links and starts one TX thread per successor connection and one RX thread
+    /// per predecessor connection.
+    pub(crate) fn start(
+        mut links: Links,
+        sub_bytes: usize,
+        register_timeout: Duration,
+        events: Events,
+    ) -> Result<Self, String> {
+        let shared = Arc::new(Shared {
+            next: std::mem::take(&mut links.next),
+            prev: std::mem::take(&mut links.prev),
+            next_id: links.next_id,
+            prev_id: links.prev_id,
+            registry: Mutex::new(Registry::default()),
+            registry_cv: Condvar::new(),
+            tx_threads: OnceLock::new(),
+            failed: AtomicBool::new(false),
+            events,
+            sub_bytes,
+            register_timeout,
+        });
+        let mut threads = Vec::new();
+        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(f)
+                .map_err(|e| format!("spawning a data thread: {e}"))
+        };
+        for i in 0..shared.next.len() {
+            let s = Arc::clone(&shared);
+            threads.push(spawn(
+                format!("concord-tx-{i}"),
+                Box::new(move || tx_loop(&s, i)),
+            )?);
+        }
+        let _ = shared
+            .tx_threads
+            .set(threads.iter().map(|t| t.thread().clone()).collect());
+        for i in 0..shared.prev.len() {
+            let s = Arc::clone(&shared);
+            threads.push(spawn(
+                format!("concord-rx-{i}"),
+                Box::new(move || rx_loop(&s, i)),
+            )?);
+        }
+        Ok(DataPlane { shared, threads })
+    }
+
+    /// Adds an operation; the TX threads start sending it at once.
+    pub(crate) fn register(&self, op: Arc<Op>) -> Result<(), String> {
+        if op.is_empty() {
+            self.shared.finish(&op, Ok(Traffic::default()));
+            return Ok(());
+        }
+        {
+            let mut r = self.shared.lock();
+            if let Some(why) = &r.failure {
+                return Err(why.clone());
+            }
+            r.ops.push(op);
+            r.generation += 1;
+        }
+        self.shared.registry_cv.notify_all();
+        self.shared.wake_tx();
+        Ok(())
+    }
+
+    /// Removes an operation (done or aborted): its later frames are dropped on receipt.
+    pub(crate) fn retire(&self, tag: u64, seq: u64) {
+        let mut r = self.shared.lock();
+        if let Some(i) = r.ops.iter().position(|o| o.tag == tag && o.seq == seq) {
+            let op = r.ops.swap_remove(i);
+            op.retire();
+            r.generation += 1;
+        }
+        if r.retired.len() == RETIRED_MEMORY {
+            r.retired.pop_front();
+        }
+        r.retired.push_back((tag, seq));
+        drop(r);
+        self.shared.registry_cv.notify_all();
+        self.shared.wake_tx();
+    }
+}
+
+impl Drop for DataPlane {
+    fn drop(&mut self) {
+        self.shared.fail("the ring was torn down".into());
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+enum TrySend {
+    Sent,
+    Idle,
+}
+
+fn tx_loop(s: &Shared, conn: usize) {
+    let mut cache: Vec<Arc<Op>> = Vec::new();
+    let mut cache_gen = u64::MAX;
+    let mut turn = 0usize;
+    while !s.failed.load(Ordering::Acquire) {
+        {
+            let r = s.lock();
+            if r.generation != cache_gen {
+                cache.clone_from(&r.ops);
+                cache_gen = r.generation;
+            }
+        }
+        let n = cache.len();
+        let mut progressed = false;
+        for off in 0..n {
+            let op = &cache[(turn + off) % n];
+            match send_one(s, op, conn) {
+                Ok(TrySend::Sent) => {
+                    turn = (turn + off + 1) % n.max(1);
+                    progressed = true;
+                    break;
+                }
+                Ok(TrySend::Idle) => {}
+                Err(e) => return s.fail(e),
+            }
+        }
+        if !progressed {
+            std::thread::park();
+        }
+    }
+}
+
+fn send_one(s: &Shared, op: &Op, conn: usize) -> Result<TrySend, String> {
+    let Some((k, t, j)) = op.next_send(conn) else {
+        return Ok(TrySend::Idle);
+    };
+    if !op.send_ready(t, j) {
+        return Ok(TrySend::Idle);
+    }
+    let Some(busy) = op.enter() else {
+        return Ok(TrySend::Idle);
+    };
+    let plan = &op.plan;
+    let range = plan.sub_bytes(plan.send_chunk(t), j);
+    // SAFETY: inside a busy guard the buffers are alive. Step 0 reads the caller's input, which
+    // nobody writes; later steps read a range the RX thread finished (flag acquired in
+    // `send_ready`) and writes again only after this frame reached the successor (ring.rs).
+    let payload = unsafe {
+        if t == 0 {
+            op.src.slice(range)
+        } else {
+            op.dst.slice(range)
+        }
+    };
+    let header = DataHeader {
+        len: payload.len() as u32,
+        tag: op.tag,
+        seq: op.seq,
+        step: t as u32,
+        sub: j as u32,
+    };
+    let mut stream = &s.next[conn];
+    write_frame(&mut stream, &header, payload)
+        .map_err(|e| format!("sending to ring successor {}: {e}", s.next_id))?;
+    drop(busy);
+    if op.sent(conn, k, (HEADER_BYTES + header.len as usize) as u64) {
+        s.finish(op, Ok(op.traffic()));
+    }
+    Ok(TrySend::Sent)
+}
+
+/// Finds the operation of a frame, waiting a bounded time for its registration (the frame may
+/// overtake the master's go-ahead). `Ok(None)`: a retired operation, drop the frame.
+fn lookup(s: &Shared, tag: u64, seq: u64) -> Result<Option<Arc<Op>>, String> {
+    let deadline = Instant::now() + s.register_timeout;
+    let mut r = s.lock();
+    loop {
+        if let Some(op) = r.ops.iter().find(|o| o.tag == tag && o.seq == seq) {
+            return Ok(Some(Arc::clone(op)));
+        }
+        if r.retired.contains(&(tag, seq)) {
+            return Ok(None);
+        }
+        if let Some(why) = &r.failure {
+            return Err(why.clone());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "ring predecessor {} sent a frame of collective {tag} (seq {seq}), which this peer never started",
+                s.prev_id
+            ));
+        }
+        r = s
+            .registry_cv
+            .wait_timeout(r, left)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
+}
+
+fn rx_loop(s: &Shared, conn: usize) {
+    let mut staging = vec![0u8; s.sub_bytes];
+    while !s.failed.load(Ordering::Acquire) {
+        if let Err(e) = recv_one(s, conn, &mut staging) {
+            return s.fail(e);
+        }
+    }
+}
+
+fn recv_one(s: &Shared, conn: usize, staging: &mut [u8]) -> Result<(), String> {
+    let from = s.prev_id;
+    let io = |e: std::io::Error| format!("receiving from ring predecessor {from}: {e}");
+    let mut stream = &s.prev[conn];
+    let h = read_header(&mut stream)
+        .map_err(|e| format!("receiving from ring predecessor {from}: {e}"))?;
+    let Some(op) = lookup(s, h.tag, h.seq)? else {
+        return discard(&mut stream, h.len as usize).map_err(io);
+    };
+    let plan = &op.plan;
+    let (t, j) = (h.step as usize, h.sub as usize);
+    let valid = t < plan.steps() && j < plan.subs(plan.recv_chunk(t));
+    let m = if valid {
+        op.recv_prefix[t] + j
+    } else {
+        usize::MAX
+    };
+    let range = if valid {
+        plan.sub_bytes(plan.recv_chunk(t), j)
+    } else {
+        0..0
+    };
+    if !valid || m != op.expected_recv(conn) || h.len as usize != range.len() {
+        return Err(format!(
+            "ring predecessor {from} sent step {t} sub-chunk {j} ({} bytes) of collective {}, expected receive {} of {} bytes",
+            h.len,
+            h.tag,
+            op.expected_recv(conn),
+            range.len()
+        ));
+    }
+    let Some(busy) = op.enter() else {
+        return discard(&mut stream, h.len as usize).map_err(io);
+    };
+    // SAFETY: inside a busy guard; this RX thread is the only writer of receive `m`'s range, and
+    // the TX thread reads it only after the flag set below.
+    let out = unsafe { op.dst.slice_mut(range.clone()) };
+    let kind = plan.recv_kind(t);
+    if kind == RecvKind::Copy {
+        stream.read_exact(out).map_err(io)?;
+    } else {
+        let staged = &mut staging[..range.len()];
+        stream.read_exact(staged).map_err(io)?;
+        // SAFETY: inside a busy guard; nobody writes the input.
+        let mine = unsafe { op.src.slice(range.clone()) };
+        let reduce = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if kind == RecvKind::Reduce {
+                concord_kernels::reduce_out(out, mine, staged, op.dtype, op.op)
+            } else {
+                concord_kernels::reduce_out_finish(out, mine, staged, op.dtype, op.op, plan.world)
+            }
+        }));
+        let failure = match reduce {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(panic) => Some(format!("the reduction panicked: {}", panic_message(&panic))),
+        };
+        if let Some(why) = failure {
+            // This operation fails; the connection and the other operations carry on.
+            op.failed.store(true, Ordering::Release);
+            drop(busy);
+            s.finish(&op, Err(why));
+            return Ok(());
+        }
+    }
+    drop(busy);
+    let done = op.received(conn, m, (HEADER_BYTES + range.len()) as u64);
+    s.wake_tx();
+    if done {
+        s.finish(&op, Ok(op.traffic()));
+    }
+    Ok(())
+}
+
+/// The text of a panic payload.
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-text panic".into())
+}

@@ -1,0 +1,234 @@
+//! One all-reduce attempt as the data plane sees it: its schedule, its buffers and its progress.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use concord_kernels::{DType, ReduceOp};
+
+use crate::collective::ring::RingPlan;
+use crate::collective::Traffic;
+
+/// A raw view of a buffer that outlives the operation (its owner waits for `busy == 0` before
+/// reusing it; see [`Op::retire_and_wait`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RawBuf {
+    pub(crate) ptr: *mut u8,
+    pub(crate) len: usize,
+}
+
+// SAFETY: a RawBuf is only dereferenced inside an `Op::enter` guard, for disjoint ranges handed
+// between threads by the release/acquire flags of `Op`; the owner keeps the memory alive and
+// untouched until the operation is retired and idle.
+unsafe impl Send for RawBuf {}
+// SAFETY: as above.
+unsafe impl Sync for RawBuf {}
+
+impl RawBuf {
+    /// # Safety
+    /// The range must be in bounds of a live buffer that nobody writes while the slice lives.
+    pub(crate) unsafe fn slice(&self, range: std::ops::Range<usize>) -> &[u8] {
+        assert!(range.start <= range.end && range.end <= self.len);
+        // SAFETY: bounds checked above; liveness and absence of writers are the caller's promise.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(range.start), range.len()) }
+    }
+
+    /// # Safety
+    /// The range must be in bounds of a live buffer that no other thread accesses while the slice
+    /// lives.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn slice_mut(&self, range: std::ops::Range<usize>) -> &mut [u8] {
+        assert!(range.start <= range.end && range.end <= self.len);
+        // SAFETY: bounds checked above; exclusivity is the caller's promise.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.len()) }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Gate {
+    retired: bool,
+    busy: usize,
+}
+
+/// An attempt of a collective running on the data plane.
+#[derive(Debug)]
+pub(crate) struct Op {
+    pub(crate) tag: u64,
+    pub(crate) seq: u64,
+    pub(crate) plan: RingPlan,
+    pub(crate) dtype: DType,
+    pub(crate) op: ReduceOp,
+    pub(crate) src: RawBuf,
+    pub(crate) dst: RawBuf,
+    conns: usize,
+    send_prefix: Vec<usize>,
+    pub(crate) recv_prefix: Vec<usize>,
+    pub(crate) recv_done: Box<[AtomicBool]>,
+    send_next: Box<[AtomicUsize]>,
+    recv_next: Box<[AtomicUsize]>,
+    left: AtomicUsize,
+    reported: AtomicBool,
+    pub(crate) failed: AtomicBool,
+    sent: AtomicU64,
+    received: AtomicU64,
+    gate: Mutex<Gate>,
+    gate_cv: Condvar,
+}
+
+/// Proof that a thread may touch an operation's buffers; dropping it releases them.
+#[derive(Debug)]
+pub(crate) struct Busy<'a>(&'a Op);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        let mut g = self.0.gate.lock().unwrap_or_else(|p| p.into_inner());
+        g.busy -= 1;
+        if g.busy == 0 {
+            self.0.gate_cv.notify_all();
+        }
+    }
+}
+
+impl Op {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        tag: u64,
+        seq: u64,
+        plan: RingPlan,
+        dtype: DType,
+        op: ReduceOp,
+        src: RawBuf,
+        dst: RawBuf,
+        conns: usize,
+    ) -> Self {
+        assert!(conns >= 1);
+        assert_eq!(src.len, plan.count * plan.elem_bytes);
+        assert_eq!(dst.len, src.len);
+        let steps = plan.steps();
+        let send_prefix: Vec<usize> = std::iter::once(0)
+            .chain((0..steps).scan(0, |acc, t| {
+                *acc += plan.subs(plan.send_chunk(t));
+                Some(*acc)
+            }))
+            .collect();
+        let recv_prefix: Vec<usize> = (0..=steps).map(|t| plan.recv_subs_before(t)).collect();
+        let (sends, recvs) = (send_prefix[steps], recv_prefix[steps]);
+        Op {
+            tag,
+            seq,
+            plan,
+            dtype,
+            op,
+            src,
+            dst,
+            conns,
+            recv_done: (0..recvs).map(|_| AtomicBool::new(false)).collect(),
+            send_next: (0..conns).map(AtomicUsize::new).collect(),
+            recv_next: (0..conns).map(AtomicUsize::new).collect(),
+            left: AtomicUsize::new(sends + recvs),
+            send_prefix,
+            recv_prefix,
+            reported: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            gate: Mutex::new(Gate::default()),
+            gate_cv: Condvar::new(),
+        }
+    }
+
+    /// Whether there is nothing to move (one peer, or no elements).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.left.load(Ordering::Acquire) == 0
+    }
+
+    /// Takes a busy guard unless the operation is retired or failed.
+    pub(crate) fn enter(&self) -> Option<Busy<'_>> {
+        let mut g = self.gate.lock().unwrap_or_else(|p| p.into_inner());
+        if g.retired || self.failed.load(Ordering::Acquire) {
+            return None;
+        }
+        g.busy += 1;
+        Some(Busy(self))
+    }
+
+    /// Stops every thread from touching the buffers from now on, and waits (at most `timeout`)
+    /// for those that are. Returns whether the buffers are free.
+    pub(crate) fn retire_and_wait(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.gate.lock().unwrap_or_else(|p| p.into_inner());
+        g.retired = true;
+        while g.busy > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            g = self
+                .gate_cv
+                .wait_timeout(g, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Marks the operation retired without waiting.
+    pub(crate) fn retire(&self) {
+        self.gate.lock().unwrap_or_else(|p| p.into_inner()).retired = true;
+    }
+
+    /// (step, sub-chunk) of send number `k`.
+    fn locate(prefix: &[usize], k: usize) -> (usize, usize) {
+        let t = prefix.partition_point(|&p| p <= k) - 1;
+        (t, k - prefix[t])
+    }
+
+    /// The next send on connection `conn`: `Some((k, step, sub))`, or `None` when all are sent.
+    pub(crate) fn next_send(&self, conn: usize) -> Option<(usize, usize, usize)> {
+        let k = self.send_next[conn].load(Ordering::Relaxed);
+        if k >= *self.send_prefix.last().expect("non-empty") {
+            return None;
+        }
+        let (t, j) = Self::locate(&self.send_prefix, k);
+        Some((k, t, j))
+    }
+
+    /// Whether send `(t, j)` has its input: always at step 0, else once the matching receive of
+    /// step `t - 1` is reduced.
+    pub(crate) fn send_ready(&self, t: usize, j: usize) -> bool {
+        t == 0 || self.recv_done[self.recv_prefix[t - 1] + j].load(Ordering::Acquire)
+    }
+
+    /// Records that send `k` on `conn` went out. Returns true when this finished the operation.
+    pub(crate) fn sent(&self, conn: usize, k: usize, bytes: u64) -> bool {
+        self.send_next[conn].store(k + self.conns, Ordering::Relaxed);
+        self.sent.fetch_add(bytes, Ordering::Relaxed);
+        self.left.fetch_sub(1, Ordering::AcqRel) == 1
+    }
+
+    /// The receive number expected next on `conn`.
+    pub(crate) fn expected_recv(&self, conn: usize) -> usize {
+        self.recv_next[conn].load(Ordering::Relaxed)
+    }
+
+    /// Records receive `m` on `conn`. Returns true when this finished the operation.
+    pub(crate) fn received(&self, conn: usize, m: usize, bytes: u64) -> bool {
+        self.recv_done[m].store(true, Ordering::Release);
+        self.recv_next[conn].store(m + self.conns, Ordering::Relaxed);
+        self.received.fetch_add(bytes, Ordering::Relaxed);
+        self.left.fetch_sub(1, Ordering::AcqRel) == 1
+    }
+
+    /// True for exactly one caller: the one that reports the outcome.
+    pub(crate) fn claim_report(&self) -> bool {
+        !self.reported.swap(true, Ordering::AcqRel)
+    }
+
+    /// Bytes moved so far.
+    pub(crate) fn traffic(&self) -> Traffic {
+        Traffic {
+            bytes_sent: self.sent.load(Ordering::Relaxed),
+            bytes_received: self.received.load(Ordering::Relaxed),
+        }
+    }
+}

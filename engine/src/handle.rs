@@ -1,0 +1,330 @@
+//! Async collectives and the types that enforce the threading rules.
+//!
+//! The rules we inherit (one operation kind at a time; many async collectives may be in flight;
+//! the owner's thread may only ask whether peers are pending while another thread launches and
+//! awaits them) map onto types:
+//!
+//! * [`crate::Communicator`] is `Send + !Sync`: one thread owns it.
+//! * [`crate::Communicator::split`] borrows it mutably and yields a [`Collectives`] (`Send`,
+//!   `!Sync`: it may move to one other thread) and a [`PeerProbe`] (`!Send`: it stays with the
+//!   owner and can only ask [`PeerProbe::are_new_peers_pending`]).
+//! * Every [`Handle`] carries that borrow's lifetime, so `update_topology` cannot be called until
+//!   all handles are gone. Handles are `Send`: they may be awaited on any thread.
+//!
+//! What the types cannot see (a duplicate tag, a topology vote racing a collective on another
+//! peer) is checked at run time with a clear error.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use concord_kernels::ReduceOp;
+
+use crate::communicator::{pending_vote, ReduceInfo};
+use crate::core::Inner;
+use crate::dataplane::RawBuf;
+use crate::protocol::CANCEL_MARK;
+use crate::{Element, Error};
+
+/// Launches and awaits async collectives; may be moved to one other thread.
+///
+/// ```compile_fail
+/// # fn f(comm: &mut concord::Communicator) {
+/// let (collectives, _probe) = comm.split();
+/// // Not Sync: two threads cannot share one launcher.
+/// std::thread::scope(|s| { s.spawn(|| drop(&collectives)); s.spawn(|| drop(&collectives)); });
+/// # }
+/// ```
+pub struct Collectives<'c> {
+    inner: Arc<Inner>,
+    _borrow: PhantomData<&'c mut crate::Communicator>,
+    _not_sync: PhantomData<Cell<()>>,
+}
+
+/// What the owner's thread keeps while a [`Collectives`] is out: the pending-peers vote only.
+pub struct PeerProbe<'c> {
+    inner: Arc<Inner>,
+    _borrow: PhantomData<&'c crate::Communicator>,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl std::fmt::Debug for Collectives<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Collectives").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for PeerProbe<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerProbe").finish_non_exhaustive()
+    }
+}
+
+impl PeerProbe<'_> {
+    pub(crate) fn new(inner: Arc<Inner>) -> Self {
+        PeerProbe {
+            inner,
+            _borrow: PhantomData,
+            _not_send: PhantomData,
+        }
+    }
+
+    /// Whether peers are waiting to join (a unanimous vote; every member must ask).
+    pub fn are_new_peers_pending(&self) -> Result<bool, Error> {
+        pending_vote(&self.inner)
+    }
+}
+
+/// The buffers of one async collective, owned by its handle until it is over.
+#[derive(Debug)]
+enum Buffers<T> {
+    InPlace { buf: Vec<T>, backup: Vec<T> },
+    OutOfPlace { src: Vec<T>, dst: Vec<T> },
+}
+
+/// An async collective in flight. It owns its buffers until the operation is over and gives them
+/// back with the outcome.
+///
+/// Dropping a handle before it completed **blocks until the operation is over** (bounded by its
+/// deadline, which the communicator's watchdog enforces): the I/O never writes into memory that
+/// was freed or reused. Call [`Handle::cancel`] first to make that quick. Leaking a handle
+/// (`mem::forget`) leaks its buffers, which stay valid for the I/O.
+#[must_use = "a handle must be waited on (dropping it blocks until the operation is over)"]
+pub struct Handle<'c, T: Element> {
+    inner: Arc<Inner>,
+    tag: u64,
+    buffers: Option<Buffers<T>>,
+    launch_error: Option<Error>,
+    _borrow: PhantomData<&'c mut crate::Communicator>,
+}
+
+impl<T: Element> std::fmt::Debug for Handle<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle")
+            .field("tag", &self.tag)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a finished async collective gives back: the output buffer (the reduced data, or the
+/// original input again when it failed) and the outcome.
+pub type Completion<T> = (Vec<T>, Result<ReduceInfo, Error>);
+
+impl<'c> Collectives<'c> {
+    pub(crate) fn new(inner: Arc<Inner>) -> Self {
+        Collectives {
+            inner,
+            _borrow: PhantomData,
+            _not_sync: PhantomData,
+        }
+    }
+
+    /// Starts an in-place all-reduce of `buf` and returns at once (after backpressure: with
+    /// `max_in_flight` collectives already out, it blocks until one completes or its deadline
+    /// passes). The handle gives `buf` back when it is over.
+    pub fn all_reduce_async<T: Element>(
+        &self,
+        buf: Vec<T>,
+        op: ReduceOp,
+        tag: u64,
+    ) -> Handle<'c, T> {
+        self.launch(
+            Buffers::InPlace {
+                backup: buf.clone(),
+                buf,
+            },
+            op,
+            tag,
+            None,
+        )
+    }
+
+    /// Starts an out-of-place all-reduce; the handle gives `dst` back (and drops `src`).
+    pub fn all_reduce_async_into<T: Element>(
+        &self,
+        src: Vec<T>,
+        dst: Vec<T>,
+        op: ReduceOp,
+        tag: u64,
+    ) -> Handle<'c, T> {
+        self.launch(Buffers::OutOfPlace { src, dst }, op, tag, None)
+    }
+
+    /// As [`Collectives::all_reduce_async`], with a deadline of its own.
+    pub fn all_reduce_async_timeout<T: Element>(
+        &self,
+        buf: Vec<T>,
+        op: ReduceOp,
+        tag: u64,
+        timeout: Duration,
+    ) -> Handle<'c, T> {
+        self.launch(
+            Buffers::InPlace {
+                backup: buf.clone(),
+                buf,
+            },
+            op,
+            tag,
+            Some(timeout),
+        )
+    }
+
+    fn launch<T: Element>(
+        &self,
+        mut buffers: Buffers<T>,
+        op: ReduceOp,
+        tag: u64,
+        timeout: Option<Duration>,
+    ) -> Handle<'c, T> {
+        let (src, dst) = match &mut buffers {
+            Buffers::InPlace { buf, backup } => (raw(backup), raw_mut(buf)),
+            Buffers::OutOfPlace { src, dst } => (raw(src), raw_mut(dst)),
+        };
+        let launch_error = if src.len != dst.len {
+            Some(Error::InvalidArgument(format!(
+                "src has {} bytes and dst {}: they must match",
+                src.len, dst.len
+            )))
+        } else {
+            let timeout = timeout.unwrap_or(self.inner.config.op_timeout);
+            // SAFETY: the vectors' heap memory does not move when the handle moves; the handle
+            // keeps them until `complete` released them, and a leaked handle leaks them.
+            unsafe { self.inner.launch(src, dst, T::DTYPE, op, tag, timeout) }.err()
+        };
+        Handle {
+            inner: Arc::clone(&self.inner),
+            tag,
+            buffers: Some(buffers),
+            launch_error,
+            _borrow: PhantomData,
+        }
+    }
+
+    /// Runs a batch of tagged in-place all-reduces with at most `max_in_flight` in flight, and
+    /// returns every buffer with its outcome, in the batch's order.
+    pub fn all_reduce_many<T: Element>(
+        &self,
+        batch: Vec<(u64, Vec<T>)>,
+        op: ReduceOp,
+        max_in_flight: usize,
+    ) -> Vec<(u64, Completion<T>)> {
+        let k = max_in_flight.max(1);
+        let mut pending = std::collections::VecDeque::new();
+        let mut done = Vec::with_capacity(batch.len());
+        for (tag, buf) in batch {
+            if pending.len() == k {
+                let h: Handle<'c, T> = pending.pop_front().expect("non-empty");
+                done.push((h.tag, h.wait()));
+            }
+            pending.push_back(self.all_reduce_async(buf, op, tag));
+        }
+        done.extend(pending.into_iter().map(|h| (h.tag, h.wait())));
+        done
+    }
+}
+
+fn raw<T: Element>(v: &[T]) -> RawBuf {
+    let bytes: &[u8] = bytemuck::cast_slice(v);
+    RawBuf {
+        ptr: bytes.as_ptr() as *mut u8,
+        len: bytes.len(),
+    }
+}
+
+fn raw_mut<T: Element>(v: &mut [T]) -> RawBuf {
+    let bytes: &mut [u8] = bytemuck::cast_slice_mut(v);
+    RawBuf {
+        ptr: bytes.as_mut_ptr(),
+        len: bytes.len(),
+    }
+}
+
+impl<T: Element> Handle<'_, T> {
+    /// The tag of this collective.
+    pub fn tag(&self) -> u64 {
+        self.tag
+    }
+
+    /// Blocks until the collective is over; gives the output buffer back with the outcome.
+    pub fn wait(mut self) -> Completion<T> {
+        let result = match self.launch_error.take() {
+            Some(e) => Err(e),
+            None => self.inner.complete(self.tag),
+        };
+        self.finish(result)
+    }
+
+    /// The outcome if the collective is over, or the handle back if not.
+    pub fn try_wait(mut self) -> Result<Completion<T>, Self> {
+        if let Some(e) = self.launch_error.take() {
+            return Ok(self.finish(Err(e)));
+        }
+        match self.inner.try_complete(self.tag) {
+            Some(result) => Ok(self.finish(result)),
+            None => Err(self),
+        }
+    }
+
+    /// Asks every peer to abort this collective; each gets [`Error::Cancelled`] naming the tag,
+    /// in-place inputs are restored, and the ring stays usable.
+    pub fn cancel(&self) {
+        if self.launch_error.is_none() {
+            let me = self.inner.lock().proto.peer_id().unwrap_or(0);
+            self.inner
+                .cancel(self.tag, format!("{CANCEL_MARK} by peer {me}"));
+        }
+    }
+
+    fn finish(&mut self, result: Result<ReduceInfo, Error>) -> Completion<T> {
+        let buffers = self.buffers.take().expect("finished once");
+        let out = match buffers {
+            Buffers::InPlace { mut buf, backup } => {
+                if result.is_err() {
+                    buf.copy_from_slice(&backup);
+                }
+                buf
+            }
+            Buffers::OutOfPlace { dst, .. } => dst,
+        };
+        (out, result)
+    }
+}
+
+impl<T: Element> Drop for Handle<'_, T> {
+    fn drop(&mut self) {
+        if self.buffers.is_some() && self.launch_error.is_none() {
+            // The I/O may still use the buffers: wait for it to let go.
+            let _ = self.inner.complete(self.tag);
+        }
+    }
+}
+
+impl<T: Element> Future for Handle<'_, T> {
+    type Output = Completion<T>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Some(e) = self.launch_error.take() {
+            return Poll::Ready(self.finish(Err(e)));
+        }
+        if self.buffers.is_none() {
+            panic!("a concord Handle polled after it completed");
+        }
+        if let Some(result) = self.inner.try_complete(self.tag) {
+            return Poll::Ready(self.finish(result));
+        }
+        self.inner.register_waker(self.tag, cx.waker());
+        // The outcome may have landed between the check and the registration: check again.
+        match self.inner.try_complete(self.tag) {
+            Some(result) => Poll::Ready(self.finish(result)),
+            None => Poll::Pending,
+        }
+    }
+}
+
+// Handles hold `Vec<T>` with `T: Send` and an `Arc<Inner>`; they are Send, so another thread
+// may await them. `Unpin` lets them be `.await`ed and polled by hand.
+impl<T: Element> Unpin for Handle<'_, T> {}

@@ -1,0 +1,124 @@
+//! The `concord` command line: bad input gets a clear error and a non-zero exit, never a panic
+//! or a hang; `info` describes the host; a small `bench --local` runs and checks itself.
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+fn concord(args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_concord"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run concord");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("concord {args:?} hung");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn assert_refused(args: &[&str], needle: &str) {
+    let out = concord(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "concord {args:?} should fail");
+    assert!(
+        !stderr.contains("panicked"),
+        "concord {args:?} panicked:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(needle),
+        "concord {args:?}: expected {needle:?} in:\n{stderr}"
+    );
+}
+
+#[test]
+fn bad_input_is_refused_clearly() {
+    assert_refused(&["bench", "--local", "2", "--frobnicate"], "--frobnicate");
+    assert_refused(
+        &["bench", "--local", "2", "-b", "12Q"],
+        "unknown size suffix",
+    );
+    assert_refused(&["bench", "--local", "2", "-b", "lots"], "is not a size");
+    assert_refused(
+        &["bench", "--local", "2", "-b", "2M", "-e", "1M"],
+        "larger than",
+    );
+    assert_refused(&["bench", "--local", "0"], "1 to 64 peers");
+    assert_refused(&["bench"], "--local N");
+    assert_refused(&["bench", "--local", "2", "-d", "float8"], "float8");
+    assert_refused(&["bench", "--local", "2", "-o", "xor"], "xor");
+    assert_refused(&["bench", "--local", "2", "-c", "2"], "-c 2");
+    assert_refused(&["bench", "--local", "2", "-n", "0"], "-n 0");
+    assert_refused(
+        &["bench", "--local", "2", "-f", "1", "-b", "1K", "-e", "4K"],
+        "step factor",
+    );
+    assert_refused(
+        &["bench", "--local", "2", "--master", "127.0.0.1:1"],
+        "cannot be used with",
+    );
+    assert_refused(&["bench", "--master", "127.0.0.1:1"], "--world");
+    assert_refused(
+        &["bench", "--local", "2", "--conns", "0"],
+        "conns_per_neighbour",
+    );
+    assert_refused(&["master", "--listen", "not-an-address"], "not-an-address");
+    assert_refused(&["nonsense"], "nonsense");
+}
+
+#[test]
+fn info_describes_the_host_without_panicking() {
+    let out = concord(&["info"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "concord ",
+        "protocol version",
+        "cpu features:",
+        "kernels:",
+        "transports:",
+        "cuda:",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn local_bench_runs_checks_and_writes_json() {
+    let json = std::env::temp_dir().join(format!("concord-bench-{}.json", std::process::id()));
+    let json_arg = json.display().to_string();
+    let out = concord(&[
+        "bench", "--local", "3", "-b", "1K", "-e", "1M", "-f", "32", "-n", "3", "-w", "1", "-d",
+        "bfloat16", "-o", "avg", "--json", &json_arg,
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("size(B)") && stdout.contains("busbw") && stdout.contains("#wrong"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("# Avg bus bandwidth"), "{stdout}");
+    assert!(stdout.contains("# Out of bounds values : 0 OK"), "{stdout}");
+    let rows: Vec<&str> = stdout.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(rows.len(), 3, "1K, 32K and 1M rows:\n{stdout}");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    std::fs::remove_file(&json).ok();
+    assert_eq!(doc["world"], 3);
+    assert_eq!(doc["dtype"], "bfloat16");
+    let results = doc["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3);
+    for r in results {
+        assert_eq!(r["wrong"], 0);
+        assert!(r["busbw_gbps"].as_f64().unwrap() > 0.0);
+    }
+}
