@@ -314,12 +314,23 @@ impl Inner {
 
     /// A plane's report that an attempt finished here (TX or RX thread; no lock held).
     pub(crate) fn on_plane_event(&self, event: PlaneEvent) {
-        let PlaneEvent::Finished { tag, seq, result } = event;
+        let PlaneEvent::Finished {
+            tag,
+            seq,
+            result,
+            ring_intact,
+        } = event;
         let mut g = self.lock();
         if let (Ok(t), Some(l)) = (&result, g.launched.get_mut(&tag)) {
             l.traffic = *t;
         }
-        g.proto.collective_finished(tag, seq, result.map(drop));
+        match result {
+            // Only this collective failed: abort it everywhere, keep the ring.
+            Err(why) if ring_intact => {
+                g.proto.cancel(tag, why);
+            }
+            result => g.proto.collective_finished(tag, seq, result.map(drop)),
+        }
         flush(&mut g);
         self.notify(&mut g);
     }

@@ -112,6 +112,9 @@ pub struct Coordinator {
     accept_votes: BTreeSet<PeerId>,
     pending_votes: BTreeSet<PeerId>,
     colls: BTreeMap<u64, Coll>,
+    /// Votes cancelled before every member voted: (reason, peers told). A late voter of the tag
+    /// is told at once instead of starting a vote nobody else will join.
+    cancelled_votes: BTreeMap<u64, (String, BTreeSet<PeerId>)>,
     next_seq: u64,
     out: VecDeque<Output>,
 }
@@ -131,6 +134,7 @@ impl Coordinator {
             accept_votes: BTreeSet::new(),
             pending_votes: BTreeSet::new(),
             colls: BTreeMap::new(),
+            cancelled_votes: BTreeMap::new(),
             next_seq: 1,
             out: VecDeque::new(),
         }
@@ -375,8 +379,15 @@ impl Coordinator {
             None => false,
         };
         if current {
+            let reason = format!("peer {id}: {reason}");
+            if let Some(Coll::Voting { descs }) = self.colls.get(&tag) {
+                if self.cancelled_votes.len() < self.config.max_collectives {
+                    let told = descs.keys().copied().collect();
+                    self.cancelled_votes.insert(tag, (reason.clone(), told));
+                }
+            }
             // The connections stay up: only this collective's frames stop.
-            self.abort_coll(tag, &format!("peer {id}: {reason}"), Vec::new());
+            self.abort_coll(tag, &reason, Vec::new());
         } else if seq >= self.next_seq {
             return Err(format!(
                 "cancelled collective {tag} with sequence {seq}, never started"
@@ -421,6 +432,21 @@ impl Coordinator {
         }
         if self.accept_votes.contains(&id) {
             return Err("started a collective while voting to update the topology (one operation kind at a time)".into());
+        }
+        if let Some((reason, told)) = self.cancelled_votes.get_mut(&tag) {
+            if told.insert(id) {
+                let reason = reason.clone();
+                self.send(
+                    id,
+                    MasterMsg::CollAborted {
+                        tag,
+                        seq: 0,
+                        reason,
+                        lost: Vec::new(),
+                    },
+                );
+                return Ok(());
+            }
         }
         match self.colls.get_mut(&tag) {
             Some(Coll::Voting { descs }) => {
@@ -564,6 +590,9 @@ impl Coordinator {
     }
 
     fn reevaluate_collectives(&mut self, accepted: &BTreeSet<PeerId>) {
+        // A cancelled vote is forgotten once every member has been told.
+        self.cancelled_votes
+            .retain(|_, (_, told)| !told.is_superset(accepted));
         let tags: Vec<u64> = self.colls.keys().copied().collect();
         for tag in tags {
             match &self.colls[&tag] {

@@ -35,6 +35,9 @@ pub(crate) enum PlaneEvent {
         seq: u64,
         /// Bytes moved, or why it failed.
         result: Result<Traffic, String>,
+        /// Whether the connections survived the failure (a failed reduction, not a broken link):
+        /// the collective can be aborted alone.
+        ring_intact: bool,
     },
 }
 
@@ -75,11 +78,17 @@ impl Shared {
     }
 
     fn finish(&self, op: &Op, result: Result<Traffic, String>) {
+        self.report(op, result, false);
+    }
+
+    fn report(&self, op: &Op, result: Result<Traffic, String>, ring_intact: bool) {
         if op.claim_report() {
+            let (tag, seq) = (op.tag, op.seq);
             (self.events)(PlaneEvent::Finished {
-                tag: op.tag,
-                seq: op.seq,
+                tag,
+                seq,
                 result,
+                ring_intact,
             });
         }
     }
@@ -89,12 +98,20 @@ impl Shared {
         if self.failed.swap(true, Ordering::AcqRel) {
             return;
         }
-        tracing::warn!("data plane failed: {why}");
         let ops = {
             let mut r = self.lock();
             r.failure = Some(why.clone());
             std::mem::take(&mut r.ops)
         };
+        // A neighbour leaving between collectives is ordinary; losing one mid-collective is not.
+        if ops.is_empty() {
+            tracing::debug!("data plane closed: {why}");
+        } else {
+            tracing::warn!(
+                "data plane failed with {} collective(s) in flight: {why}",
+                ops.len()
+            );
+        }
         self.registry_cv.notify_all();
         for s in self.next.iter().chain(&self.prev) {
             let _ = s.shutdown(Shutdown::Both);
@@ -337,8 +354,10 @@ fn recv_one(s: &Shared, conn: usize, staging: &mut [u8]) -> Result<(), String> {
     let mut stream = &s.prev[conn];
     let h = read_header(&mut stream)
         .map_err(|e| format!("receiving from ring predecessor {from}: {e}"))?;
-    let Some(op) = lookup(s, h.tag, h.seq)? else {
-        return discard(&mut stream, h.len as usize).map_err(io);
+    let op = match lookup(s, h.tag, h.seq)? {
+        // Failed here (its abort is on its way) or retired: drop what is still in flight.
+        Some(op) if !op.failed.load(Ordering::Acquire) => op,
+        _ => return discard(&mut stream, h.len as usize).map_err(io),
     };
     let plan = &op.plan;
     let (t, j) = (h.step as usize, h.sub as usize);
@@ -377,6 +396,9 @@ fn recv_one(s: &Shared, conn: usize, staging: &mut [u8]) -> Result<(), String> {
         // SAFETY: inside a busy guard; nobody writes the input.
         let mine = unsafe { op.src.slice(range.clone()) };
         let reduce = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if injected_panic_tag() == Some(op.tag) {
+                panic!("injected fault: CONCORD_FAULT_PANIC_TAG={}", op.tag);
+            }
             if kind == RecvKind::Reduce {
                 concord_kernels::reduce_out(out, mine, staged, op.dtype, op.op)
             } else {
@@ -392,7 +414,7 @@ fn recv_one(s: &Shared, conn: usize, staging: &mut [u8]) -> Result<(), String> {
             // This operation fails; the connection and the other operations carry on.
             op.failed.store(true, Ordering::Release);
             drop(busy);
-            s.finish(&op, Err(why));
+            s.report(&op, Err(why), true);
             return Ok(());
         }
     }
@@ -412,4 +434,15 @@ pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a non-text panic".into())
+}
+
+/// Testing hook: `CONCORD_FAULT_PANIC_TAG=N` makes the reduction of collective `N` panic on this
+/// peer, to prove that a worker panic fails only that collective. Read once.
+fn injected_panic_tag() -> Option<u64> {
+    static TAG: OnceLock<Option<u64>> = OnceLock::new();
+    *TAG.get_or_init(|| {
+        std::env::var("CONCORD_FAULT_PANIC_TAG")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    })
 }

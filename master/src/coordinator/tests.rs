@@ -631,3 +631,64 @@ fn a_cancel_aborts_the_collective_everywhere_and_keeps_the_ring() {
     );
     assert!(out.is_empty(), "{out:?}");
 }
+
+#[test]
+fn a_vote_cancelled_early_aborts_late_voters_too() {
+    let mut h = H::group(3);
+    h.msg(
+        1,
+        PeerMsg::CollInit {
+            tag: 9,
+            desc: desc(8),
+        },
+    );
+    let out = h.msg(
+        1,
+        PeerMsg::CollCancel {
+            tag: 9,
+            seq: 0,
+            reason: "timed out after 5 ms".into(),
+        },
+    );
+    assert!(matches!(
+        &H::sent_to(&out, 1)[0],
+        MasterMsg::CollAborted { tag: 9, .. }
+    ));
+    for late in [2, 3] {
+        let out = h.msg(
+            late,
+            PeerMsg::CollInit {
+                tag: 9,
+                desc: desc(8),
+            },
+        );
+        assert!(
+            matches!(&H::sent_to(&out, late)[0], MasterMsg::CollAborted { tag: 9, reason, .. } if reason.contains("timed out")),
+            "{out:?}"
+        );
+    }
+    // Everyone was told: the tag is free for a fresh vote.
+    for conn in 1..=2 {
+        h.msg(
+            conn,
+            PeerMsg::CollInit {
+                tag: 9,
+                desc: desc(8),
+            },
+        );
+    }
+    let out = h.msg(
+        3,
+        PeerMsg::CollInit {
+            tag: 9,
+            desc: desc(8),
+        },
+    );
+    assert!(
+        matches!(
+            &H::sent_to(&out, 3)[0],
+            MasterMsg::CollCommence { tag: 9, .. }
+        ),
+        "{out:?}"
+    );
+}
