@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use concord_kernels::ReduceOp;
+use concord_kernels::{DType, ReduceOp};
 
 use crate::communicator::{pending_vote, ReduceInfo};
 use crate::core::Inner;
@@ -143,6 +143,35 @@ impl<'c> Collectives<'c> {
         )
     }
 
+    /// The untyped form of [`Collectives::all_reduce_async`]: `buf` holds `dtype` elements.
+    pub fn all_reduce_async_raw(
+        &self,
+        buf: Vec<u8>,
+        dtype: DType,
+        op: ReduceOp,
+        tag: u64,
+    ) -> Handle<'c, u8> {
+        let buffers = Buffers::InPlace {
+            backup: buf.clone(),
+            buf,
+        };
+        if buffers_len(&buffers) % dtype.size_bytes() != 0 {
+            let e = Error::InvalidArgument(format!(
+                "{} bytes are not a whole number of {dtype} elements",
+                buffers_len(&buffers)
+            ));
+            let inner = Arc::clone(&self.inner);
+            return Handle {
+                inner,
+                tag,
+                buffers: Some(buffers),
+                launch_error: Some(e),
+                _borrow: PhantomData,
+            };
+        }
+        self.launch_as(buffers, dtype, op, tag, None)
+    }
+
     /// Starts an out-of-place all-reduce; the handle gives `dst` back (and drops `src`).
     pub fn all_reduce_async_into<T: Element>(
         &self,
@@ -175,7 +204,18 @@ impl<'c> Collectives<'c> {
 
     fn launch<T: Element>(
         &self,
+        buffers: Buffers<T>,
+        op: ReduceOp,
+        tag: u64,
+        timeout: Option<Duration>,
+    ) -> Handle<'c, T> {
+        self.launch_as(buffers, T::DTYPE, op, tag, timeout)
+    }
+
+    fn launch_as<T: Element>(
+        &self,
         mut buffers: Buffers<T>,
+        dtype: DType,
         op: ReduceOp,
         tag: u64,
         timeout: Option<Duration>,
@@ -193,7 +233,7 @@ impl<'c> Collectives<'c> {
             let timeout = timeout.unwrap_or(self.inner.config.op_timeout);
             // SAFETY: the vectors' heap memory does not move when the handle moves; the handle
             // keeps them until `complete` released them, and a leaked handle leaks them.
-            unsafe { self.inner.launch(src, dst, T::DTYPE, op, tag, timeout) }.err()
+            unsafe { self.inner.launch(src, dst, dtype, op, tag, timeout) }.err()
         };
         Handle {
             inner: Arc::clone(&self.inner),
@@ -224,6 +264,13 @@ impl<'c> Collectives<'c> {
         }
         done.extend(pending.into_iter().map(|h| (h.tag, h.wait())));
         done
+    }
+}
+
+fn buffers_len<T: Element>(b: &Buffers<T>) -> usize {
+    match b {
+        Buffers::InPlace { buf, .. } => std::mem::size_of_val(buf.as_slice()),
+        Buffers::OutOfPlace { dst, .. } => std::mem::size_of_val(dst.as_slice()),
     }
 }
 

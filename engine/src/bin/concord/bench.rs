@@ -42,6 +42,10 @@ pub(crate) struct BenchArgs {
     /// Reduce in place instead of out of place.
     #[arg(long)]
     in_place: bool,
+    /// Collectives in flight per iteration (each of the row's size; async, in place); busbw is
+    /// their aggregate.
+    #[arg(short = 'm', long = "ops", default_value_t = 1)]
+    ops_in_flight: usize,
     /// Deadline of each operation, in seconds.
     #[arg(short = 'T', long = "timeout", default_value_t = 120)]
     timeout_s: u64,
@@ -107,6 +111,12 @@ impl BenchArgs {
         if self.maxbytes > (16usize << 30) {
             return Err(format!("-e {}: at most 16G", self.maxbytes));
         }
+        if !(1..=1024).contains(&self.ops_in_flight) {
+            return Err(format!(
+                "-m {}: give 1 to 1024 collectives in flight",
+                self.ops_in_flight
+            ));
+        }
         if self.timeout_s == 0 {
             return Err("-T 0: the deadline must be at least one second".into());
         }
@@ -146,6 +156,7 @@ impl BenchArgs {
             ("-T", self.timeout_s.to_string()),
             ("--conns", self.conns.to_string()),
             ("--sub-chunk", self.sub_chunk.to_string()),
+            ("-m", self.ops_in_flight.to_string()),
         ] {
             a.push(flag.into());
             a.push(v);
@@ -293,38 +304,48 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
     };
     let mut tag = 0u64;
     let mut rows = Vec::new();
+    let mut pool: Vec<Vec<u8>> = Vec::new();
     for (size_index, &size) in args.sizes().iter().enumerate() {
         let count = size / esize;
         let bytes = count * esize;
-        let (src, dst) = (&mut src[..bytes], &mut dst[..bytes]);
         let mut times = Vec::with_capacity(args.iters);
         let mut wrong = 0u64;
-        check::fill(dtype, op, comm.rank(), 0, src);
         for it in 0..args.warmup + args.iters {
             let iter_id = ((size_index as u64) << 32) | it as u64;
             let timed = it >= args.warmup;
-            if timed && args.check == 1 {
-                check::fill(dtype, op, comm.rank(), iter_id, src);
-                dst.fill(0xA5); // A stale result must not pass the check.
-            }
-            if args.in_place {
-                dst.copy_from_slice(src);
-            }
-            tag += 1;
-            let start = Instant::now();
-            let r = if args.in_place {
-                comm.all_reduce_raw(None, dst, dtype, op, tag, None)
+            let checked = timed && args.check == 1;
+            let elapsed = if args.ops_in_flight > 1 {
+                let (t, w) = iterate_async(
+                    &mut comm, args, &mut pool, bytes, iter_id, checked, &mut tag,
+                )?;
+                wrong += w;
+                t
             } else {
-                comm.all_reduce_raw(Some(src), dst, dtype, op, tag, None)
-            };
-            let elapsed = start.elapsed();
-            r.map_err(|e| format!("all-reduce of {bytes} bytes: {e}"))?;
-            if timed {
-                times.push(elapsed.as_secs_f64() * 1e6);
-                if args.check == 1 {
+                let (src, dst) = (&mut src[..bytes], &mut dst[..bytes]);
+                if checked || it == 0 {
+                    check::fill(dtype, op, comm.rank(), iter_id, src);
+                    dst.fill(0xA5); // A stale result must not pass the check.
+                }
+                if args.in_place {
+                    dst.copy_from_slice(src);
+                }
+                tag += 1;
+                let start = Instant::now();
+                let r = if args.in_place {
+                    comm.all_reduce_raw(None, dst, dtype, op, tag, None)
+                } else {
+                    comm.all_reduce_raw(Some(src), dst, dtype, op, tag, None)
+                };
+                let elapsed = start.elapsed();
+                r.map_err(|e| format!("all-reduce of {bytes} bytes: {e}"))?;
+                if checked {
                     check::reference(dtype, op, world, iter_id, &mut want[..bytes]);
                     wrong += check::count_wrong(dtype, dst, &want[..bytes]);
                 }
+                elapsed
+            };
+            if timed {
+                times.push(elapsed.as_secs_f64() * 1e6);
             }
         }
         times.sort_by(f64::total_cmp);
@@ -338,8 +359,9 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
         tag += 1;
         comm.all_reduce_in_place(&mut wrong_all, ReduceOp::Sum, tag)
             .map_err(|e| e.to_string())?;
+        let moved = bytes * args.ops_in_flight;
         let algbw = if stats[0] > 0.0 {
-            bytes as f64 / (stats[0] * 1e-6) / 1e9
+            moved as f64 / (stats[0] * 1e-6) / 1e9
         } else {
             0.0
         };
@@ -463,4 +485,55 @@ fn write_json(
     });
     let text = serde_json::to_string_pretty(&doc).expect("serialisable");
     std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+/// One iteration of `-m K`: K in-place collectives in flight together; returns the time from the
+/// first launch to the last completion, and the wrong elements when `checked`.
+fn iterate_async(
+    comm: &mut Communicator,
+    args: &BenchArgs,
+    pool: &mut Vec<Vec<u8>>,
+    bytes: usize,
+    iter_id: u64,
+    checked: bool,
+    tag: &mut u64,
+) -> Result<(Duration, u64), String> {
+    let (dtype, op, rank, world) = (args.dtype, args.op, comm.rank(), comm.world_size());
+    pool.resize_with(args.ops_in_flight, Vec::new);
+    for (i, buf) in pool.iter_mut().enumerate() {
+        buf.resize(bytes, 0);
+        if checked || buf.is_empty() {
+            check::fill(dtype, op, rank, iter_id ^ ((i as u64) << 48), buf);
+        }
+    }
+    let (collectives, _probe) = comm.split();
+    let start = Instant::now();
+    let handles: Vec<_> = pool
+        .drain(..)
+        .map(|buf| {
+            *tag += 1;
+            collectives.all_reduce_async_raw(buf, dtype, op, *tag)
+        })
+        .collect();
+    let mut first_error = None;
+    for h in handles {
+        let (buf, r) = h.wait();
+        if let Err(e) = r {
+            first_error.get_or_insert(format!("all-reduce of {bytes} bytes: {e}"));
+        }
+        pool.push(buf);
+    }
+    let elapsed = start.elapsed();
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    let mut wrong = 0;
+    if checked {
+        let mut want = vec![0u8; bytes];
+        for (i, buf) in pool.iter().enumerate() {
+            check::reference(dtype, op, world, iter_id ^ ((i as u64) << 48), &mut want);
+            wrong += check::count_wrong(dtype, buf, &want);
+        }
+    }
+    Ok((elapsed, wrong))
 }
