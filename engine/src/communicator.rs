@@ -143,8 +143,23 @@ pub struct ReduceInfo {
     pub world: usize,
     /// Sequence number the master gave the attempt.
     pub seq: u64,
+    /// Ring epoch it ran on ([`Communicator::ring_members`] lists who took part).
+    pub epoch: u64,
     /// Bytes this peer sent and received on the ring.
     pub traffic: Traffic,
+}
+
+/// What [`Communicator::all_reduce_many_with_retry`] did.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct RetryReport<T> {
+    /// Every collective of the batch, in batch order: tag, reduced buffer, what its successful
+    /// attempt did.
+    pub results: Vec<(u64, Vec<T>, ReduceInfo)>,
+    /// How many times failed collectives were re-run after rebuilding the ring.
+    pub retries: usize,
+    /// When and how the first attempt failed, if one did.
+    pub first_failure: Option<(Instant, Error)>,
 }
 
 /// A peer's membership in a Concord group.
@@ -200,6 +215,7 @@ impl Communicator {
             "the master",
         )
         .map_err(|e| Error::MasterLost(format!("{e}; is `concord master` running there?")))?;
+        concord_transport::socket::set_keepalive(&stream, Duration::from_secs(1))?;
         let read_half = stream.try_clone().map_err(|e| Error::Io(e.to_string()))?;
         let proto = PeerProto::new(data_port, config.advertise_ip.clone().unwrap_or_default());
         let inner = Arc::new(Inner::new(proto, stream, listener, config));
@@ -362,6 +378,7 @@ impl Communicator {
         let old = self.inner.lock().plane.take();
         drop(old);
         let config = &self.inner.config;
+        let inner: &Inner = &self.inner;
         let setup = RingSetup {
             me: self.peer_id(),
             epoch,
@@ -371,7 +388,13 @@ impl Communicator {
             options: config.socket,
             timeout: config.topology_timeout,
             io_timeout: Some(config.op_timeout),
+            cancelled: &|| {
+                let g = inner.lock();
+                g.proto.fatal().is_some()
+                    || !matches!(g.proto.topology(), TopoPhase::Connect { epoch: e, .. } if *e == epoch)
+            },
         };
+        crate::fault::kill_point("connect", None);
         let links = establish(&self.inner.listener, &setup)?;
         let weak = Arc::downgrade(&self.inner);
         let events = Arc::new(move |event| {
@@ -471,6 +494,97 @@ impl Communicator {
             dst.copy_from_slice(original);
         }
         result
+    }
+
+    /// Ids of the members of the ring of `epoch`, for one of the last 64 rings this peer was in.
+    pub fn ring_members(&self, epoch: u64) -> Option<Vec<PeerId>> {
+        self.inner.lock().proto.ring_history(epoch)
+    }
+
+    /// Ids of the ring's members, in ring order.
+    pub fn peer_ids(&self) -> Vec<PeerId> {
+        self.inner
+            .lock()
+            .proto
+            .ring()
+            .map_or_else(Vec::new, |r| r.1.iter().map(|m| m.peer_id).collect())
+    }
+
+    /// Runs a batch of tagged in-place all-reduces with at most `max_in_flight` in flight; when
+    /// some fail because the group lost a peer (or hit a deadline), rebuilds the ring with the
+    /// survivors and re-runs only those, until all succeed or fewer than two peers remain.
+    /// Every survivor must call it with the same batch (the retries are collective too).
+    ///
+    /// On success every buffer holds the reduction over the peers of its successful attempt; on
+    /// failure the buffers come back with their original contents.
+    pub fn all_reduce_many_with_retry<T: Element>(
+        &mut self,
+        batch: Vec<(u64, Vec<T>)>,
+        op: ReduceOp,
+        max_in_flight: usize,
+    ) -> Result<RetryReport<T>, (Vec<(u64, Vec<T>)>, Error)> {
+        const MAX_ATTEMPTS: usize = 16;
+        let order: Vec<u64> = batch.iter().map(|(t, _)| *t).collect();
+        let mut todo = batch;
+        let mut done = Vec::with_capacity(todo.len());
+        let mut report = RetryReport {
+            results: Vec::new(),
+            retries: 0,
+            first_failure: None,
+        };
+        for _ in 0..MAX_ATTEMPTS {
+            let results = {
+                let (collectives, _probe) = self.split();
+                collectives.all_reduce_many(std::mem::take(&mut todo), op, max_in_flight)
+            };
+            let mut fatal = None;
+            for (tag, (buf, r)) in results {
+                match r {
+                    Ok(info) => done.push((tag, buf, info)),
+                    Err(e) => {
+                        report
+                            .first_failure
+                            .get_or_insert_with(|| (Instant::now(), e.clone()));
+                        if !(e.is_retryable() || matches!(e, Error::Timeout(_))) {
+                            fatal.get_or_insert(e);
+                        }
+                        todo.push((tag, buf));
+                    }
+                }
+            }
+            let give_back = |done: Vec<(u64, Vec<T>, ReduceInfo)>, mut todo: Vec<(u64, Vec<T>)>| {
+                // Successful ones hold results, not inputs: the caller asked for all or nothing
+                // only per collective, so hand everything back in batch order.
+                todo.extend(done.into_iter().map(|(t, b, _)| (t, b)));
+                todo.sort_by_key(|(t, _)| order.iter().position(|o| o == t));
+                todo
+            };
+            if let Some(e) = fatal {
+                return Err((give_back(done, todo), e));
+            }
+            if todo.is_empty() {
+                done.sort_by_key(|(t, _, _)| order.iter().position(|o| o == t));
+                report.results = done;
+                return Ok(report);
+            }
+            report.retries += 1;
+            if let Err(e) = self.update_topology() {
+                return Err((give_back(done, todo), e));
+            }
+            if self.world_size() < 2 {
+                let e = Error::Aborted {
+                    tag: todo[0].0,
+                    reason: "fewer than two peers remain".into(),
+                    lost: Vec::new(),
+                };
+                return Err((give_back(done, todo), e));
+            }
+        }
+        let e = Error::Timeout(format!(
+            "{} collectives still failing after {MAX_ATTEMPTS} attempts",
+            todo.len()
+        ));
+        Err((todo, e))
     }
 
     /// Splits the communicator for async collectives: a [`Collectives`] that may move to

@@ -32,7 +32,8 @@ pub(crate) struct Launch {
     timeout: Duration,
     /// When this peer asked the master to abort it (deadline passed or user cancel).
     cancelled_at: Option<Instant>,
-    running: Option<(u64, usize, Arc<Op>)>,
+    /// (seq, world, epoch, op) once the master let it go.
+    running: Option<(u64, usize, u64, Arc<Op>)>,
     traffic: Traffic,
 }
 
@@ -160,6 +161,7 @@ impl Inner {
         };
         g.launched.insert(tag, launch);
         flush(&mut g);
+        crate::fault::kill_point("vote", Some(tag));
         self.notify(&mut g); // The watchdog learns the new deadline.
         Ok(())
     }
@@ -179,7 +181,7 @@ impl Inner {
             .launched
             .remove(&tag)
             .expect("a launched tag has a launch");
-        if let (Some((seq, _, _)), Some(plane)) = (&launch.running, &g.plane) {
+        if let (Some((seq, _, _, _)), Some(plane)) = (&launch.running, &g.plane) {
             plane.retire(tag, *seq);
         }
         self.notify(&mut g); // A slot is free: wake a launch waiting on the limit.
@@ -233,8 +235,11 @@ impl Inner {
 
     /// Waits until no thread touches the launch's buffers, then turns the outcome into a result.
     fn release(&self, launch: Launch, outcome: Result<(), Error>) -> Result<ReduceInfo, Error> {
-        let (seq, world) = launch.running.as_ref().map_or((0, 0), |(s, w, _)| (*s, *w));
-        if let Some((_, _, op)) = &launch.running {
+        let (seq, world, epoch) = launch
+            .running
+            .as_ref()
+            .map_or((0, 0, 0), |(s, w, e, _)| (*s, *w, *e));
+        if let Some((_, _, _, op)) = &launch.running {
             if !op.retire_and_wait(self.config.op_timeout) {
                 // A thread is stuck in a socket call: break the ring so that it returns.
                 let plane = self.lock().plane.take();
@@ -245,13 +250,14 @@ impl Inner {
         outcome.map(|()| ReduceInfo {
             world,
             seq,
+            epoch,
             traffic: launch.traffic,
         })
     }
 
     /// Starts the data movement of an attempt the master let go (reader thread, lock held).
     fn run(&self, g: &mut Shared, tag: u64, seq: u64) {
-        let ring = g.proto.ring().expect("collectives run on a ring").1.clone();
+        let (epoch, ring) = g.proto.ring().expect("collectives run on a ring").clone();
         let me = g.proto.peer_id();
         let rank = ring
             .iter()
@@ -278,7 +284,7 @@ impl Inner {
             l.dst,
             self.config.conns_per_neighbour,
         ));
-        l.running = Some((seq, world, Arc::clone(&op)));
+        l.running = Some((seq, world, epoch, Arc::clone(&op)));
         if world == 1 || l.count == 0 {
             // Nothing to move: the result is the input (divided by one for avg).
             let _busy = op.enter();
@@ -306,6 +312,11 @@ impl Inner {
                 Effect::Retire { tag, seq } => {
                     if let Some(plane) = &g.plane {
                         plane.retire(tag, seq);
+                    }
+                }
+                Effect::BreakRing => {
+                    if let Some(plane) = &g.plane {
+                        plane.break_links();
                     }
                 }
             }
@@ -358,6 +369,9 @@ pub(crate) fn flush(g: &mut Shared) {
                 if let (Effect::Retire { tag, seq }, Some(plane)) = (e, &g.plane) {
                     plane.retire(tag, seq);
                 }
+            }
+            if let Some(plane) = &g.plane {
+                plane.break_links();
             }
             return;
         }

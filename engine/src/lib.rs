@@ -22,12 +22,13 @@ mod core;
 mod dataplane;
 mod element;
 mod error;
+mod fault;
 mod handle;
 mod links;
 pub mod protocol;
 pub mod verify;
 
-pub use communicator::{Communicator, CommunicatorBuilder, Config, ReduceInfo};
+pub use communicator::{Communicator, CommunicatorBuilder, Config, ReduceInfo, RetryReport};
 pub use concord_kernels::{DType, ReduceOp};
 pub use element::Element;
 pub use error::Error;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use concord_master::proto::{PeerId, RingMember};
 use concord_transport::handshake::{read_reply, write_reply, DataHello, HelloStatus};
-use concord_transport::socket::{connect_with_retry, resolve, SocketOptions};
+use concord_transport::socket::{connect_until, resolve, SocketOptions};
 use socket2::SockRef;
 
 /// The connections of one ring epoch.
@@ -42,7 +42,6 @@ impl Drop for Links {
 }
 
 /// What building one epoch's ring needs.
-#[derive(Debug)]
 pub(crate) struct RingSetup<'a> {
     pub(crate) me: PeerId,
     pub(crate) epoch: u64,
@@ -53,6 +52,17 @@ pub(crate) struct RingSetup<'a> {
     pub(crate) timeout: Duration,
     /// Read/write timeout set on every data socket: how long a neighbour may stay silent.
     pub(crate) io_timeout: Option<Duration>,
+    /// Returns true once the master called the round off: stop waiting for neighbours.
+    pub(crate) cancelled: &'a (dyn Fn() -> bool + Sync),
+}
+
+impl std::fmt::Debug for RingSetup<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RingSetup")
+            .field("epoch", &self.epoch)
+            .field("conns", &self.conns)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Builds the connections of a ring epoch. A ring of one needs none.
@@ -109,8 +119,8 @@ fn dial(
     (0..setup.conns)
         .map(|i| {
             let left = deadline.saturating_duration_since(Instant::now());
-            let mut stream =
-                connect_with_retry(addr, &setup.options, left, &what).map_err(|e| e.to_string())?;
+            let mut stream = connect_until(addr, &setup.options, left, &what, setup.cancelled)
+                .map_err(|e| e.to_string())?;
             stream
                 .set_read_timeout(Some(left.max(Duration::from_millis(1))))
                 .map_err(|e| e.to_string())?;
@@ -143,6 +153,9 @@ fn accept_from(
     let mut slots: Vec<Option<TcpStream>> = (0..setup.conns).map(|_| None).collect();
     while slots.iter().any(Option::is_none) {
         let left = deadline.saturating_duration_since(Instant::now());
+        if (setup.cancelled)() {
+            return Err("the master called the connection round off".into());
+        }
         if left.is_zero() {
             let got = slots.iter().filter(|s| s.is_some()).count();
             return Err(format!(
@@ -153,7 +166,7 @@ fn accept_from(
         }
         // Linux honours SO_RCVTIMEO on accept(): a bounded wait without polling.
         SockRef::from(listener)
-            .set_read_timeout(Some(left))
+            .set_read_timeout(Some(left.min(Duration::from_millis(100))))
             .map_err(|e| e.to_string())?;
         let mut stream = match listener.accept() {
             Ok((s, _)) => s,

@@ -87,6 +87,8 @@ pub enum Effect {
         /// Attempt.
         seq: u64,
     },
+    /// The ring lost a peer: tear its connections down now (blocked I/O returns at once).
+    BreakRing,
     /// Stop this attempt's I/O (it completed or was aborted); its late frames are dropped.
     Retire {
         /// User tag.
@@ -108,6 +110,7 @@ pub struct PeerProto {
     pending: Option<Option<bool>>,
     colls: BTreeMap<u64, CollPhase>,
     out: VecDeque<PeerMsg>,
+    history: VecDeque<(u64, Vec<PeerId>)>,
 }
 
 impl PeerProto {
@@ -127,6 +130,7 @@ impl PeerProto {
             pending: None,
             colls: BTreeMap::new(),
             out,
+            history: VecDeque::new(),
         }
     }
 
@@ -324,7 +328,9 @@ impl PeerProto {
         if self.fatal.is_none() {
             self.fatal = Some(error.clone());
         }
-        self.fail_everything(error)
+        let mut effects = self.fail_everything(error);
+        effects.push(Effect::BreakRing);
+        effects
     }
 
     fn fail_everything(&mut self, error: Error) -> Vec<Effect> {
@@ -370,6 +376,7 @@ impl PeerProto {
                 return Ok(self.master_lost(error));
             }
             MasterMsg::Kicked { reason } => return Ok(self.master_lost(Error::Kicked(reason))),
+            MasterMsg::Ping => self.out.push_back(PeerMsg::Pong),
             MasterMsg::PendingAnswer { pending } => {
                 if self.pending != Some(None) {
                     return violation("an answer to a question not asked");
@@ -458,6 +465,11 @@ impl PeerProto {
                     }
                     _ => return Ok(Vec::new()), // Already failed or forgotten here.
                 };
+                // A lost peer means the ring is gone: nothing more can flow on it.
+                let mut effects = Vec::new();
+                if !lost.is_empty() {
+                    effects.push(Effect::BreakRing);
+                }
                 let error = if reason.contains(TIMEOUT_MARK) {
                     Error::Timeout(format!("collective {tag}: {reason}"))
                 } else if reason.contains(CANCEL_MARK) {
@@ -467,8 +479,9 @@ impl PeerProto {
                 };
                 self.colls.insert(tag, CollPhase::Failed(error));
                 if running {
-                    return Ok(vec![Effect::Retire { tag, seq }]);
+                    effects.push(Effect::Retire { tag, seq });
                 }
+                return Ok(effects);
             }
         }
         Ok(Vec::new())
@@ -477,7 +490,21 @@ impl PeerProto {
     /// Records that the ring announced for `epoch` is the one in force (called by the shell once
     /// its connections are up, before reporting them).
     pub fn install_ring(&mut self, epoch: u64, ring: Vec<RingMember>) {
+        const HISTORY: usize = 64;
+        if self.history.len() == HISTORY {
+            self.history.pop_front();
+        }
+        self.history
+            .push_back((epoch, ring.iter().map(|m| m.peer_id).collect()));
         self.ring = Some((epoch, ring));
+    }
+
+    /// Members of a recent ring, by epoch.
+    pub fn ring_history(&self, epoch: u64) -> Option<Vec<PeerId>> {
+        self.history
+            .iter()
+            .find(|(e, _)| *e == epoch)
+            .map(|(_, m)| m.clone())
     }
 
     /// Forgets a finished topology outcome so that the next update can start.

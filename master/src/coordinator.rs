@@ -52,6 +52,11 @@ pub struct CoordinatorConfig {
     pub max_collectives: usize,
     /// Seed of the per-epoch ring secrets (the server seeds it from the OS).
     pub secret_seed: u64,
+    /// While collectives or votes are under way, every accepted peer is pinged this often.
+    pub heartbeat_interval: Duration,
+    /// A pinged peer that sends nothing for this long is kicked (stalled, hung or cut off): the
+    /// survivors' collectives abort naming it, instead of waiting for it forever.
+    pub heartbeat_timeout: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -61,6 +66,8 @@ impl Default for CoordinatorConfig {
             max_peers: 1024,
             max_collectives: 4096,
             secret_seed: 0x5eed,
+            heartbeat_interval: Duration::from_millis(500),
+            heartbeat_timeout: Duration::from_secs(3),
         }
     }
 }
@@ -76,6 +83,8 @@ struct Peer {
     conn: ConnId,
     data_addr: String,
     accepted: bool,
+    /// When the unanswered ping was sent; cleared by any message from the peer.
+    ping_sent_at: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -117,6 +126,10 @@ pub struct Coordinator {
     cancelled_votes: BTreeMap<u64, (String, BTreeSet<PeerId>)>,
     next_seq: u64,
     out: VecDeque<Output>,
+    /// The latest time an input carried.
+    now: Option<Instant>,
+    /// Next heartbeat tick, while something is under way.
+    next_heartbeat: Option<Instant>,
 }
 
 impl Coordinator {
@@ -137,6 +150,8 @@ impl Coordinator {
             cancelled_votes: BTreeMap::new(),
             next_seq: 1,
             out: VecDeque::new(),
+            now: None,
+            next_heartbeat: None,
         }
     }
 
@@ -153,7 +168,46 @@ impl Coordinator {
                 Conn::AwaitingHello { deadline, .. } => Some(*deadline),
                 Conn::Peer(_) => None,
             })
+            .chain(self.next_heartbeat)
             .min()
+    }
+
+    /// Whether anything waits on the peers (then their liveness matters).
+    fn active(&self) -> bool {
+        !self.colls.is_empty()
+            || self.round.is_some()
+            || !self.accept_votes.is_empty()
+            || !self.pending_votes.is_empty()
+    }
+
+    /// Pings accepted peers and kicks those that did not answer the previous ping in time.
+    fn heartbeat(&mut self, now: Instant) {
+        let timeout = self.config.heartbeat_timeout;
+        let mut silent = Vec::new();
+        let mut ping = Vec::new();
+        for (id, p) in self.peers.iter_mut().filter(|(_, p)| p.accepted) {
+            match p.ping_sent_at {
+                Some(at) if now.saturating_duration_since(at) >= timeout => {
+                    silent.push((*id, p.conn))
+                }
+                Some(_) => {}
+                None => {
+                    p.ping_sent_at = Some(now);
+                    ping.push(*id);
+                }
+            }
+        }
+        for id in ping {
+            self.send(id, MasterMsg::Ping);
+        }
+        for (id, conn) in silent {
+            let ms = timeout.as_millis();
+            tracing::warn!("peer {id} silent for {ms} ms; removing it");
+            self.kick_conn(
+                conn,
+                &format!("no answer to heartbeats for {ms} ms: stalled, hung or cut off"),
+            );
+        }
     }
 
     /// Accepted peers, in ring order once a ring is built.
@@ -186,6 +240,7 @@ impl Coordinator {
 
     /// A new connection from `ip`.
     pub fn handle_connect(&mut self, conn: ConnId, ip: IpAddr, now: Instant) {
+        self.now = Some(now);
         let deadline = now + self.config.hello_timeout;
         let previous = self
             .conns
@@ -194,7 +249,8 @@ impl Coordinator {
     }
 
     /// The connection closed (by the peer or by an I/O error).
-    pub fn handle_disconnect(&mut self, conn: ConnId, _now: Instant) {
+    pub fn handle_disconnect(&mut self, conn: ConnId, now: Instant) {
+        self.now = Some(now);
         if let Some(Conn::Peer(id)) = self.conns.remove(&conn) {
             self.remove_peer(id, &format!("peer {id} disconnected"));
         }
@@ -202,13 +258,15 @@ impl Coordinator {
     }
 
     /// The connection sent bytes that do not decode: kick it.
-    pub fn handle_malformed(&mut self, conn: ConnId, error: &str, _now: Instant) {
+    pub fn handle_malformed(&mut self, conn: ConnId, error: &str, now: Instant) {
+        self.now = Some(now);
         self.kick_conn(conn, &format!("malformed message: {error}"));
         self.reevaluate();
     }
 
     /// The connection speaks another protocol version: refuse it, naming both versions.
-    pub fn handle_version_mismatch(&mut self, conn: ConnId, theirs: u32, _now: Instant) {
+    pub fn handle_version_mismatch(&mut self, conn: ConnId, theirs: u32, now: Instant) {
+        self.now = Some(now);
         let reason = format!(
             "protocol version mismatch: the master speaks version {PROTOCOL_VERSION}, this peer speaks {theirs}; run the same Concord release on every machine"
         );
@@ -225,6 +283,11 @@ impl Coordinator {
 
     /// Deadlines: connections that never said hello are closed.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = Some(now);
+        if self.next_heartbeat.is_some_and(|t| t <= now) {
+            self.next_heartbeat = Some(now + self.config.heartbeat_interval);
+            self.heartbeat(now);
+        }
         let late: Vec<ConnId> = self
             .conns
             .iter()
@@ -241,7 +304,8 @@ impl Coordinator {
     }
 
     /// A decoded message from a connection.
-    pub fn handle_message(&mut self, conn: ConnId, msg: PeerMsg, _now: Instant) {
+    pub fn handle_message(&mut self, conn: ConnId, msg: PeerMsg, now: Instant) {
+        self.now = Some(now);
         match self.conns.get(&conn) {
             None => {} // Already closed; late bytes are ignored.
             Some(Conn::AwaitingHello { ip, .. }) => {
@@ -250,6 +314,9 @@ impl Coordinator {
             }
             Some(Conn::Peer(id)) => {
                 let id = *id;
+                if let Some(p) = self.peers.get_mut(&id) {
+                    p.ping_sent_at = None; // Anything it says proves it alive.
+                }
                 if let Err(reason) = self.on_peer_message(id, msg) {
                     self.kick_conn(conn, &reason);
                 }
@@ -305,6 +372,7 @@ impl Coordinator {
                 conn,
                 data_addr,
                 accepted: false,
+                ping_sent_at: None,
             },
         );
         self.send(
@@ -328,6 +396,7 @@ impl Coordinator {
                 Ok(())
             }
             PeerMsg::Hello { .. } => Err("sent Hello twice".into()),
+            PeerMsg::Pong => Ok(()),
             other if !accepted => Err(format!(
                 "sent {} before being admitted to the group",
                 kind(&other)
@@ -587,6 +656,16 @@ impl Coordinator {
             }
         }
         self.reevaluate_collectives(&accepted);
+        match (self.active(), self.next_heartbeat, self.now) {
+            (true, None, Some(now)) => {
+                for p in self.peers.values_mut() {
+                    p.ping_sent_at = None;
+                }
+                self.next_heartbeat = Some(now + self.config.heartbeat_interval);
+            }
+            (false, Some(_), _) => self.next_heartbeat = None,
+            _ => {}
+        }
     }
 
     fn reevaluate_collectives(&mut self, accepted: &BTreeSet<PeerId>) {
@@ -784,6 +863,7 @@ fn kind(msg: &PeerMsg) -> &'static str {
         PeerMsg::CollInit { .. } => "CollInit",
         PeerMsg::CollComplete { .. } => "CollComplete",
         PeerMsg::Goodbye => "Goodbye",
+        PeerMsg::Pong => "Pong",
         PeerMsg::CollCancel { .. } => "CollCancel",
     }
 }

@@ -97,6 +97,8 @@ pub enum PeerMsg {
     },
     /// The peer leaves on purpose.
     Goodbye,
+    /// Answer to [`MasterMsg::Ping`]: this peer is alive.
+    Pong,
     /// Abort a collective on every peer (its deadline passed, or the user cancelled it).
     CollCancel {
         /// User tag.
@@ -187,6 +189,8 @@ pub enum MasterMsg {
         /// Peers lost, if any.
         lost: Vec<PeerId>,
     },
+    /// Liveness probe, sent while collectives or votes are under way; answer with `Pong`.
+    Ping,
     /// The master removes this peer; the connection closes after this message.
     Kicked {
         /// Why.

@@ -179,6 +179,8 @@ fn accept_all(
                 let id = *next_conn;
                 *next_conn += 1;
                 let _ = stream.set_nodelay(true);
+                // A peer host that vanishes without a FIN is noticed even while idle.
+                let _ = concord_transport::socket::set_keepalive(&stream, Duration::from_secs(2));
                 let token = Token(id as usize);
                 if poll
                     .registry()

@@ -50,6 +50,19 @@ impl SocketOptions {
     }
 }
 
+/// Turns on TCP keepalive (first probe after `idle`, then every `idle`, 3 probes), so that a
+/// peer or master that vanished without closing its connection is noticed within about
+/// `4 * idle` even when nothing else is sent.
+pub fn set_keepalive(socket: &impl std::os::fd::AsFd, idle: std::time::Duration) -> Result<()> {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(idle)
+        .with_retries(3);
+    SockRef::from(socket)
+        .set_tcp_keepalive(&keepalive)
+        .map_err(|e| TransportError::io("setting TCP keepalive", e))
+}
+
 /// Resolves `addr` ("host:port") to its first socket address.
 pub fn resolve(addr: &str) -> Result<SocketAddr> {
     addr.to_socket_addrs()
@@ -87,11 +100,28 @@ pub fn connect_with_retry(
     timeout: Duration,
     what: &str,
 ) -> Result<TcpStream> {
+    connect_until(addr, options, timeout, what, &|| false)
+}
+
+/// As [`connect_with_retry`], also giving up as soon as `stop()` returns true (checked between
+/// attempts, at least every 100 ms).
+pub fn connect_until(
+    addr: SocketAddr,
+    options: &SocketOptions,
+    timeout: Duration,
+    what: &str,
+    stop: &dyn Fn() -> bool,
+) -> Result<TcpStream> {
     let start = Instant::now();
     let mut backoff = Duration::from_millis(5);
     let mut last_error: Option<io::Error> = None;
     loop {
         let left = timeout.saturating_sub(start.elapsed());
+        if stop() {
+            return Err(TransportError::Protocol(format!(
+                "connecting to {what} at {addr}: cancelled"
+            )));
+        }
         if left.is_zero() {
             let cause = last_error
                 .map(|e| format!(" (last error: {e})"))
@@ -101,7 +131,7 @@ pub fn connect_with_retry(
                 waited_ms: start.elapsed().as_millis() as u64,
             });
         }
-        match TcpStream::connect_timeout(&addr, left.min(Duration::from_secs(5))) {
+        match TcpStream::connect_timeout(&addr, left.min(Duration::from_millis(500))) {
             Ok(stream) => {
                 options.apply(&stream)?;
                 return Ok(stream);
@@ -109,7 +139,7 @@ pub fn connect_with_retry(
             Err(e) => last_error = Some(e),
         }
         std::thread::sleep(backoff.min(timeout.saturating_sub(start.elapsed())));
-        backoff = (backoff * 2).min(Duration::from_millis(500));
+        backoff = (backoff * 2).min(Duration::from_millis(100));
     }
 }
 

@@ -206,6 +206,15 @@ impl DataPlane {
         Ok(())
     }
 
+    /// Shuts the connections down without waiting: every thread blocked on them returns, and
+    /// fails the plane from its own thread (never the caller's, which may hold the
+    /// communicator's lock).
+    pub(crate) fn break_links(&self) {
+        for s in self.shared.next.iter().chain(&self.shared.prev) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
     /// Removes an operation (done or aborted): its later frames are dropped on receipt.
     pub(crate) fn retire(&self, tag: u64, seq: u64) {
         let mut r = self.shared.lock();
@@ -388,6 +397,14 @@ fn recv_one(s: &Shared, conn: usize, staging: &mut [u8]) -> Result<(), String> {
     // the TX thread reads it only after the flag set below.
     let out = unsafe { op.dst.slice_mut(range.clone()) };
     let kind = plan.recv_kind(t);
+    if j == 0 && (t == 0 || t + 1 == plan.world) {
+        let phase = if kind == RecvKind::Copy {
+            "all-gather"
+        } else {
+            "reduce-scatter"
+        };
+        crate::fault::kill_point(phase, Some(op.tag));
+    }
     if kind == RecvKind::Copy {
         stream.read_exact(out).map_err(io)?;
     } else {

@@ -692,3 +692,61 @@ fn a_vote_cancelled_early_aborts_late_voters_too() {
         "{out:?}"
     );
 }
+
+#[test]
+fn a_silent_peer_is_kicked_by_heartbeats_and_named_to_the_survivors() {
+    let mut h = H::group(3);
+    assert_eq!(h.c.poll_timeout(), None, "an idle group is not pinged");
+    for conn in 1..=3 {
+        h.msg(
+            conn,
+            PeerMsg::CollInit {
+                tag: 1,
+                desc: desc(4),
+            },
+        );
+    }
+    let interval = CoordinatorConfig::default().heartbeat_interval;
+    let timeout = CoordinatorConfig::default().heartbeat_timeout;
+    let t1 =
+        h.c.poll_timeout()
+            .expect("heartbeats while a collective runs");
+    h.c.handle_timeout(t1);
+    let out = h.drain();
+    for conn in 1..=3 {
+        assert_eq!(H::sent_to(&out, conn), vec![MasterMsg::Ping]);
+    }
+    // Peers 1 and 2 answer; peer 3 is stopped.
+    h.now = t1 + interval;
+    h.msg(1, PeerMsg::Pong);
+    h.msg(2, PeerMsg::Pong);
+    let mut t = t1;
+    let mut kicked_at = None;
+    while kicked_at.is_none() && t < t1 + timeout * 3 {
+        t = h.c.poll_timeout().unwrap();
+        h.c.handle_timeout(t);
+        let out = h.drain();
+        if H::closed(&out, 3) {
+            kicked_at = Some(t);
+            assert!(kicked(&H::sent_to(&out, 3)).unwrap().contains("heartbeats"));
+            for conn in [1, 2] {
+                assert!(
+                    H::sent_to(&out, conn).iter().any(
+                        |m| matches!(m, MasterMsg::CollAborted { lost, .. } if lost == &vec![3])
+                    ),
+                    "{out:?}"
+                );
+            }
+        } else {
+            // The survivors keep answering.
+            h.msg(1, PeerMsg::Pong);
+            h.msg(2, PeerMsg::Pong);
+        }
+    }
+    let at = kicked_at.expect("peer 3 was kicked");
+    assert!(
+        at - t1 >= timeout && at - t1 <= timeout + interval,
+        "kicked after {:?}",
+        at - t1
+    );
+}

@@ -180,6 +180,7 @@ pub fn encode_peer(msg: &PeerMsg) -> Vec<u8> {
             e
         }
         PeerMsg::Goodbye => Enc::new(7),
+        PeerMsg::Pong => Enc::new(9),
         PeerMsg::CollCancel { tag, seq, reason } => {
             let mut e = Enc::new(8);
             e.u64(*tag).u64(*seq).str(reason);
@@ -223,6 +224,7 @@ pub fn decode_peer(body: &[u8]) -> Result<PeerMsg, ProtoError> {
             detail: d.str()?,
         },
         7 => PeerMsg::Goodbye,
+        9 => PeerMsg::Pong,
         8 => PeerMsg::CollCancel {
             tag: d.u64()?,
             seq: d.u64()?,
@@ -302,6 +304,7 @@ pub fn encode_master(msg: &MasterMsg) -> Vec<u8> {
             }
             e
         }
+        MasterMsg::Ping => Enc::new(12),
         MasterMsg::Kicked { reason } => {
             let mut e = Enc::new(11);
             e.str(reason);
@@ -392,6 +395,7 @@ pub fn decode_master(body: &[u8]) -> Result<MasterMsg, ProtoError> {
             }
         }
         11 => MasterMsg::Kicked { reason: d.str()? },
+        12 => MasterMsg::Ping,
         k => return Err(malformed(format!("unknown master message kind {k}"))),
     };
     d.end()?;
@@ -434,6 +438,7 @@ mod tests {
                 detail: String::new(),
             },
             PeerMsg::Goodbye,
+            PeerMsg::Pong,
             PeerMsg::CollCancel {
                 tag: 3,
                 seq: 4,
@@ -486,6 +491,7 @@ mod tests {
             MasterMsg::Kicked {
                 reason: "bad".into(),
             },
+            MasterMsg::Ping,
         ];
         for m in masters {
             assert_eq!(decode_master(body(&encode_master(&m))).unwrap(), m);

@@ -17,59 +17,64 @@ use concord::verify as check;
 pub(crate) struct BenchArgs {
     /// Smallest size in bytes (K/M/G suffixes are powers of 1024).
     #[arg(short = 'b', long = "minbytes", default_value = "64K", value_parser = parse_size)]
-    minbytes: usize,
+    pub(crate) minbytes: usize,
     /// Largest size in bytes.
     #[arg(short = 'e', long = "maxbytes", default_value = "64M", value_parser = parse_size)]
-    maxbytes: usize,
+    pub(crate) maxbytes: usize,
     /// Multiply the size by this factor between rows.
     #[arg(short = 'f', long = "stepfactor", default_value_t = 4)]
-    stepfactor: usize,
+    pub(crate) stepfactor: usize,
     /// Timed iterations per size.
     #[arg(short = 'n', long = "iters", default_value_t = 20)]
-    iters: usize,
+    pub(crate) iters: usize,
     /// Warm-up iterations per size (not timed).
     #[arg(short = 'w', long = "warmup_iters", default_value_t = 5)]
-    warmup: usize,
+    pub(crate) warmup: usize,
     /// Check every timed iteration against a reference (1) or not (0).
     #[arg(short = 'c', long = "check", default_value_t = 1)]
-    check: u8,
+    pub(crate) check: u8,
     /// Reduction: sum, prod, min, max, avg.
     #[arg(short = 'o', long = "op", default_value = "sum")]
-    op: ReduceOp,
+    pub(crate) op: ReduceOp,
     /// Element type: float, half, bfloat16, double, int8..int64, uint8..uint64.
     #[arg(short = 'd', long = "datatype", default_value = "float")]
-    dtype: DType,
+    pub(crate) dtype: DType,
     /// Reduce in place instead of out of place.
     #[arg(long)]
-    in_place: bool,
+    pub(crate) in_place: bool,
     /// Collectives in flight per iteration (each of the row's size; async, in place); busbw is
     /// their aggregate.
     #[arg(short = 'm', long = "ops", default_value_t = 1)]
-    ops_in_flight: usize,
+    pub(crate) ops_in_flight: usize,
     /// Deadline of each operation, in seconds.
     #[arg(short = 'T', long = "timeout", default_value_t = 120)]
-    timeout_s: u64,
+    pub(crate) timeout_s: u64,
     /// Also write the results as JSON to this file.
     #[arg(long)]
-    json: Option<PathBuf>,
+    pub(crate) json: Option<PathBuf>,
     /// Start an embedded master and this many peer processes on loopback.
     #[arg(long, conflicts_with_all = ["master", "world"])]
-    local: Option<usize>,
+    pub(crate) local: Option<usize>,
     /// This process is one peer of the master at ADDR (host:port).
     #[arg(long, requires = "world")]
-    master: Option<String>,
+    pub(crate) master: Option<String>,
     /// With --master: wait until this many peers are in the group.
     #[arg(long)]
-    world: Option<usize>,
+    pub(crate) world: Option<usize>,
+    /// Keep going through joins, kills and stalls: each iteration admits pending peers, runs
+    /// `-m` all-reduces of `-b` bytes (f32 sum) with retry, checks them, and prints one JSON line.
+    /// Needs --master; --world is the group size to wait for before the first iteration.
+    #[arg(long, requires = "master")]
+    pub(crate) elastic: bool,
     /// Connections per ring neighbour.
     #[arg(long, default_value_t = 1)]
-    conns: usize,
+    pub(crate) conns: usize,
     /// Sub-chunk size (the unit of pipelining).
     #[arg(long, default_value = "512K", value_parser = parse_size)]
-    sub_chunk: usize,
+    pub(crate) sub_chunk: usize,
     /// SO_SNDBUF/SO_RCVBUF of data sockets (default: kernel autotuning).
     #[arg(long, value_parser = parse_size)]
-    socket_buffer: Option<usize>,
+    pub(crate) socket_buffer: Option<usize>,
 }
 
 impl BenchArgs {
@@ -178,9 +183,10 @@ impl BenchArgs {
 
 pub(crate) fn run(args: BenchArgs) -> Result<(), String> {
     args.validate()?;
-    match args.local {
-        Some(n) => run_local(&args, n),
-        None => run_peer(&args),
+    match (args.local, args.elastic) {
+        (Some(n), _) => run_local(&args, n),
+        (None, true) => crate::elastic::run(&args),
+        (None, false) => run_peer(&args),
     }
 }
 
@@ -245,8 +251,8 @@ fn run_local(args: &BenchArgs, n: usize) -> Result<(), String> {
 struct Row {
     size_bytes: usize,
     count: usize,
-    dtype: &'static str,
-    op: &'static str,
+    pub(crate) dtype: &'static str,
+    pub(crate) op: &'static str,
     time_us: f64,
     p10_us: f64,
     p90_us: f64,

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod elastic;
 mod info;
 mod sizes;
 
@@ -29,6 +30,12 @@ enum Command {
         /// Most peers at once.
         #[arg(long, default_value_t = 1024)]
         max_peers: usize,
+        /// While collectives or votes are under way, ping every peer this often.
+        #[arg(long, default_value_t = 500)]
+        heartbeat_interval_ms: u64,
+        /// Kick a peer that answers nothing for this long (stalled, hung or cut off).
+        #[arg(long, default_value_t = 3000)]
+        heartbeat_timeout_ms: u64,
     },
     /// Measure all-reduce bandwidth (nccl-tests conventions).
     Bench(bench::BenchArgs),
@@ -50,7 +57,15 @@ fn main() -> ExitCode {
             listen,
             hello_timeout_ms,
             max_peers,
-        } => run_master(&listen, hello_timeout_ms, max_peers),
+            heartbeat_interval_ms,
+            heartbeat_timeout_ms,
+        } => run_master(
+            &listen,
+            hello_timeout_ms,
+            max_peers,
+            heartbeat_interval_ms,
+            heartbeat_timeout_ms,
+        ),
         Command::Bench(args) => bench::run(args),
         Command::Info => {
             info::print();
@@ -66,11 +81,24 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_master(listen: &str, hello_timeout_ms: u64, max_peers: usize) -> Result<(), String> {
+fn run_master(
+    listen: &str,
+    hello_timeout_ms: u64,
+    max_peers: usize,
+    heartbeat_interval_ms: u64,
+    heartbeat_timeout_ms: u64,
+) -> Result<(), String> {
+    if heartbeat_interval_ms == 0 || heartbeat_timeout_ms < heartbeat_interval_ms {
+        return Err(
+            "the heartbeat interval must be positive and at most the heartbeat timeout".into(),
+        );
+    }
     let addr = concord_transport::socket::resolve(listen).map_err(|e| e.to_string())?;
     let mut config = concord_master::coordinator::CoordinatorConfig::default();
     config.hello_timeout = std::time::Duration::from_millis(hello_timeout_ms);
     config.max_peers = max_peers;
+    config.heartbeat_interval = std::time::Duration::from_millis(heartbeat_interval_ms);
+    config.heartbeat_timeout = std::time::Duration::from_millis(heartbeat_timeout_ms);
     let server = concord_master::server::Server::bind(addr, config).map_err(|e| e.to_string())?;
     eprintln!("concord master listening on {}", server.local_addr());
     server.run(None, || false).map_err(|e| e.to_string())

@@ -1,0 +1,31 @@
+//! Fault injection for the tests: `CONCORD_FAULT_KILL_AT=<point>[:<tag>]` makes this process
+//! SIGKILL itself when it reaches `point` (for collective `tag`, if given). Points:
+//! `vote` (just voted to start a collective), `reduce-scatter` and `all-gather` (receiving the
+//! first frame of that phase), `connect` (building ring connections). Read once; costs one
+//! comparison per call when unset.
+
+use std::sync::OnceLock;
+
+fn target() -> &'static Option<(String, Option<u64>)> {
+    static T: OnceLock<Option<(String, Option<u64>)>> = OnceLock::new();
+    T.get_or_init(|| {
+        let v = std::env::var("CONCORD_FAULT_KILL_AT").ok()?;
+        let mut parts = v.splitn(2, ':');
+        let point = parts.next()?.to_string();
+        let tag = parts.next().and_then(|t| t.parse().ok());
+        Some((point, tag))
+    })
+}
+
+/// Dies here if told to.
+pub(crate) fn kill_point(point: &str, tag: Option<u64>) {
+    if let Some((p, want)) = target() {
+        if p == point && (want.is_none() || *want == tag) {
+            eprintln!("concord: fault injection: SIGKILL at {point}");
+            // SAFETY: plain libc calls with no pointers; the process ends here.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+        }
+    }
+}
