@@ -43,6 +43,9 @@ pub enum Error {
         /// Who cancelled it.
         reason: String,
     },
+    /// A shared-state sync failed (a peer could not fetch an entry); revisions did not change.
+    #[error("shared-state sync failed: {0}")]
+    SyncFailed(String),
     /// Could not reach the master, or it went away.
     #[error("master connection lost: {0}")]
     MasterLost(String),

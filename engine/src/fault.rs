@@ -1,7 +1,8 @@
 //! Fault injection for the tests: `CONCORD_FAULT_KILL_AT=<point>[:<tag>]` makes this process
 //! SIGKILL itself when it reaches `point` (for collective `tag`, if given). Points:
 //! `vote` (just voted to start a collective), `reduce-scatter` and `all-gather` (receiving the
-//! first frame of that phase), `connect` (building ring connections). Read once; costs one
+//! first frame of that phase), `connect` (building ring connections), `serve` (after serving a
+//! piece of shared state). Read once; costs one
 //! comparison per call when unset.
 
 use std::sync::OnceLock;

@@ -26,6 +26,7 @@ mod fault;
 mod handle;
 mod links;
 pub mod protocol;
+mod shared_state;
 pub mod verify;
 
 pub use communicator::{Communicator, CommunicatorBuilder, Config, ReduceInfo, RetryReport};
@@ -33,3 +34,4 @@ pub use concord_kernels::{DType, ReduceOp};
 pub use element::Element;
 pub use error::Error;
 pub use handle::{Collectives, Completion, Handle, PeerProbe};
+pub use shared_state::{hash as state_hash, Entry, SharedState, SyncInfo, SyncStrategy};

@@ -11,7 +11,9 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use concord_master::proto::{CollectiveDesc, MasterMsg, PeerId, PeerMsg, RingMember};
+use concord_master::proto::{
+    CollectiveDesc, EntryDesc, MasterMsg, PeerId, PeerMsg, Pull, RingMember,
+};
 use concord_transport::PROTOCOL_VERSION;
 
 use crate::Error;
@@ -77,6 +79,36 @@ pub enum CollPhase {
     Failed(Error),
 }
 
+/// Where a shared-state sync stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SyncPhase {
+    /// No sync under way.
+    Idle,
+    /// Voted; waiting for the plan.
+    Voting,
+    /// The plan: pull these entries (none when up to date), serve the others.
+    Plan {
+        /// Elected revision.
+        revision: u64,
+        /// Secret pull requests present.
+        secret: u64,
+        /// What to fetch.
+        pulls: Vec<Pull>,
+    },
+    /// Pulls reported; serving until everyone is done.
+    Reported {
+        /// Elected revision.
+        revision: u64,
+    },
+    /// Every peer holds the elected revision.
+    Complete {
+        /// Elected revision.
+        revision: u64,
+    },
+    /// The sync failed.
+    Failed(Error),
+}
+
 /// What the I/O shell must do after a master message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Effect {
@@ -111,6 +143,7 @@ pub struct PeerProto {
     colls: BTreeMap<u64, CollPhase>,
     out: VecDeque<PeerMsg>,
     history: VecDeque<(u64, Vec<PeerId>)>,
+    sync: SyncPhase,
 }
 
 impl PeerProto {
@@ -131,6 +164,7 @@ impl PeerProto {
             colls: BTreeMap::new(),
             out,
             history: VecDeque::new(),
+            sync: SyncPhase::Idle,
         }
     }
 
@@ -240,6 +274,14 @@ impl PeerProto {
                 }
             )));
         }
+        if !matches!(
+            self.sync,
+            SyncPhase::Idle | SyncPhase::Complete { .. } | SyncPhase::Failed(_)
+        ) {
+            return Err(Error::Usage(format!(
+                "all_reduce(tag {tag}) during a shared-state sync (one operation kind at a time)"
+            )));
+        }
         if self.colls.contains_key(&tag) {
             return Err(Error::Usage(format!(
                 "tag {tag} is already in flight: each collective in flight needs its own tag"
@@ -297,6 +339,63 @@ impl PeerProto {
         }
     }
 
+    /// Starts a shared-state sync vote (entries sorted by key).
+    pub fn start_sync(
+        &mut self,
+        revision: u64,
+        strategy: &str,
+        entries: Vec<EntryDesc>,
+    ) -> Result<(), Error> {
+        self.usable()?;
+        if !self.colls.is_empty() {
+            return Err(Error::Usage(
+                "sync_shared_state() with collectives in flight: wait for them first".into(),
+            ));
+        }
+        if !matches!(self.topo, TopoPhase::Idle | TopoPhase::Done { .. }) {
+            return Err(Error::Usage(
+                "sync_shared_state() while the topology is not established: call update_topology()"
+                    .into(),
+            ));
+        }
+        if !matches!(
+            self.sync,
+            SyncPhase::Idle | SyncPhase::Complete { .. } | SyncPhase::Failed(_)
+        ) {
+            return Err(Error::Usage(
+                "a shared-state sync is already under way".into(),
+            ));
+        }
+        self.sync = SyncPhase::Voting;
+        self.out.push_back(PeerMsg::SyncVote {
+            revision,
+            strategy: strategy.into(),
+            entries,
+        });
+        Ok(())
+    }
+
+    /// The sync phase.
+    pub fn sync_phase(&self) -> &SyncPhase {
+        &self.sync
+    }
+
+    /// The shell finished its pulls (or failed them).
+    pub fn sync_pulled(&mut self, result: Result<(), String>) {
+        if let SyncPhase::Plan { revision, .. } = self.sync {
+            let (ok, detail) = match result {
+                Ok(()) => (true, String::new()),
+                Err(e) => (false, e),
+            };
+            self.sync = SyncPhase::Reported { revision };
+            self.out.push_back(PeerMsg::SyncDone {
+                revision,
+                ok,
+                detail,
+            });
+        }
+    }
+
     /// Asks the master to abort collective `tag` on every peer (`reason` says why). Returns
     /// false when the tag is not in flight here.
     pub fn cancel(&mut self, tag: u64, reason: String) -> bool {
@@ -351,6 +450,12 @@ impl PeerProto {
                 reason: error.to_string(),
             };
         }
+        if !matches!(
+            self.sync,
+            SyncPhase::Idle | SyncPhase::Complete { .. } | SyncPhase::Failed(_)
+        ) {
+            self.sync = SyncPhase::Failed(error);
+        }
         effects
     }
 
@@ -377,6 +482,32 @@ impl PeerProto {
             }
             MasterMsg::Kicked { reason } => return Ok(self.master_lost(Error::Kicked(reason))),
             MasterMsg::Ping => self.out.push_back(PeerMsg::Pong),
+            MasterMsg::SyncPlan {
+                revision,
+                secret,
+                pulls,
+            } => {
+                if self.sync != SyncPhase::Voting {
+                    return violation("a shared-state plan without a vote");
+                }
+                self.sync = SyncPhase::Plan {
+                    revision,
+                    secret,
+                    pulls,
+                };
+            }
+            MasterMsg::SyncComplete { revision } => {
+                if self.sync != (SyncPhase::Reported { revision }) {
+                    return violation("SyncComplete out of turn");
+                }
+                self.sync = SyncPhase::Complete { revision };
+            }
+            MasterMsg::SyncFailed { reason } => {
+                if matches!(self.sync, SyncPhase::Idle | SyncPhase::Complete { .. }) {
+                    return violation("SyncFailed out of turn");
+                }
+                self.sync = SyncPhase::Failed(Error::SyncFailed(reason));
+            }
             MasterMsg::PendingAnswer { pending } => {
                 if self.pending != Some(None) {
                     return violation("an answer to a question not asked");

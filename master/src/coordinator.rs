@@ -124,6 +124,10 @@ pub struct Coordinator {
     /// Votes cancelled before every member voted: (reason, peers told). A late voter of the tag
     /// is told at once instead of starting a vote nobody else will join.
     cancelled_votes: BTreeMap<u64, (String, BTreeSet<PeerId>)>,
+    /// The shared-state sync under way, if any.
+    sync: Option<sync::SyncState>,
+    /// Each peer's shared-state revision after its last completed sync.
+    revisions: BTreeMap<PeerId, u64>,
     next_seq: u64,
     out: VecDeque<Output>,
     /// The latest time an input carried.
@@ -148,6 +152,8 @@ impl Coordinator {
             pending_votes: BTreeSet::new(),
             colls: BTreeMap::new(),
             cancelled_votes: BTreeMap::new(),
+            sync: None,
+            revisions: BTreeMap::new(),
             next_seq: 1,
             out: VecDeque::new(),
             now: None,
@@ -175,6 +181,7 @@ impl Coordinator {
     /// Whether anything waits on the peers (then their liveness matters).
     fn active(&self) -> bool {
         !self.colls.is_empty()
+            || self.sync.is_some()
             || self.round.is_some()
             || !self.accept_votes.is_empty()
             || !self.pending_votes.is_empty()
@@ -397,11 +404,27 @@ impl Coordinator {
             }
             PeerMsg::Hello { .. } => Err("sent Hello twice".into()),
             PeerMsg::Pong => Ok(()),
+            PeerMsg::SyncVote { .. } | PeerMsg::SyncDone { .. } if !accepted => {
+                Err("sent a shared-state message before being admitted to the group".into())
+            }
+            PeerMsg::SyncVote {
+                revision,
+                strategy,
+                entries,
+            } => self.on_sync_vote(id, revision, &strategy, entries),
+            PeerMsg::SyncDone {
+                revision,
+                ok,
+                detail,
+            } => self.on_sync_done(id, revision, ok, &detail),
             other if !accepted => Err(format!(
                 "sent {} before being admitted to the group",
                 kind(&other)
             )),
             PeerMsg::AcceptVote => {
+                if self.in_sync(id) {
+                    return Err("voted to update the topology during a shared-state sync".into());
+                }
                 if self.round.is_some() {
                     return Err("voted to update the topology during a connection round".into());
                 }
@@ -496,6 +519,12 @@ impl Coordinator {
     }
 
     fn on_coll_init(&mut self, id: PeerId, tag: u64, desc: CollectiveDesc) -> Result<(), String> {
+        if self.in_sync(id) {
+            return Err(
+                "started a collective during a shared-state sync (one operation kind at a time)"
+                    .into(),
+            );
+        }
         if desc.dtype.is_empty() || desc.op.is_empty() {
             return Err(format!("collective {tag} with an empty dtype or op"));
         }
@@ -656,6 +685,7 @@ impl Coordinator {
             }
         }
         self.reevaluate_collectives(&accepted);
+        self.reevaluate_sync(&accepted);
         match (self.active(), self.next_heartbeat, self.now) {
             (true, None, Some(now)) => {
                 for p in self.peers.values_mut() {
@@ -805,6 +835,7 @@ impl Coordinator {
         };
         self.accept_votes.remove(&id);
         self.pending_votes.remove(&id);
+        self.sync_remove_peer(id);
         if !peer.accepted {
             return;
         }
@@ -864,6 +895,8 @@ fn kind(msg: &PeerMsg) -> &'static str {
         PeerMsg::CollComplete { .. } => "CollComplete",
         PeerMsg::Goodbye => "Goodbye",
         PeerMsg::Pong => "Pong",
+        PeerMsg::SyncVote { .. } => "SyncVote",
+        PeerMsg::SyncDone { .. } => "SyncDone",
         PeerMsg::CollCancel { .. } => "CollCancel",
     }
 }
@@ -874,6 +907,8 @@ fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
+
+mod sync;
 
 #[cfg(test)]
 mod tests;

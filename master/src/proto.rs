@@ -18,6 +18,8 @@ pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
 pub const MAX_STRING_BYTES: usize = 4096;
 /// Most members a ring may list.
 pub const MAX_RING_MEMBERS: usize = 4096;
+/// Most shared-state entries in one vote or plan.
+pub const MAX_ENTRIES: usize = 8192;
 
 /// Identifier the master gives each peer, unique for the master's lifetime.
 pub type PeerId = u64;
@@ -41,6 +43,34 @@ impl fmt::Display for CollectiveDesc {
             self.count, self.dtype, self.op
         )
     }
+}
+
+/// One shared-state entry as a peer describes it in its vote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryDesc {
+    /// Name of the tensor.
+    pub key: String,
+    /// Element type name.
+    pub dtype: String,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// xxHash64 (seed 0) of the bytes.
+    pub hash: u64,
+    /// Whether peers may hold different contents by design (never synchronised).
+    pub allow_content_inequality: bool,
+}
+
+/// What an outdated peer must fetch for one entry, and from whom.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pull {
+    /// Name of the tensor.
+    pub key: String,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// The elected content's hash, to verify after the transfer.
+    pub hash: u64,
+    /// Peers holding the elected content (pull from several at once).
+    pub sources: Vec<RingMember>,
 }
 
 /// One member of a ring, in ring order.
@@ -99,6 +129,24 @@ pub enum PeerMsg {
     Goodbye,
     /// Answer to [`MasterMsg::Ping`]: this peer is alive.
     Pong,
+    /// Vote to synchronise shared state.
+    SyncVote {
+        /// The peer's revision of its shared state.
+        revision: u64,
+        /// "enforce-popular", "receive-only" or "send-only".
+        strategy: String,
+        /// Every entry, sorted by key.
+        entries: Vec<EntryDesc>,
+    },
+    /// This peer finished its pulls of a sync (or failed them).
+    SyncDone {
+        /// The elected revision.
+        revision: u64,
+        /// Whether every pulled entry arrived and matched its hash.
+        ok: bool,
+        /// Why not, when not.
+        detail: String,
+    },
     /// Abort a collective on every peer (its deadline passed, or the user cancelled it).
     CollCancel {
         /// User tag.
@@ -191,6 +239,26 @@ pub enum MasterMsg {
     },
     /// Liveness probe, sent while collectives or votes are under way; answer with `Pong`.
     Ping,
+    /// Result of the shared-state vote for this peer: what it must pull (nothing, when up to
+    /// date), and the secret pull requests must present.
+    SyncPlan {
+        /// The elected revision, which every peer holds afterwards.
+        revision: u64,
+        /// The secret of this sync.
+        secret: u64,
+        /// Entries to fetch.
+        pulls: Vec<Pull>,
+    },
+    /// Every peer holds the elected state; sources may stop serving.
+    SyncComplete {
+        /// The elected revision.
+        revision: u64,
+    },
+    /// The sync failed (a peer could not fetch an entry); nobody's revision changed.
+    SyncFailed {
+        /// Why.
+        reason: String,
+    },
     /// The master removes this peer; the connection closes after this message.
     Kicked {
         /// Why.

@@ -750,3 +750,159 @@ fn a_silent_peer_is_kicked_by_heartbeats_and_named_to_the_survivors() {
         at - t1
     );
 }
+
+mod shared_state {
+    use super::*;
+    use crate::proto::EntryDesc;
+
+    fn entry(key: &str, hash: u64) -> EntryDesc {
+        EntryDesc {
+            key: key.into(),
+            dtype: "float".into(),
+            bytes: 16,
+            hash,
+            allow_content_inequality: false,
+        }
+    }
+
+    fn vote(h: &mut H, conn: ConnId, revision: u64, strategy: &str, hashes: &[u64]) -> Vec<Output> {
+        let entries = hashes
+            .iter()
+            .enumerate()
+            .map(|(i, x)| entry(&format!("k{i}"), *x))
+            .collect();
+        h.msg(
+            conn,
+            PeerMsg::SyncVote {
+                revision,
+                strategy: strategy.into(),
+                entries,
+            },
+        )
+    }
+
+    fn plan(out: &[Output], conn: ConnId) -> Option<(u64, Vec<crate::proto::Pull>)> {
+        H::sent_to(out, conn).into_iter().find_map(|m| match m {
+            MasterMsg::SyncPlan {
+                revision, pulls, ..
+            } => Some((revision, pulls)),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn popularity_beats_first_arrival_and_only_dirty_keys_move() {
+        let mut h = H::group(3);
+        vote(&mut h, 1, 5, "enforce-popular", &[1, 9]); // first, but alone
+        vote(&mut h, 2, 5, "enforce-popular", &[1, 2]);
+        let out = vote(&mut h, 3, 5, "enforce-popular", &[1, 2]);
+        let (rev, pulls) = plan(&out, 1).unwrap();
+        assert_eq!(rev, 5);
+        assert_eq!(pulls.len(), 1, "only the dirty key moves");
+        assert_eq!(pulls[0].key, "k1");
+        assert_eq!(pulls[0].hash, 2);
+        let sources: Vec<u64> = pulls[0].sources.iter().map(|s| s.peer_id).collect();
+        assert_eq!(sources, vec![2, 3], "every up-to-date holder is a source");
+        assert!(
+            plan(&out, 2).unwrap().1.is_empty(),
+            "identical state moves nothing"
+        );
+        for conn in 1..=3 {
+            h.msg(
+                conn,
+                PeerMsg::SyncDone {
+                    revision: 5,
+                    ok: true,
+                    detail: String::new(),
+                },
+            );
+        }
+        // The next sync must be revision 6; 8 is a jump.
+        let out = vote(&mut h, 2, 8, "enforce-popular", &[1, 2]);
+        assert!(kicked(&H::sent_to(&out, 2))
+            .unwrap()
+            .contains("jumped from 5 to 8"));
+    }
+
+    #[test]
+    fn the_expected_revision_is_preferred_over_popularity() {
+        let mut h = H::group(3);
+        vote(&mut h, 1, 7, "enforce-popular", &[4]);
+        vote(&mut h, 2, 6, "enforce-popular", &[3]);
+        let out = vote(&mut h, 3, 6, "enforce-popular", &[3]);
+        let (rev, pulls) = plan(&out, 2).unwrap();
+        assert_eq!(
+            (rev, pulls[0].hash),
+            (7, 4),
+            "the newest revision's content wins"
+        );
+    }
+
+    #[test]
+    fn ties_go_to_the_lowest_peer_id_and_strategies_kick() {
+        let mut h = H::group(2);
+        vote(&mut h, 1, 1, "enforce-popular", &[10]);
+        let out = vote(&mut h, 2, 1, "enforce-popular", &[20]);
+        assert_eq!(
+            plan(&out, 2).unwrap().1[0].hash,
+            10,
+            "tie: peer 1's content"
+        );
+
+        let mut h = H::group(2);
+        vote(&mut h, 1, 1, "receive-only", &[1]);
+        let out = vote(&mut h, 2, 1, "receive-only", &[1]);
+        assert!(
+            H::closed(&out, 1) && H::closed(&out, 2),
+            "all receive-only: everyone is kicked"
+        );
+
+        let mut h = H::group(3);
+        vote(&mut h, 1, 1, "send-only", &[1]);
+        vote(&mut h, 2, 1, "enforce-popular", &[2]);
+        let out = vote(&mut h, 3, 1, "enforce-popular", &[2]);
+        assert!(
+            kicked(&H::sent_to(&out, 1)).unwrap().contains("send-only"),
+            "outdated send-only peer kicked"
+        );
+
+        let mut h = H::group(2);
+        vote(&mut h, 1, 1, "enforce-popular", &[1, 2]);
+        let out = vote(&mut h, 2, 1, "enforce-popular", &[1]);
+        assert!(
+            H::closed(&out, 1) || H::closed(&out, 2),
+            "a key-set mismatch gets the odd peer kicked"
+        );
+    }
+
+    #[test]
+    fn a_receive_only_peer_never_serves_and_resume_from_any_revision() {
+        let mut h = H::group(3);
+        vote(&mut h, 1, 41, "receive-only", &[5]);
+        vote(&mut h, 2, 41, "enforce-popular", &[6]);
+        let out = vote(&mut h, 3, 41, "enforce-popular", &[6]);
+        let (rev, pulls) = plan(&out, 1).unwrap();
+        assert_eq!(rev, 41, "any first revision (resume from a checkpoint)");
+        assert!(pulls[0].sources.iter().all(|s| s.peer_id != 1));
+    }
+
+    #[test]
+    fn a_failed_pull_fails_the_sync_for_everyone() {
+        let mut h = H::group(2);
+        vote(&mut h, 1, 1, "enforce-popular", &[1]);
+        vote(&mut h, 2, 1, "enforce-popular", &[1]);
+        let out = h.msg(
+            2,
+            PeerMsg::SyncDone {
+                revision: 1,
+                ok: false,
+                detail: "hash mismatch".into(),
+            },
+        );
+        for conn in 1..=2 {
+            assert!(
+                matches!(&H::sent_to(&out, conn)[0], MasterMsg::SyncFailed { reason } if reason.contains("hash mismatch"))
+            );
+        }
+    }
+}

@@ -181,6 +181,31 @@ pub fn encode_peer(msg: &PeerMsg) -> Vec<u8> {
         }
         PeerMsg::Goodbye => Enc::new(7),
         PeerMsg::Pong => Enc::new(9),
+        PeerMsg::SyncVote {
+            revision,
+            strategy,
+            entries,
+        } => {
+            let mut e = Enc::new(10);
+            e.u64(*revision).str(strategy).u32(entries.len() as u32);
+            for x in entries {
+                e.str(&x.key)
+                    .str(&x.dtype)
+                    .u64(x.bytes)
+                    .u64(x.hash)
+                    .u8(x.allow_content_inequality as u8);
+            }
+            e
+        }
+        PeerMsg::SyncDone {
+            revision,
+            ok,
+            detail,
+        } => {
+            let mut e = Enc::new(11);
+            e.u64(*revision).u8(*ok as u8).str(detail);
+            e
+        }
         PeerMsg::CollCancel { tag, seq, reason } => {
             let mut e = Enc::new(8);
             e.u64(*tag).u64(*seq).str(reason);
@@ -225,6 +250,34 @@ pub fn decode_peer(body: &[u8]) -> Result<PeerMsg, ProtoError> {
         },
         7 => PeerMsg::Goodbye,
         9 => PeerMsg::Pong,
+        10 => {
+            let (revision, strategy, n) = (d.u64()?, d.str()?, d.u32()? as usize);
+            if n > MAX_ENTRIES {
+                return Err(malformed(format!(
+                    "{n} shared-state entries over the limit"
+                )));
+            }
+            let mut entries = Vec::with_capacity(n);
+            for _ in 0..n {
+                entries.push(EntryDesc {
+                    key: d.str()?,
+                    dtype: d.str()?,
+                    bytes: d.u64()?,
+                    hash: d.u64()?,
+                    allow_content_inequality: d.bool()?,
+                });
+            }
+            PeerMsg::SyncVote {
+                revision,
+                strategy,
+                entries,
+            }
+        }
+        11 => PeerMsg::SyncDone {
+            revision: d.u64()?,
+            ok: d.bool()?,
+            detail: d.str()?,
+        },
         8 => PeerMsg::CollCancel {
             tag: d.u64()?,
             seq: d.u64()?,
@@ -305,6 +358,34 @@ pub fn encode_master(msg: &MasterMsg) -> Vec<u8> {
             e
         }
         MasterMsg::Ping => Enc::new(12),
+        MasterMsg::SyncPlan {
+            revision,
+            secret,
+            pulls,
+        } => {
+            let mut e = Enc::new(13);
+            e.u64(*revision).u64(*secret).u32(pulls.len() as u32);
+            for p in pulls {
+                e.str(&p.key)
+                    .u64(p.bytes)
+                    .u64(p.hash)
+                    .u32(p.sources.len() as u32);
+                for m in &p.sources {
+                    e.u64(m.peer_id).str(&m.data_addr);
+                }
+            }
+            e
+        }
+        MasterMsg::SyncComplete { revision } => {
+            let mut e = Enc::new(14);
+            e.u64(*revision);
+            e
+        }
+        MasterMsg::SyncFailed { reason } => {
+            let mut e = Enc::new(15);
+            e.str(reason);
+            e
+        }
         MasterMsg::Kicked { reason } => {
             let mut e = Enc::new(11);
             e.str(reason);
@@ -396,6 +477,39 @@ pub fn decode_master(body: &[u8]) -> Result<MasterMsg, ProtoError> {
         }
         11 => MasterMsg::Kicked { reason: d.str()? },
         12 => MasterMsg::Ping,
+        13 => {
+            let (revision, secret, n) = (d.u64()?, d.u64()?, d.u32()? as usize);
+            if n > MAX_ENTRIES {
+                return Err(malformed(format!("{n} pulls over the limit")));
+            }
+            let mut pulls = Vec::with_capacity(n);
+            for _ in 0..n {
+                let (key, bytes, hash, m) = (d.str()?, d.u64()?, d.u64()?, d.u32()? as usize);
+                if m > MAX_RING_MEMBERS {
+                    return Err(malformed(format!("{m} sources over the limit")));
+                }
+                let mut sources = Vec::with_capacity(m);
+                for _ in 0..m {
+                    sources.push(RingMember {
+                        peer_id: d.u64()?,
+                        data_addr: d.str()?,
+                    });
+                }
+                pulls.push(Pull {
+                    key,
+                    bytes,
+                    hash,
+                    sources,
+                });
+            }
+            MasterMsg::SyncPlan {
+                revision,
+                secret,
+                pulls,
+            }
+        }
+        14 => MasterMsg::SyncComplete { revision: d.u64()? },
+        15 => MasterMsg::SyncFailed { reason: d.str()? },
         k => return Err(malformed(format!("unknown master message kind {k}"))),
     };
     d.end()?;
@@ -439,6 +553,22 @@ mod tests {
             },
             PeerMsg::Goodbye,
             PeerMsg::Pong,
+            PeerMsg::SyncVote {
+                revision: 3,
+                strategy: "send-only".into(),
+                entries: vec![EntryDesc {
+                    key: "w".into(),
+                    dtype: "bfloat16".into(),
+                    bytes: 8,
+                    hash: 99,
+                    allow_content_inequality: true,
+                }],
+            },
+            PeerMsg::SyncDone {
+                revision: 4,
+                ok: false,
+                detail: "x".into(),
+            },
             PeerMsg::CollCancel {
                 tag: 3,
                 seq: 4,
@@ -492,6 +622,21 @@ mod tests {
                 reason: "bad".into(),
             },
             MasterMsg::Ping,
+            MasterMsg::SyncPlan {
+                revision: 2,
+                secret: 3,
+                pulls: vec![Pull {
+                    key: "w".into(),
+                    bytes: 8,
+                    hash: 1,
+                    sources: vec![RingMember {
+                        peer_id: 1,
+                        data_addr: "a:1".into(),
+                    }],
+                }],
+            },
+            MasterMsg::SyncComplete { revision: 2 },
+            MasterMsg::SyncFailed { reason: "r".into() },
         ];
         for m in masters {
             assert_eq!(decode_master(body(&encode_master(&m))).unwrap(), m);

@@ -1,0 +1,227 @@
+//! Shared-state sync across real processes: a late joiner ends bit-identical (16-bit entries
+//! included), up-to-date peers move nothing, only dirty keys move, and a holder killed
+//! mid-transfer is replaced by another.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use concord::{SharedState, SyncStrategy};
+use half::{bf16, f16};
+
+struct Model {
+    weights: Vec<f32>,
+    emb: Vec<bf16>,
+    head: Vec<f16>,
+    quant: Vec<i16>,
+    step: Vec<u64>,
+}
+
+impl Model {
+    fn trained(seed: u32, big: usize) -> Model {
+        Model {
+            weights: (0..big)
+                .map(|i| ((i as u32).wrapping_mul(2654435761) ^ seed) as f32 * 1e-9)
+                .collect(),
+            emb: (0..65_537)
+                .map(|i| bf16::from_f32(i as f32 * 0.25 + seed as f32))
+                .collect(),
+            head: (0..10_007)
+                .map(|i| f16::from_f32((i % 100) as f32 * 0.5))
+                .collect(),
+            quant: (0..4099).map(|i| (i as i16).wrapping_mul(7)).collect(),
+            step: vec![1234],
+        }
+    }
+
+    fn empty(big: usize) -> Model {
+        Model {
+            weights: vec![0.0; big],
+            emb: vec![bf16::ZERO; 65_537],
+            head: vec![f16::ZERO; 10_007],
+            quant: vec![0; 4099],
+            step: vec![0],
+        }
+    }
+
+    fn state(&mut self, revision: u64) -> SharedState<'_> {
+        let mut s = SharedState::new(revision);
+        s.add("weights", &mut self.weights)
+            .add("emb", &mut self.emb)
+            .add("head", &mut self.head)
+            .add("quant", &mut self.quant)
+            .add("step", &mut self.step);
+        s
+    }
+
+    fn digest(&self) -> u64 {
+        let parts: [&[u8]; 5] = [
+            bytemuck::cast_slice(&self.weights),
+            bytemuck::cast_slice(&self.emb),
+            bytemuck::cast_slice(&self.head),
+            bytemuck::cast_slice(&self.quant),
+            bytemuck::cast_slice(&self.step),
+        ];
+        parts
+            .iter()
+            .fold(0, |h, p| h.rotate_left(7) ^ concord::state_hash(p))
+    }
+}
+
+/// Peer: ROLE=holder syncs revision 10 with the other holders, then 11 with the joiner;
+/// ROLE=joiner joins after the first sync with an empty model and syncs once.
+#[test]
+fn peer_state() {
+    if !is_peer() {
+        return;
+    }
+    let role = std::env::var("ROLE").unwrap();
+    let holders: usize = std::env::var("HOLDERS").unwrap().parse().unwrap();
+    let big: usize = std::env::var("BIG").unwrap().parse().unwrap();
+    let addr = std::env::var("MASTER").unwrap();
+    if role == "holder" {
+        let mut comm = join_world(&addr, holders);
+        let mut model = Model::trained(7, big);
+        // First sync: any revision. One holder differs in one key: only that key moves.
+        if comm.rank() == 0 {
+            model.head[5] = f16::from_f32(99.0);
+        }
+        let info = comm
+            .sync_shared_state(&mut model.state(10), SyncStrategy::EnforcePopular)
+            .unwrap();
+        println!(
+            "SYNC1 rev {} pulled {} recv {} sent {}",
+            info.revision, info.entries_pulled, info.bytes_received, info.bytes_sent
+        );
+        // Wait for the joiner.
+        while comm.world_size() < holders + 1 {
+            if comm.are_new_peers_pending().unwrap() {
+                comm.update_topology().unwrap();
+            } else {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let mut state = model.state(10);
+        state.revision += 1;
+        let info = comm
+            .sync_shared_state(&mut state, SyncStrategy::EnforcePopular)
+            .unwrap();
+        println!(
+            "SYNC2 rev {} pulled {} recv {} sent {}",
+            info.revision, info.entries_pulled, info.bytes_received, info.bytes_sent
+        );
+        println!("DIGEST {:016x}", model.digest());
+    } else {
+        let mut comm = concord::Communicator::builder(addr)
+            .op_timeout(Duration::from_secs(60))
+            .connect()
+            .unwrap();
+        let mut model = Model::empty(big);
+        let info = comm
+            .sync_shared_state(&mut model.state(0), SyncStrategy::ReceiveOnly)
+            .unwrap();
+        println!(
+            "SYNC2 rev {} pulled {} recv {} sent {}",
+            info.revision, info.entries_pulled, info.bytes_received, info.bytes_sent
+        );
+        println!("DIGEST {:016x}", model.digest());
+    }
+}
+
+fn numbers(line: &str) -> Vec<u64> {
+    line.split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect()
+}
+
+fn run(holders: usize, big: usize, victim_env: Option<(&str, &str)>) -> Vec<String> {
+    let master = MasterProcess::start();
+    let env = |role: &str| {
+        vec![
+            ("MASTER", master.addr.clone()),
+            ("ROLE", role.to_string()),
+            ("HOLDERS", holders.to_string()),
+            ("BIG", big.to_string()),
+        ]
+    };
+    let mut procs = Vec::new();
+    for i in 0..holders {
+        let mut e = env("holder");
+        if let (Some((k, v)), true) = (victim_env, i == holders - 1) {
+            e.push((k, v.to_string()));
+        }
+        procs.push((
+            i == holders - 1 && victim_env.is_some(),
+            spawn_peer("peer_state", &e),
+        ));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    procs.push((false, spawn_peer("peer_state", &env("joiner"))));
+    let mut outs = Vec::new();
+    for (is_victim, p) in procs {
+        let (ok, out) = wait_output(p, Duration::from_secs(120));
+        if is_victim {
+            assert!(!ok, "the victim holder died mid-transfer:\n{out}");
+            continue;
+        }
+        assert!(ok, "peer failed:\n{out}");
+        outs.push(out);
+    }
+    outs
+}
+
+#[test]
+fn late_joiner_ends_bit_identical_and_only_dirty_keys_move() {
+    if is_peer() {
+        return;
+    }
+    let outs = run(2, 1 << 20, None);
+    let digests: Vec<&str> = outs.iter().map(|o| lines_with(o, "DIGEST ")[0]).collect();
+    assert!(digests.iter().all(|d| *d == digests[0]), "{digests:?}");
+    let total = (4 << 20) + 65_537 * 2 + 10_007 * 2 + 4099 * 2 + 8;
+    for (i, o) in outs.iter().enumerate() {
+        let s2 = numbers(lines_with(o, "SYNC2 ")[0]);
+        assert_eq!(s2[0], 11, "everyone holds revision 11");
+        if i < 2 {
+            assert_eq!(s2[2], 0, "an up-to-date holder pulls nothing");
+            let s1 = numbers(lines_with(o, "SYNC1 ")[0]);
+            // Tie between the two holders: the lower id's content wins; the other pulls one key.
+            assert!(s1[1] <= 1, "at most the one dirty key moved: {s1:?}");
+            if s1[1] == 1 {
+                assert_eq!(s1[2], 10_007 * 2, "exactly the f16 entry's bytes");
+            }
+        } else {
+            assert_eq!(
+                s2[1], 5,
+                "the joiner pulls all five entries, 16-bit ones included"
+            );
+            assert_eq!(s2[2], total as u64, "every byte of them");
+        }
+    }
+    let served: u64 = outs[..2]
+        .iter()
+        .map(|o| numbers(lines_with(o, "SYNC2 ")[0])[3])
+        .sum();
+    assert_eq!(
+        served, total as u64,
+        "the holders together served exactly the joiner's bytes"
+    );
+    assert!(
+        outs[..2]
+            .iter()
+            .all(|o| numbers(lines_with(o, "SYNC2 ")[0])[3] > 0),
+        "pulled from both holders at once"
+    );
+}
+
+#[test]
+fn a_holder_killed_mid_transfer_is_replaced_by_another() {
+    if is_peer() {
+        return;
+    }
+    let outs = run(3, 16 << 20, Some(("CONCORD_FAULT_KILL_AT", "serve")));
+    let digests: Vec<&str> = outs.iter().map(|o| lines_with(o, "DIGEST ")[0]).collect();
+    assert_eq!(digests.len(), 3, "two surviving holders and the joiner");
+    assert!(digests.iter().all(|d| *d == digests[0]), "{digests:?}");
+}

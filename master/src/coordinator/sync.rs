@@ -1,0 +1,340 @@
+//! Shared-state synchronisation: the vote, the election, the kick rules and the transfer plan.
+//!
+//! Every accepted peer votes with its revision, strategy and per-entry (key, dtype, size, hash).
+//! Once all voted: revisions must have risen by exactly one since the peer's last sync (any
+//! first revision, to resume from a checkpoint); peers whose key set differs from the most common
+//! one are kicked; the content is elected among peers that may send, preferring those at the
+//! expected (highest) revision, then the most popular, then the lowest id; a send-only peer that
+//! is outdated is kicked, and if every peer is receive-only all are. Each peer then gets the
+//! list of entries it must pull and every up-to-date peer holding them, so it can pull from
+//! several at once and resume from another when one dies. When every peer reports its pulls
+//! done, all hold the elected revision.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::Coordinator;
+use crate::proto::{EntryDesc, MasterMsg, PeerId, Pull, RingMember};
+
+/// A shared-state vote as the master keeps it.
+#[derive(Debug, Clone)]
+pub(super) struct SyncVote {
+    pub(super) revision: u64,
+    pub(super) strategy: Strategy,
+    pub(super) entries: Vec<EntryDesc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Strategy {
+    EnforcePopular,
+    ReceiveOnly,
+    SendOnly,
+}
+
+impl Strategy {
+    pub(super) fn parse(s: &str) -> Option<Self> {
+        match s {
+            "enforce-popular" => Some(Strategy::EnforcePopular),
+            "receive-only" => Some(Strategy::ReceiveOnly),
+            "send-only" => Some(Strategy::SendOnly),
+            _ => None,
+        }
+    }
+}
+
+/// Where a sync stands.
+#[derive(Debug)]
+pub(super) enum SyncState {
+    Voting {
+        votes: BTreeMap<PeerId, SyncVote>,
+    },
+    Transferring {
+        revision: u64,
+        members: BTreeSet<PeerId>,
+        done: BTreeSet<PeerId>,
+    },
+}
+
+impl Coordinator {
+    pub(super) fn in_sync(&self, id: PeerId) -> bool {
+        match &self.sync {
+            Some(SyncState::Voting { votes }) => votes.contains_key(&id),
+            Some(SyncState::Transferring { members, done, .. }) => {
+                members.contains(&id) && !done.contains(&id)
+            }
+            None => false,
+        }
+    }
+
+    pub(super) fn on_sync_vote(
+        &mut self,
+        id: PeerId,
+        revision: u64,
+        strategy: &str,
+        entries: Vec<EntryDesc>,
+    ) -> Result<(), String> {
+        let strategy = Strategy::parse(strategy)
+            .ok_or_else(|| format!("unknown shared-state strategy {strategy:?}"))?;
+        if self.in_collective(id) || self.accept_votes.contains(&id) || self.round.is_some() {
+            return Err("voted to sync shared state during another operation (one operation kind at a time)".into());
+        }
+        if entries.windows(2).any(|w| w[0].key >= w[1].key) {
+            return Err("shared-state entries not sorted by unique key".into());
+        }
+        if let Some(last) = self.revisions.get(&id) {
+            if revision != last + 1 {
+                return Err(format!("shared-state revision jumped from {last} to {revision}; it must rise by exactly one"));
+            }
+        }
+        let votes = match &mut self.sync {
+            None => {
+                self.sync = Some(SyncState::Voting {
+                    votes: BTreeMap::new(),
+                });
+                match &mut self.sync {
+                    Some(SyncState::Voting { votes }) => votes,
+                    _ => unreachable!("just set"),
+                }
+            }
+            Some(SyncState::Voting { votes }) => votes,
+            Some(SyncState::Transferring { .. }) => {
+                return Err("voted to sync while a sync is transferring".into())
+            }
+        };
+        if votes
+            .insert(
+                id,
+                SyncVote {
+                    revision,
+                    strategy,
+                    entries,
+                },
+            )
+            .is_some()
+        {
+            return Err("voted twice to sync shared state".into());
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_sync_done(
+        &mut self,
+        id: PeerId,
+        revision: u64,
+        ok: bool,
+        detail: &str,
+    ) -> Result<(), String> {
+        match &mut self.sync {
+            Some(SyncState::Transferring {
+                revision: r,
+                members,
+                done,
+            }) if *r == revision && members.contains(&id) => {
+                if !done.insert(id) {
+                    return Err("reported its shared-state pulls twice".into());
+                }
+                if !ok {
+                    let reason = format!("peer {id} could not fetch shared state: {detail}");
+                    self.fail_sync(&reason);
+                }
+                Ok(())
+            }
+            _ => Err(format!(
+                "reported shared-state pulls for revision {revision}, which is not being synced"
+            )),
+        }
+    }
+
+    pub(super) fn fail_sync(&mut self, reason: &str) {
+        let targets: Vec<PeerId> = match self.sync.take() {
+            Some(SyncState::Voting { votes }) => votes.into_keys().collect(),
+            Some(SyncState::Transferring { members, .. }) => members.into_iter().collect(),
+            None => return,
+        };
+        for id in targets {
+            self.send(
+                id,
+                MasterMsg::SyncFailed {
+                    reason: reason.to_string(),
+                },
+            );
+        }
+    }
+
+    /// Forgets a departed peer's part in a sync; a transfer goes on without it (pullers resume
+    /// from other sources).
+    pub(super) fn sync_remove_peer(&mut self, id: PeerId) {
+        self.revisions.remove(&id);
+        match &mut self.sync {
+            Some(SyncState::Voting { votes }) => {
+                votes.remove(&id);
+            }
+            Some(SyncState::Transferring { members, done, .. }) => {
+                members.remove(&id);
+                done.remove(&id);
+            }
+            None => {}
+        }
+    }
+
+    pub(super) fn reevaluate_sync(&mut self, accepted: &BTreeSet<PeerId>) {
+        match &self.sync {
+            Some(SyncState::Voting { votes })
+                if !accepted.is_empty()
+                    && votes.keys().copied().collect::<BTreeSet<_>>() == *accepted =>
+            {
+                let Some(SyncState::Voting { votes }) = self.sync.take() else {
+                    unreachable!("matched")
+                };
+                self.elect(votes);
+            }
+            Some(SyncState::Transferring {
+                revision,
+                members,
+                done,
+            }) if done.is_superset(members) => {
+                let (revision, members) = (*revision, members.clone());
+                self.sync = None;
+                for id in members {
+                    self.revisions.insert(id, revision);
+                    self.send(id, MasterMsg::SyncComplete { revision });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn elect(&mut self, mut votes: BTreeMap<PeerId, SyncVote>) {
+        // Key sets: the most common one wins; the others are kicked.
+        let shape = |v: &SyncVote| -> Vec<(String, String, u64)> {
+            v.entries
+                .iter()
+                .map(|e| (e.key.clone(), e.dtype.clone(), e.bytes))
+                .collect()
+        };
+        let mut shapes: BTreeMap<Vec<(String, String, u64)>, Vec<PeerId>> = BTreeMap::new();
+        for (id, v) in &votes {
+            shapes.entry(shape(v)).or_default().push(*id);
+        }
+        let popular = shapes
+            .iter()
+            .max_by_key(|(_, ids)| (ids.len(), std::cmp::Reverse(ids[0])))
+            .map(|(s, _)| s.clone())
+            .expect("votes");
+        let odd: Vec<PeerId> = votes
+            .iter()
+            .filter(|(_, v)| shape(v) != popular)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in odd {
+            votes.remove(&id);
+            self.kick_peer(
+                id,
+                "its shared-state keys, types or sizes differ from the group's",
+            );
+        }
+        if votes.values().all(|v| v.strategy == Strategy::ReceiveOnly) {
+            let ids: Vec<PeerId> = votes.keys().copied().collect();
+            for id in ids {
+                self.kick_peer(
+                    id,
+                    "every peer is receive-only: nobody may provide the shared state",
+                );
+            }
+            return;
+        }
+        // Election among peers that may send: expected revision first, then popularity, then id.
+        let content = |v: &SyncVote| -> Vec<u64> {
+            v.entries
+                .iter()
+                .map(|e| {
+                    if e.allow_content_inequality {
+                        0
+                    } else {
+                        e.hash
+                    }
+                })
+                .collect()
+        };
+        let senders: Vec<(&PeerId, &SyncVote)> = votes
+            .iter()
+            .filter(|(_, v)| v.strategy != Strategy::ReceiveOnly)
+            .collect();
+        let expected = senders
+            .iter()
+            .map(|(_, v)| v.revision)
+            .max()
+            .expect("a sender exists");
+        let mut tally: BTreeMap<Vec<u64>, Vec<PeerId>> = BTreeMap::new();
+        for (id, v) in senders.iter().filter(|(_, v)| v.revision == expected) {
+            tally.entry(content(v)).or_default().push(**id);
+        }
+        let (elected, _) = tally
+            .into_iter()
+            .max_by_key(|(_, ids)| (ids.len(), std::cmp::Reverse(ids[0])))
+            .expect("a candidate");
+        // An outdated send-only peer may not receive: kicked.
+        let outdated_senders: Vec<PeerId> = votes
+            .iter()
+            .filter(|(_, v)| v.strategy == Strategy::SendOnly && content(v) != elected)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in outdated_senders {
+            votes.remove(&id);
+            self.kick_peer(id, "send-only peer holds outdated shared state");
+        }
+        let holders: Vec<(PeerId, &SyncVote)> = votes
+            .iter()
+            .filter(|(_, v)| v.strategy != Strategy::ReceiveOnly)
+            .map(|(id, v)| (*id, v))
+            .collect();
+        let secret = super::mix(
+            self.config.secret_seed ^ expected.wrapping_mul(0xA076_1D64_78BD_642F) ^ self.epoch,
+        );
+        let mut plans = Vec::new();
+        for (id, v) in &votes {
+            let mut pulls = Vec::new();
+            for (k, entry) in v.entries.iter().enumerate() {
+                if entry.allow_content_inequality || entry.hash == elected[k] {
+                    continue;
+                }
+                let sources: Vec<RingMember> = holders
+                    .iter()
+                    .filter(|(h, hv)| h != id && hv.entries[k].hash == elected[k])
+                    .map(|(h, _)| RingMember {
+                        peer_id: *h,
+                        data_addr: self.peers[h].data_addr.clone(),
+                    })
+                    .collect();
+                pulls.push(Pull {
+                    key: entry.key.clone(),
+                    bytes: entry.bytes,
+                    hash: elected[k],
+                    sources,
+                });
+            }
+            plans.push((*id, pulls));
+        }
+        let members: BTreeSet<PeerId> = votes.keys().copied().collect();
+        for (id, pulls) in plans {
+            self.send(
+                id,
+                MasterMsg::SyncPlan {
+                    revision: expected,
+                    secret,
+                    pulls,
+                },
+            );
+        }
+        self.sync = Some(SyncState::Transferring {
+            revision: expected,
+            members,
+            done: BTreeSet::new(),
+        });
+    }
+
+    fn kick_peer(&mut self, id: PeerId, reason: &str) {
+        if let Some(conn) = self.peers.get(&id).map(|p| p.conn) {
+            self.kick_conn(conn, reason);
+        }
+    }
+}
