@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use concord_kernels::{DType, ReduceOp};
 use concord_master::proto::{encode_peer, PeerId, PeerMsg, RingMember};
 use concord_transport::socket::{connect_with_retry, listen, resolve, SocketOptions};
+use concord_transport::{resolve_backend, BackendChoice, BackendKind};
 
 use crate::collective::Traffic;
 use crate::core::{flush, read_master, watchdog, Inner};
@@ -55,6 +56,9 @@ pub struct Config {
     /// Most collectives in flight at once; launching one more blocks until one completes (with
     /// the new one's deadline running).
     pub max_in_flight: usize,
+    /// Data-plane backend: `Auto` (io_uring where the kernel and sandbox allow it, else plain
+    /// sockets, saying why once), `Uring` or `Socket`. `None`: `CONCORD_TRANSPORT`, else `Auto`.
+    pub transport: Option<BackendChoice>,
 }
 
 impl Config {
@@ -71,6 +75,7 @@ impl Config {
             topology_timeout: Duration::from_secs(30),
             op_timeout: Duration::from_secs(120),
             max_in_flight: 256,
+            transport: None,
         }
     }
 }
@@ -121,6 +126,11 @@ impl CommunicatorBuilder {
     /// Deadline of each collective (default 120 s); a call may give its own.
     pub fn op_timeout(mut self, d: Duration) -> Self {
         self.config.op_timeout = d;
+        self
+    }
+    /// Data-plane backend (default: `CONCORD_TRANSPORT`, else auto).
+    pub fn transport(mut self, choice: BackendChoice) -> Self {
+        self.config.transport = Some(choice);
         self
     }
     /// Most collectives in flight at once (default 256, at most 65536).
@@ -203,6 +213,7 @@ impl Communicator {
 
     fn connect(config: Config) -> Result<Self, Error> {
         validate(&config)?;
+        let backend = resolve_transport(config.transport)?;
         let listener =
             listen(config.data_listen, 128).map_err(|e| Error::Io(format!("data port: {e}")))?;
         let data_port = listener
@@ -220,7 +231,7 @@ impl Communicator {
         concord_transport::socket::set_keepalive(&stream, Duration::from_secs(1))?;
         let read_half = stream.try_clone().map_err(|e| Error::Io(e.to_string()))?;
         let proto = PeerProto::new(data_port, config.advertise_ip.clone().unwrap_or_default());
-        let inner = Arc::new(Inner::new(proto, stream, listener, config));
+        let inner = Arc::new(Inner::new(proto, stream, listener, config, backend));
         let mut threads = Vec::new();
         let reader_inner = Arc::clone(&inner);
         threads.push(
@@ -246,6 +257,11 @@ impl Communicator {
         let deadline = Instant::now() + comm.inner.config.join_timeout;
         comm.finish_topology(deadline, "waiting to be admitted by the group")?;
         Ok(comm)
+    }
+
+    /// The data-plane backend this communicator runs on.
+    pub fn transport(&self) -> BackendKind {
+        self.inner.backend
     }
 
     /// This peer's id in the group.
@@ -404,7 +420,13 @@ impl Communicator {
                 inner.on_plane_event(event);
             }
         });
-        DataPlane::start(links, config.sub_chunk_bytes, config.op_timeout, events)
+        DataPlane::start(
+            links,
+            self.inner.backend,
+            config.sub_chunk_bytes,
+            config.op_timeout,
+            events,
+        )
     }
 
     /// Out-of-place all-reduce: `dst = op over all peers of their src`. Blocks until every peer
@@ -746,6 +768,20 @@ impl Drop for Communicator {
             let _ = t.join();
         }
     }
+}
+
+/// Picks the backend once; a fall-back from io_uring is said once per process.
+fn resolve_transport(choice: Option<BackendChoice>) -> Result<BackendKind, Error> {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    let choice = match choice {
+        Some(c) => c,
+        None => BackendChoice::from_env_or(BackendChoice::Auto).map_err(Error::InvalidArgument)?,
+    };
+    let (kind, why) = resolve_backend(choice).map_err(Error::InvalidArgument)?;
+    if let Some(why) = why {
+        SAID.call_once(|| tracing::warn!("io_uring unavailable ({why}); using plain sockets"));
+    }
+    Ok(kind)
 }
 
 fn validate(c: &Config) -> Result<(), Error> {

@@ -50,6 +50,7 @@ pub(crate) struct Inner {
     pub(crate) cond: Condvar,
     pub(crate) listener: TcpListener,
     pub(crate) config: Config,
+    pub(crate) backend: concord_transport::BackendKind,
     closing: std::sync::atomic::AtomicBool,
 }
 
@@ -62,6 +63,7 @@ impl Inner {
         master: TcpStream,
         listener: TcpListener,
         config: Config,
+        backend: concord_transport::BackendKind,
     ) -> Self {
         Inner {
             state: Mutex::new(Shared {
@@ -74,6 +76,7 @@ impl Inner {
             cond: Condvar::new(),
             listener,
             config,
+            backend,
             closing: std::sync::atomic::AtomicBool::new(false),
         }
     }

@@ -31,6 +31,7 @@ pub mod verify;
 
 pub use communicator::{Communicator, CommunicatorBuilder, Config, ReduceInfo, RetryReport};
 pub use concord_kernels::{DType, ReduceOp};
+pub use concord_transport::{BackendChoice, BackendKind};
 pub use element::Element;
 pub use error::Error;
 pub use handle::{Collectives, Completion, Handle, PeerProbe};

@@ -719,7 +719,11 @@ mod tests {
                 lost: vec![2],
             })
             .unwrap();
-        assert_eq!(fx, vec![Effect::Retire { tag: 1, seq: 5 }]);
+        assert_eq!(
+            fx,
+            vec![Effect::BreakRing, Effect::Retire { tag: 1, seq: 5 }],
+            "a lost peer breaks the ring"
+        );
         assert!(
             matches!(p.take_collective(1), Some(Err(Error::Aborted { lost, .. })) if lost == vec![2])
         );

@@ -23,10 +23,16 @@ fn unix_ms() -> u128 {
 struct Peer {
     child: Child,
     lines: Arc<Mutex<Vec<Value>>>,
+    log_path: std::path::PathBuf,
 }
 
 impl Peer {
     fn start(master: &str, min_world: usize, iters: usize, env: &[(&str, &str)]) -> Peer {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log_path =
+            std::env::temp_dir().join(format!("concord-fault-{}-{n}.log", std::process::id()));
+        let log = std::fs::File::create(&log_path).expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_concord"));
         cmd.args([
             "bench",
@@ -38,7 +44,8 @@ impl Peer {
         ])
         .args(["-n", &iters.to_string(), "-b", "2M", "-m", "4", "-T", "30"])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::from(log.try_clone().expect("log file")));
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -53,7 +60,11 @@ impl Peer {
                 }
             }
         });
-        Peer { child, lines }
+        Peer {
+            child,
+            lines,
+            log_path,
+        }
     }
 
     fn lines(&self) -> Vec<Value> {
@@ -76,6 +87,11 @@ impl Peer {
         }
     }
 
+    /// The peer's log (kept in a file so a failure explains itself).
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
     fn finish(mut self, timeout: Duration) -> (bool, Vec<Value>) {
         let deadline = Instant::now() + timeout;
         let status = loop {
@@ -89,6 +105,9 @@ impl Peer {
             std::thread::sleep(Duration::from_millis(10));
         };
         std::thread::sleep(Duration::from_millis(50)); // let the reader drain
+        if !status.success() {
+            eprintln!("--- log of peer {} ---\n{}", self.child.id(), self.log());
+        }
         (status.success(), self.lines())
     }
 

@@ -2,12 +2,12 @@
 //! in flight (see README.md beside this file).
 
 mod op;
+mod stream;
 
 pub(crate) use op::{Op, RawBuf};
+use stream::{DataStream, Stopper};
 
 use std::collections::VecDeque;
-use std::io::Read;
-use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::{JoinHandle, Thread};
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use concord_master::proto::PeerId;
 use concord_transport::frame::{DataHeader, HEADER_BYTES};
-use concord_transport::socket::{discard, read_header, write_frame};
+use concord_transport::{BackendKind, PinnedBuf, PinnedPool};
 
 use crate::collective::ring::RecvKind;
 use crate::collective::Traffic;
@@ -52,8 +52,8 @@ struct Registry {
 }
 
 struct Shared {
-    next: Vec<TcpStream>,
-    prev: Vec<TcpStream>,
+    /// One per connection, to wake its owner thread from another.
+    stoppers: Vec<Stopper>,
     next_id: PeerId,
     prev_id: PeerId,
     registry: Mutex<Registry>,
@@ -61,7 +61,6 @@ struct Shared {
     tx_threads: OnceLock<Vec<Thread>>,
     failed: AtomicBool,
     events: Events,
-    sub_bytes: usize,
     /// How long an RX thread waits for the operation of a frame to be registered here.
     register_timeout: Duration,
 }
@@ -69,6 +68,12 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn stop_all(&self) {
+        for s in &self.stoppers {
+            s.stop();
+        }
     }
 
     fn wake_tx(&self) {
@@ -113,9 +118,7 @@ impl Shared {
             );
         }
         self.registry_cv.notify_all();
-        for s in self.next.iter().chain(&self.prev) {
-            let _ = s.shutdown(Shutdown::Both);
-        }
+        self.stop_all();
         self.wake_tx();
         for op in ops {
             op.failed.store(true, Ordering::Release);
@@ -143,13 +146,25 @@ impl DataPlane {
     /// per predecessor connection.
     pub(crate) fn start(
         mut links: Links,
+        backend: BackendKind,
         sub_bytes: usize,
         register_timeout: Duration,
         events: Events,
     ) -> Result<Self, String> {
+        let mut stoppers = Vec::new();
+        let mut wrap = |v: Vec<std::net::TcpStream>| -> Result<Vec<DataStream>, String> {
+            v.into_iter()
+                .map(|t| {
+                    let (d, stop) = DataStream::new(t, backend)?;
+                    stoppers.push(stop);
+                    Ok(d)
+                })
+                .collect()
+        };
+        let next = wrap(std::mem::take(&mut links.next))?;
+        let prev = wrap(std::mem::take(&mut links.prev))?;
         let shared = Arc::new(Shared {
-            next: std::mem::take(&mut links.next),
-            prev: std::mem::take(&mut links.prev),
+            stoppers,
             next_id: links.next_id,
             prev_id: links.prev_id,
             registry: Mutex::new(Registry::default()),
@@ -157,7 +172,6 @@ impl DataPlane {
             tx_threads: OnceLock::new(),
             failed: AtomicBool::new(false),
             events,
-            sub_bytes,
             register_timeout,
         });
         let mut threads = Vec::new();
@@ -167,21 +181,22 @@ impl DataPlane {
                 .spawn(f)
                 .map_err(|e| format!("spawning a data thread: {e}"))
         };
-        for i in 0..shared.next.len() {
+        for (i, stream) in next.into_iter().enumerate() {
             let s = Arc::clone(&shared);
             threads.push(spawn(
                 format!("concord-tx-{i}"),
-                Box::new(move || tx_loop(&s, i)),
+                Box::new(move || tx_loop(&s, i, stream)),
             )?);
         }
         let _ = shared
             .tx_threads
             .set(threads.iter().map(|t| t.thread().clone()).collect());
-        for i in 0..shared.prev.len() {
+        for (i, mut stream) in prev.into_iter().enumerate() {
+            let staging = staging_for(&mut stream, sub_bytes);
             let s = Arc::clone(&shared);
             threads.push(spawn(
                 format!("concord-rx-{i}"),
-                Box::new(move || rx_loop(&s, i)),
+                Box::new(move || rx_loop(&s, i, stream, staging)),
             )?);
         }
         Ok(DataPlane { shared, threads })
@@ -210,9 +225,7 @@ impl DataPlane {
     /// fails the plane from its own thread (never the caller's, which may hold the
     /// communicator's lock).
     pub(crate) fn break_links(&self) {
-        for s in self.shared.next.iter().chain(&self.shared.prev) {
-            let _ = s.shutdown(Shutdown::Both);
-        }
+        self.shared.stop_all();
     }
 
     /// Removes an operation (done or aborted): its later frames are dropped on receipt.
@@ -247,7 +260,7 @@ enum TrySend {
     Idle,
 }
 
-fn tx_loop(s: &Shared, conn: usize) {
+fn tx_loop(s: &Shared, conn: usize, mut stream: DataStream) {
     let mut cache: Vec<Arc<Op>> = Vec::new();
     let mut cache_gen = u64::MAX;
     let mut turn = 0usize;
@@ -263,7 +276,7 @@ fn tx_loop(s: &Shared, conn: usize) {
         let mut progressed = false;
         for off in 0..n {
             let op = &cache[(turn + off) % n];
-            match send_one(s, op, conn) {
+            match send_one(s, op, conn, &mut stream) {
                 Ok(TrySend::Sent) => {
                     turn = (turn + off + 1) % n.max(1);
                     progressed = true;
@@ -279,7 +292,7 @@ fn tx_loop(s: &Shared, conn: usize) {
     }
 }
 
-fn send_one(s: &Shared, op: &Op, conn: usize) -> Result<TrySend, String> {
+fn send_one(s: &Shared, op: &Op, conn: usize, stream: &mut DataStream) -> Result<TrySend, String> {
     let Some((k, t, j)) = op.next_send(conn) else {
         return Ok(TrySend::Idle);
     };
@@ -308,8 +321,8 @@ fn send_one(s: &Shared, op: &Op, conn: usize) -> Result<TrySend, String> {
         step: t as u32,
         sub: j as u32,
     };
-    let mut stream = &s.next[conn];
-    write_frame(&mut stream, &header, payload)
+    stream
+        .write_frame(&header, payload)
         .map_err(|e| format!("sending to ring successor {}: {e}", s.next_id))?;
     drop(busy);
     if op.sent(conn, k, (HEADER_BYTES + header.len as usize) as u64) {
@@ -348,25 +361,30 @@ fn lookup(s: &Shared, tag: u64, seq: u64) -> Result<Option<Arc<Op>>, String> {
     }
 }
 
-fn rx_loop(s: &Shared, conn: usize) {
-    let mut staging = vec![0u8; s.sub_bytes];
+fn rx_loop(s: &Shared, conn: usize, mut stream: DataStream, mut staging: PinnedBuf) {
     while !s.failed.load(Ordering::Acquire) {
-        if let Err(e) = recv_one(s, conn, &mut staging) {
+        if let Err(e) = recv_one(s, conn, &mut stream, &mut staging) {
             return s.fail(e);
         }
     }
 }
 
-fn recv_one(s: &Shared, conn: usize, staging: &mut [u8]) -> Result<(), String> {
+fn recv_one(
+    s: &Shared,
+    conn: usize,
+    stream: &mut DataStream,
+    staging: &mut PinnedBuf,
+) -> Result<(), String> {
     let from = s.prev_id;
     let io = |e: std::io::Error| format!("receiving from ring predecessor {from}: {e}");
-    let mut stream = &s.prev[conn];
-    let h = read_header(&mut stream)
+    let idle = || s.lock().ops.is_empty();
+    let h = stream
+        .read_header(idle)
         .map_err(|e| format!("receiving from ring predecessor {from}: {e}"))?;
     let op = match lookup(s, h.tag, h.seq)? {
         // Failed here (its abort is on its way) or retired: drop what is still in flight.
         Some(op) if !op.failed.load(Ordering::Acquire) => op,
-        _ => return discard(&mut stream, h.len as usize).map_err(io),
+        _ => return stream.discard(h.len as usize).map_err(io),
     };
     let plan = &op.plan;
     let (t, j) = (h.step as usize, h.sub as usize);
@@ -391,7 +409,7 @@ fn recv_one(s: &Shared, conn: usize, staging: &mut [u8]) -> Result<(), String> {
         ));
     }
     let Some(busy) = op.enter() else {
-        return discard(&mut stream, h.len as usize).map_err(io);
+        return stream.discard(h.len as usize).map_err(io);
     };
     // SAFETY: inside a busy guard; this RX thread is the only writer of receive `m`'s range, and
     // the TX thread reads it only after the flag set below.
@@ -408,8 +426,8 @@ fn recv_one(s: &Shared, conn: usize, staging: &mut [u8]) -> Result<(), String> {
     if kind == RecvKind::Copy {
         stream.read_exact(out).map_err(io)?;
     } else {
-        let staged = &mut staging[..range.len()];
-        stream.read_exact(staged).map_err(io)?;
+        stream.read_staged(staging, range.len()).map_err(io)?;
+        let staged = &staging[..range.len()];
         // SAFETY: inside a busy guard; nobody writes the input.
         let mine = unsafe { op.src.slice(range.clone()) };
         let reduce = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -462,4 +480,33 @@ fn injected_panic_tag() -> Option<u64> {
             .ok()
             .and_then(|v| v.parse().ok())
     })
+}
+
+/// The RX staging buffer of one connection: page-locked and registered with io_uring where the
+/// limits allow (one buffer per connection, so registration never multiplies against
+/// `RLIMIT_MEMLOCK`); otherwise ordinary memory, said once.
+fn staging_for(stream: &mut DataStream, sub_bytes: usize) -> PinnedBuf {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    let pool = PinnedPool::new(1, sub_bytes)
+        .or_else(|_| {
+            PinnedPool::with_config(
+                concord_transport::PoolConfig::new(1, sub_bytes).with_lock(false),
+            )
+        })
+        .expect("one staging buffer of at most 64 MiB can be allocated");
+    let mut why: Vec<String> = pool
+        .degraded_reason()
+        .map(str::to_string)
+        .into_iter()
+        .collect();
+    why.extend(stream.register(&pool));
+    if !why.is_empty() {
+        SAID.call_once(|| {
+            tracing::warn!(
+                "receive staging degraded, still working: {}",
+                why.join("; ")
+            )
+        });
+    }
+    pool.acquire()
 }
