@@ -89,8 +89,15 @@ impl Checker {
         self.inputs.insert((peer, tag), (input.to_vec(), op));
     }
 
-    /// The master sends `msg` to peer `to`.
-    pub(crate) fn on_master_send(&mut self, now: Time, to: PeerId, msg: &MasterMsg) {
+    /// The master sends `msg` to peer `to`; `known` are the peers it knows once the input that
+    /// caused the message is applied (a peer removed by that very input is not among them).
+    pub(crate) fn on_master_send(
+        &mut self,
+        now: Time,
+        to: PeerId,
+        msg: &MasterMsg,
+        known: &BTreeSet<PeerId>,
+    ) {
         if let Some(at) = self.removed_at(to) {
             self.fail(now, format!("the master sent to peer {to}, removed at {at} us: {msg:?}"));
         }
@@ -100,8 +107,9 @@ impl Checker {
                 if !ids.contains(&to) {
                     self.fail(now, format!("ring of epoch {epoch} sent to non-member {to}"));
                 }
-                if let Some((id, at)) = ids.iter().find_map(|id| Some((id, self.removed_at(*id)?))) {
-                    let why = format!("the ring of epoch {epoch} lists peer {id}, removed at {at} us");
+                if let Some(id) = ids.iter().find(|id| !known.contains(id)) {
+                    let at = self.removed_at(*id);
+                    let why = format!("the ring of epoch {epoch} lists peer {id}, removed (at {at:?} us)");
                     self.fail(now, why);
                 }
                 let previous = self.epochs.entry(*epoch).or_insert_with(|| ids.clone());
@@ -111,7 +119,7 @@ impl Checker {
                 }
             }
             MasterMsg::CollCommence { tag, seq, epoch } => self.on_commence(now, to, *tag, *seq, *epoch),
-            MasterMsg::CollDone { tag, seq } => self.on_coll_done(now, to, *tag, *seq),
+            MasterMsg::CollDone { tag, seq } => self.on_coll_done(now, to, *tag, *seq, known),
             MasterMsg::CollAborted { seq, .. } if *seq > 0 => {
                 self.aborted.insert(*seq);
             }
@@ -147,7 +155,7 @@ impl Checker {
         attempt.inputs.insert(to, input);
     }
 
-    fn on_coll_done(&mut self, now: Time, to: PeerId, tag: u64, seq: u64) {
+    fn on_coll_done(&mut self, now: Time, to: PeerId, tag: u64, seq: u64, known: &BTreeSet<PeerId>) {
         let Some(attempt) = self.attempts.get_mut(&seq) else {
             self.fail(now, format!("CollDone for tag {tag} seq {seq}, never commenced"));
             return;
@@ -170,8 +178,9 @@ impl Checker {
             let why = format!("collective {tag} seq {seq} completed with members {members:?}, the ring of epoch {} is {ring:?}", attempt.epoch);
             self.fail(now, why);
         }
-        if let Some((id, at)) = members.iter().find_map(|id| Some((id, self.removed.get(id)?))) {
-            let why = format!("collective {tag} seq {seq} completed counting peer {id}, removed at {at} us");
+        if let Some(id) = members.iter().find(|id| !known.contains(id)) {
+            let at = self.removed_at(*id);
+            let why = format!("collective {tag} seq {seq} completed counting peer {id}, removed (at {at:?} us)");
             self.fail(now, why);
         }
     }

@@ -66,6 +66,10 @@ pub(crate) struct BenchArgs {
     /// Needs --master; --world is the group size to wait for before the first iteration.
     #[arg(long, requires = "master")]
     pub(crate) elastic: bool,
+    /// Data-plane backend: auto (io_uring where allowed, else sockets), uring or socket.
+    /// Default: CONCORD_TRANSPORT, else auto.
+    #[arg(long)]
+    pub(crate) transport: Option<concord::BackendChoice>,
     /// Connections per ring neighbour.
     #[arg(long, default_value_t = 1)]
     pub(crate) conns: usize,
@@ -169,6 +173,17 @@ impl BenchArgs {
         if self.in_place {
             a.push("--in-place".into());
         }
+        if let Some(t) = self.transport {
+            a.push("--transport".into());
+            a.push(
+                match t {
+                    concord::BackendChoice::Uring => "uring",
+                    concord::BackendChoice::Socket => "socket",
+                    _ => "auto",
+                }
+                .into(),
+            );
+        }
         if let Some(j) = &self.json {
             a.push("--json".into());
             a.push(j.display().to_string());
@@ -259,6 +274,8 @@ struct Row {
     algbw_gbps: f64,
     busbw_gbps: f64,
     wrong: u64,
+    /// CPU seconds (user + system, all peer processes) per GB of buffer reduced.
+    cpu_s_per_gb: f64,
 }
 
 fn run_peer(args: &BenchArgs) -> Result<(), String> {
@@ -270,6 +287,10 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
         .conns_per_neighbour(args.conns)
         .sub_chunk_bytes(args.sub_chunk)
         .socket_buffer_bytes(args.socket_buffer)
+        .transport(match args.transport {
+            Some(t) => t,
+            None => concord::BackendChoice::from_env_or(concord::BackendChoice::Auto)?,
+        })
         .connect()
         .map_err(|e| e.to_string())?;
     let deadline = Instant::now() + timeout;
@@ -298,7 +319,7 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
     let esize = dtype.size_bytes();
     let mut out = std::io::stdout().lock();
     if leader {
-        print_banner(&mut out, args, world);
+        print_banner(&mut out, args, world, comm.transport());
     }
     let max_bytes = args.maxbytes / esize * esize;
     let mut src = vec![0u8; max_bytes];
@@ -315,11 +336,14 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
         let count = size / esize;
         let bytes = count * esize;
         let mut times = Vec::with_capacity(args.iters);
+        let mut cpu_s = 0.0;
         let mut wrong = 0u64;
         for it in 0..args.warmup + args.iters {
             let iter_id = ((size_index as u64) << 32) | it as u64;
             let timed = it >= args.warmup;
             let checked = timed && args.check == 1;
+            // CPU time of the collective only (the check's reference is not counted).
+            let cpu_before = timed.then(cpu_seconds);
             let elapsed = if args.ops_in_flight > 1 {
                 let (t, w) = iterate_async(
                     &mut comm, args, &mut pool, bytes, iter_id, checked, &mut tag,
@@ -352,6 +376,7 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
             };
             if timed {
                 times.push(elapsed.as_secs_f64() * 1e6);
+                cpu_s += cpu_before.map_or(0.0, |b| cpu_seconds() - b);
             }
         }
         times.sort_by(f64::total_cmp);
@@ -360,6 +385,10 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
         let mut stats = [pick(0.5), pick(0.1), pick(0.9)];
         tag += 1;
         comm.all_reduce_in_place(&mut stats, ReduceOp::Max, tag)
+            .map_err(|e| e.to_string())?;
+        let mut cpu_all = [cpu_s];
+        tag += 1;
+        comm.all_reduce_in_place(&mut cpu_all, ReduceOp::Sum, tag)
             .map_err(|e| e.to_string())?;
         let mut wrong_all = [wrong];
         tag += 1;
@@ -383,6 +412,7 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
             algbw_gbps: algbw,
             busbw_gbps: busbw,
             wrong: if args.check == 1 { wrong_all[0] } else { 0 },
+            cpu_s_per_gb: cpu_all[0] / (moved as f64 * args.iters as f64 / 1e9).max(1e-12),
         };
         if leader {
             let wrong_col = if args.check == 1 {
@@ -392,7 +422,7 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
             };
             let _ = writeln!(
                 out,
-                "{:>12} {:>12} {:>8} {:>6} {:>10.1} {:>8.3} {:>8.3} {:>7} {:>9.1} {:>9.1}",
+                "{:>12} {:>12} {:>8} {:>6} {:>10.1} {:>8.3} {:>8.3} {:>7} {:>9.1} {:>9.1} {:>9.3}",
                 row.size_bytes,
                 row.count,
                 row.dtype,
@@ -402,7 +432,8 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
                 row.busbw_gbps,
                 wrong_col,
                 row.p10_us,
-                row.p90_us
+                row.p90_us,
+                row.cpu_s_per_gb
             );
             let _ = out.flush();
         }
@@ -419,7 +450,7 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
         let _ = writeln!(out, "# Avg bus bandwidth    : {avg_busbw:.3}");
         let _ = writeln!(out, "#");
         if let Some(path) = &args.json {
-            write_json(path, args, world, &rows, avg_busbw)?;
+            write_json(path, args, world, comm.transport(), &rows, avg_busbw)?;
         }
     }
     if total_wrong > 0 {
@@ -428,10 +459,15 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn print_banner(out: &mut impl Write, args: &BenchArgs, world: usize) {
+fn print_banner(
+    out: &mut impl Write,
+    args: &BenchArgs,
+    world: usize,
+    transport: concord::BackendKind,
+) {
     let _ = writeln!(
         out,
-        "# concord bench {}: all_reduce, {world} peers, {} {}, {}, kernels {}, transport socket (tcp), {} conn(s)/neighbour, sub-chunk {} B",
+        "# concord bench {}: all_reduce, {world} peers, {} {}, {}, kernels {}, transport {transport}, {} conn(s)/neighbour, sub-chunk {} B",
         env!("CARGO_PKG_VERSION"),
         args.dtype,
         args.op,
@@ -447,7 +483,7 @@ fn print_banner(out: &mut impl Write, args: &BenchArgs, world: usize) {
     );
     let _ = writeln!(
         out,
-        "# {:>10} {:>12} {:>8} {:>6} {:>10} {:>8} {:>8} {:>7} {:>9} {:>9}",
+        "# {:>10} {:>12} {:>8} {:>6} {:>10} {:>8} {:>8} {:>7} {:>9} {:>9} {:>9}",
         "size(B)",
         "count",
         "type",
@@ -457,7 +493,8 @@ fn print_banner(out: &mut impl Write, args: &BenchArgs, world: usize) {
         "busbw",
         "#wrong",
         "p10(us)",
-        "p90(us)"
+        "p90(us)",
+        "cpu(s/GB)"
     );
     let _ = writeln!(
         out,
@@ -470,6 +507,7 @@ fn write_json(
     path: &PathBuf,
     args: &BenchArgs,
     world: usize,
+    transport: concord::BackendKind,
     rows: &[Row],
     avg_busbw: f64,
 ) -> Result<(), String> {
@@ -483,7 +521,7 @@ fn write_json(
         "iters": args.iters,
         "warmup_iters": args.warmup,
         "kernels": concord_kernels::cpu_path(),
-        "transport": "socket",
+        "transport": transport.name(),
         "conns_per_neighbour": args.conns,
         "sub_chunk_bytes": args.sub_chunk,
         "results": rows,
@@ -542,4 +580,19 @@ fn iterate_async(
         }
     }
     Ok((elapsed, wrong))
+}
+
+/// User + system CPU seconds of this process so far.
+fn cpu_seconds() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::uninit();
+    // SAFETY: getrusage writes a whole `rusage` into the pointer it is given, which points to
+    // enough writable memory; it is read only when the call succeeded.
+    let usage = unsafe {
+        if libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) != 0 {
+            return 0.0;
+        }
+        usage.assume_init()
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }

@@ -11,7 +11,15 @@ pub(crate) fn print() {
         "kernels: {} (set CONCORD_KERNELS=scalar|avx2|avx512 to force a path)",
         concord_kernels::cpu_path()
     );
-    println!("transports: socket (tcp): available; io_uring: not built yet (socket is used)");
+    let uring = match concord_transport::uring::probe() {
+        Ok(info) => format!("available ({info:?})"),
+        Err(why) => format!("not available: {why}"),
+    };
+    let chosen = match concord_transport::resolve_backend(concord_transport::BackendChoice::Auto) {
+        Ok((kind, _)) => kind.name(),
+        Err(_) => "socket",
+    };
+    println!("transports: socket (tcp): available; io_uring: {uring}; auto picks {chosen} (CONCORD_TRANSPORT=uring|socket|auto)");
     println!("cuda: {}", crate::cuda_status());
 }
 
