@@ -4,14 +4,23 @@
 //! - [`frame`]: the fixed 32-byte header of every data frame, checked on both ends;
 //! - [`handshake`]: the versioned hello that opens every data connection;
 //! - [`socket`]: TCP through socket2 (no Nagle, sized buffers), connect with a bounded retry,
-//!   and vectored frame writes.
+//!   and vectored frame writes;
+//! - [`uring`]: the io_uring backend (one ring per connection, linked timeouts, cross-thread
+//!   shutdown), its probe, and the choice between it and sockets;
+//! - [`buffers`]: a bounded pool of page-aligned staging buffers, locked in memory when
+//!   `RLIMIT_MEMLOCK` allows.
 //!
 //! Every wire structure starts with a magic number and the protocol version, so that a peer of
 //! another version is refused with a message naming both versions.
 
+pub mod buffers;
 pub mod frame;
 pub mod handshake;
 pub mod socket;
+pub mod uring;
+
+pub use buffers::{PinnedBuf, PinnedPool, PoolConfig};
+pub use uring::{resolve_backend, BackendChoice, BackendKind, UringStream};
 
 use std::io;
 
