@@ -1,0 +1,71 @@
+//! Reduction kernel throughput: group `reduce`, ids `{op}/{dtype}/{bytes}`, throughput = the
+//! bytes of both operands read (`2 * bytes`).
+//!
+//! The plain id measures the process-wide path (what the engine uses; `CONCORD_KERNELS` can
+//! force it); ids ending in `/{path}` measure every other path this CPU has, the scalar one
+//! included, for comparison.
+//!
+//! Run: `cargo bench -p concord-benches --bench reduce`.
+
+use std::time::Duration;
+
+use concord_kernels::{CpuPath, DType, Kernels, ReduceOp};
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+
+const SIZES_BYTES: [usize; 2] = [512 << 10, 64 << 20];
+const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+/// A buffer of `bytes` bytes holding small positive values of `dtype` (no NaN, no subnormal).
+fn filled(dtype: DType, bytes: usize, value: f32) -> Vec<u8> {
+    let one: Vec<u8> = match dtype {
+        DType::F32 => value.to_ne_bytes().to_vec(),
+        DType::F16 => half::f16::from_f32(value).to_ne_bytes().to_vec(),
+        _ => half::bf16::from_f32(value).to_ne_bytes().to_vec(),
+    };
+    one.iter().copied().cycle().take(bytes).collect()
+}
+
+fn reduce(c: &mut Criterion) {
+    let default = match Kernels::default_path() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("reduce benches: {e}");
+            return;
+        }
+    };
+    eprintln!("reduce: default CPU path = {}", default.path());
+    let mut rows = vec![(default, String::new())];
+    for path in CpuPath::ALL {
+        match Kernels::new(path) {
+            Ok(k) if path != default.path() => rows.push((k, format!("/{path}"))),
+            Ok(_) => {}
+            Err(e) => eprintln!("reduce: skipping path {path}: {e}"),
+        }
+    }
+
+    let mut group = c.benchmark_group("reduce");
+    group.warm_up_time(Duration::from_millis(500));
+    group.measurement_time(Duration::from_secs(2));
+    group.sample_size(20);
+    let op = ReduceOp::Sum;
+    for bytes in SIZES_BYTES {
+        for dtype in DTYPES {
+            let src = filled(dtype, bytes, 0.25);
+            let mut dst = filled(dtype, bytes, 1.0);
+            group.throughput(Throughput::BytesDecimal(2 * bytes as u64));
+            for (k, suffix) in &rows {
+                let id = BenchmarkId::from_parameter(format!("{op}/{dtype}/{bytes}{suffix}"));
+                group.bench_function(id, |b| {
+                    b.iter(|| {
+                        k.reduce_into(black_box(&mut dst), black_box(&src), dtype, op)
+                            .expect("benchmark buffers are valid")
+                    })
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, reduce);
+criterion_main!(benches);
