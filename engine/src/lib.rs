@@ -27,6 +27,8 @@ mod handle;
 mod links;
 pub mod protocol;
 mod shared_state;
+pub mod sim;
+mod sync;
 pub mod verify;
 
 pub use communicator::{Communicator, CommunicatorBuilder, Config, ReduceInfo, RetryReport};

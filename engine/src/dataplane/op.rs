@@ -1,13 +1,13 @@
 //! One all-reduce attempt as the data plane sees it: its schedule, its buffers and its progress.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use concord_kernels::{DType, ReduceOp};
 
 use crate::collective::ring::RingPlan;
 use crate::collective::Traffic;
+use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex};
 
 /// A raw view of a buffer that outlives the operation (its owner waits for `busy == 0` before
 /// reusing it; see [`Op::retire_and_wait`]).
@@ -230,5 +230,72 @@ impl Op {
             bytes_sent: self.sent.load(Ordering::Relaxed),
             bytes_received: self.received.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// Loom models of the two hand-offs the data plane relies on. Run with
+/// `RUSTFLAGS="--cfg loom" cargo test -p concord --lib --release loom` (`engine/tests/loom.rs`
+/// does it as part of the suite).
+#[cfg(loom)]
+mod loom_models {
+    use super::*;
+    use loom::cell::UnsafeCell;
+    use loom::sync::Arc;
+
+    fn op(buf: &mut [u8; 8]) -> Op {
+        // Two peers, two f32 elements: step 0 reduces chunk 0, step 1 sends it on.
+        let plan = RingPlan::new(2, 1, 2, 4, 4);
+        let raw = RawBuf {
+            ptr: buf.as_mut_ptr(),
+            len: 8,
+        };
+        Op::new(1, 1, plan, DType::F32, ReduceOp::Sum, raw, raw, 1)
+    }
+
+    /// A thread inside a busy guard never overlaps the owner's use after `retire_and_wait`.
+    #[test]
+    fn retire_waits_for_busy_threads() {
+        loom::model(|| {
+            let mut backing = [0u8; 8];
+            let op = Arc::new(op(&mut backing));
+            let cell = Arc::new(UnsafeCell::new(0u32));
+            let (op2, cell2) = (Arc::clone(&op), Arc::clone(&cell));
+            let worker = loom::thread::spawn(move || {
+                if let Some(busy) = op2.enter() {
+                    // SAFETY (model): the busy guard is what this test proves sufficient.
+                    cell2.with_mut(|p| unsafe { *p += 1 });
+                    drop(busy);
+                }
+            });
+            assert!(op.retire_and_wait(Duration::from_secs(60)));
+            // The owner takes the buffer back: no worker may touch it any more.
+            // SAFETY (model): loom reports a data race if the gate let the worker overlap.
+            cell.with_mut(|p| unsafe { *p = 7 });
+            worker.join().unwrap();
+            // After the owner's write, a late `enter` must have been refused.
+            assert!(op.enter().is_none());
+        });
+    }
+
+    /// What RX wrote before setting a receive flag is visible to TX once it sees the flag.
+    #[test]
+    fn received_flag_publishes_the_data() {
+        loom::model(|| {
+            let mut backing = [0u8; 8];
+            let op = Arc::new(op(&mut backing));
+            let cell = Arc::new(UnsafeCell::new(0u32));
+            let (op2, cell2) = (Arc::clone(&op), Arc::clone(&cell));
+            let rx = loom::thread::spawn(move || {
+                // SAFETY (model): written before the release store of the flag.
+                cell2.with_mut(|p| unsafe { *p = 42 });
+                op2.received(0, 0, 4);
+            });
+            if op.send_ready(1, 0) {
+                // SAFETY (model): the acquire load in send_ready orders this after RX's write.
+                let v = cell.with(|p| unsafe { *p });
+                assert_eq!(v, 42);
+            }
+            rx.join().unwrap();
+        });
     }
 }

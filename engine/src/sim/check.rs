@@ -42,8 +42,8 @@ pub(crate) struct Checker {
     attempts: BTreeMap<u64, Attempt>,
     /// The input of each peer's latest launch of each tag.
     inputs: BTreeMap<(PeerId, u64), (Vec<f32>, ReduceOp)>,
-    /// The attempt that completed each data tag.
-    tag_seq: BTreeMap<u64, u64>,
+    /// The attempt that completed each data tag, and the peers that completed it.
+    tag_seq: BTreeMap<u64, (u64, BTreeSet<PeerId>)>,
     /// Attempts the master completed / aborted.
     pub(crate) completed: u64,
     pub(crate) aborted: BTreeSet<u64>,
@@ -99,17 +99,25 @@ impl Checker {
         known: &BTreeSet<PeerId>,
     ) {
         if let Some(at) = self.removed_at(to) {
-            self.fail(now, format!("the master sent to peer {to}, removed at {at} us: {msg:?}"));
+            self.fail(
+                now,
+                format!("the master sent to peer {to}, removed at {at} us: {msg:?}"),
+            );
         }
         match msg {
             MasterMsg::Topology { epoch, ring, .. } => {
                 let ids: Vec<PeerId> = ring.iter().map(|m| m.peer_id).collect();
                 if !ids.contains(&to) {
-                    self.fail(now, format!("ring of epoch {epoch} sent to non-member {to}"));
+                    self.fail(
+                        now,
+                        format!("ring of epoch {epoch} sent to non-member {to}"),
+                    );
                 }
                 if let Some(id) = ids.iter().find(|id| !known.contains(id)) {
                     let at = self.removed_at(*id);
-                    let why = format!("the ring of epoch {epoch} lists peer {id}, removed (at {at:?} us)");
+                    let why = format!(
+                        "the ring of epoch {epoch} lists peer {id}, removed (at {at:?} us)"
+                    );
                     self.fail(now, why);
                 }
                 let previous = self.epochs.entry(*epoch).or_insert_with(|| ids.clone());
@@ -118,13 +126,18 @@ impl Checker {
                     self.fail(now, why);
                 }
             }
-            MasterMsg::CollCommence { tag, seq, epoch } => self.on_commence(now, to, *tag, *seq, *epoch),
+            MasterMsg::CollCommence { tag, seq, epoch } => {
+                self.on_commence(now, to, *tag, *seq, *epoch)
+            }
             MasterMsg::CollDone { tag, seq } => self.on_coll_done(now, to, *tag, *seq, known),
             MasterMsg::CollAborted { seq, .. } if *seq > 0 => {
                 self.aborted.insert(*seq);
             }
             MasterMsg::Kicked { reason } if !reason.contains("heartbeat") => {
-                self.fail(now, format!("peer {to} kicked for something else than silence: {reason}"));
+                self.fail(
+                    now,
+                    format!("peer {to} kicked for something else than silence: {reason}"),
+                );
             }
             _ => {}
         }
@@ -137,7 +150,12 @@ impl Checker {
             return;
         }
         let Some((input, op)) = self.inputs.get(&(to, tag)).cloned() else {
-            self.fail(now, format!("collective {tag} seq {seq} commenced on peer {to}, which never launched it"));
+            self.fail(
+                now,
+                format!(
+                    "collective {tag} seq {seq} commenced on peer {to}, which never launched it"
+                ),
+            );
             return;
         };
         let attempt = self.attempts.entry(seq).or_insert_with(|| Attempt {
@@ -149,19 +167,35 @@ impl Checker {
             result: None,
         });
         if (attempt.tag, attempt.epoch, attempt.op) != (tag, epoch, op) {
-            self.fail(now, format!("seq {seq} commenced as two different collectives"));
+            self.fail(
+                now,
+                format!("seq {seq} commenced as two different collectives"),
+            );
             return;
         }
         attempt.inputs.insert(to, input);
     }
 
-    fn on_coll_done(&mut self, now: Time, to: PeerId, tag: u64, seq: u64, known: &BTreeSet<PeerId>) {
+    fn on_coll_done(
+        &mut self,
+        now: Time,
+        to: PeerId,
+        tag: u64,
+        seq: u64,
+        known: &BTreeSet<PeerId>,
+    ) {
         let Some(attempt) = self.attempts.get_mut(&seq) else {
-            self.fail(now, format!("CollDone for tag {tag} seq {seq}, never commenced"));
+            self.fail(
+                now,
+                format!("CollDone for tag {tag} seq {seq}, never commenced"),
+            );
             return;
         };
         if attempt.tag != tag || !attempt.inputs.contains_key(&to) {
-            self.fail(now, format!("CollDone for tag {tag} seq {seq} sent to peer {to}, not a member"));
+            self.fail(
+                now,
+                format!("CollDone for tag {tag} seq {seq} sent to peer {to}, not a member"),
+            );
             return;
         }
         let first = attempt.done_sent.is_empty();
@@ -180,16 +214,27 @@ impl Checker {
         }
         if let Some(id) = members.iter().find(|id| !known.contains(id)) {
             let at = self.removed_at(*id);
-            let why = format!("collective {tag} seq {seq} completed counting peer {id}, removed (at {at:?} us)");
+            let why = format!(
+                "collective {tag} seq {seq} completed counting peer {id}, removed (at {at:?} us)"
+            );
             self.fail(now, why);
         }
     }
 
     /// Peer `peer` took `Done` for `tag`, run as `seq` on `epoch`, holding `bits`.
     pub(crate) fn on_done(&mut self, now: Time, peer: PeerId, done: Done<'_>) {
-        let Done { tag, seq, epoch, bits, unique_tag } = done;
+        let Done {
+            tag,
+            seq,
+            epoch,
+            bits,
+            unique_tag,
+        } = done;
         let Some(attempt) = self.attempts.get_mut(&seq) else {
-            self.fail(now, format!("peer {peer} completed tag {tag} seq {seq}, never commenced"));
+            self.fail(
+                now,
+                format!("peer {peer} completed tag {tag} seq {seq}, never commenced"),
+            );
             return;
         };
         if (attempt.tag, attempt.epoch) != (tag, epoch) || !attempt.done_sent.contains(&peer) {
@@ -202,36 +247,59 @@ impl Checker {
         }
         let inputs: Vec<&[f32]> = attempt.inputs.values().map(Vec::as_slice).collect();
         let want = reduce_exact(attempt.op, &inputs);
-        let got: Vec<f32> = bits
-            .chunks_exact(4)
-            .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let got: Vec<f32> = super::floats(bits);
         let wrong = (got.len() != want.len())
             .then_some(0)
             .or_else(|| (0..got.len()).find(|i| got[*i].to_bits() != want[*i].to_bits()));
-        if let Some(i) = wrong {
-            let why = format!(
+        let mut broken = wrong.map(|i| {
+            format!(
                 "peer {peer}: collective {tag} seq {seq} ({:?} over {:?} of epoch {epoch}) is wrong at element {i} of {}: got {:?}, want {:?}",
                 attempt.op,
                 attempt.inputs.keys().collect::<Vec<_>>(),
                 want.len(),
                 got.get(i),
                 want.get(i)
-            );
-            self.fail(now, why);
-        }
+            )
+        });
         match &attempt.result {
             None => attempt.result = Some(bits.to_vec()),
             Some(first) if first != bits => {
-                self.fail(now, format!("peers disagree on the bits of collective {tag} seq {seq}"));
+                let why = format!("peers disagree on the bits of collective {tag} seq {seq}");
+                broken.get_or_insert(why);
             }
             Some(_) => {}
         }
+        if let Some(why) = broken {
+            self.fail(now, why);
+        }
         if unique_tag {
-            let first = *self.tag_seq.entry(tag).or_insert(seq);
-            if first != seq {
-                self.fail(now, format!("tag {tag} completed twice: seq {first} and seq {seq}"));
-            }
+            self.check_tag_once(now, peer, tag, seq);
+        }
+    }
+
+    /// Survivors agree on which attempt completed a data tag. A tag completes again only when
+    /// every peer that completed it before is gone (the group lost the state and restarted).
+    fn check_tag_once(&mut self, now: Time, peer: PeerId, tag: u64, seq: u64) {
+        let (first, holders) = self
+            .tag_seq
+            .entry(tag)
+            .or_insert_with(|| (seq, BTreeSet::new()));
+        if *first == seq {
+            holders.insert(peer);
+            return;
+        }
+        let alive: Vec<PeerId> = holders
+            .iter()
+            .copied()
+            .filter(|p| self.registered.contains(p))
+            .collect();
+        if alive.is_empty() {
+            self.tag_seq.insert(tag, (seq, BTreeSet::from([peer])));
+        } else {
+            let why = format!(
+                "tag {tag} completed twice: seq {first} on {alive:?}, seq {seq} on peer {peer}"
+            );
+            self.fail(now, why);
         }
     }
 }

@@ -152,7 +152,8 @@ impl SimMaster {
                     ctx.trace(|| format!("master -> #{}: {msg:?}", idx_of(conn)));
                     ctx.stats.control_messages += 1;
                     let link = Link::Down(idx_of(conn));
-                    ctx.net.send_control(ctx.now, link, conn, encode_master(&msg));
+                    ctx.net
+                        .send_control(ctx.now, link, conn, encode_master(&msg));
                 }
                 Output::Close { conn } => {
                     if self.open.remove(&conn) {
@@ -178,7 +179,8 @@ impl SimMaster {
             self.timer = due.map(|t| (t, self.generation));
             if let Some(t) = due {
                 let generation = self.generation;
-                ctx.net.at(t.max(ctx.now), Event::MasterTimer { generation });
+                ctx.net
+                    .at(t.max(ctx.now), Event::MasterTimer { generation });
             }
         }
     }

@@ -105,7 +105,11 @@ impl Event {
             Event::PeerSeesClose { peer } => (6, [p(peer), 0, 0, 0, 0, 0], NONE),
             Event::Data { to, from, frame } => {
                 let (f, place) = (frame, u64::from(frame.step) << 32 | u64::from(frame.sub));
-                (7, [p(to), p(from), f.epoch, f.tag, f.seq, place], &f.payload)
+                (
+                    7,
+                    [p(to), p(from), f.epoch, f.tag, f.seq, place],
+                    &f.payload,
+                )
             }
             Event::Dial {
                 to,

@@ -200,7 +200,11 @@ impl SimPeer {
 
     /// Starts the data movement of an attempt the master let go (as `core::Inner::run`).
     fn run(&mut self, ctx: &mut Ctx, tag: u64, seq: u64) {
-        let (epoch, ring) = self.proto.ring().expect("collectives run on a ring").clone();
+        let (epoch, ring) = self
+            .proto
+            .ring()
+            .expect("collectives run on a ring")
+            .clone();
         let me = self.id();
         let rank = ring
             .iter()
@@ -216,7 +220,9 @@ impl SimPeer {
         let src: Vec<u8> = launch.input.iter().flat_map(|x| x.to_ne_bytes()).collect();
         let op = launch.op;
         let outs = match &mut self.plane {
-            Some(plane) if plane.epoch == epoch => plane.register(tag, seq, rank, sub_elems, op, src),
+            Some(plane) if plane.epoch == epoch => {
+                plane.register(tag, seq, rank, sub_elems, op, src)
+            }
             _ => vec![PlaneOut::Finished {
                 tag,
                 seq,
@@ -233,23 +239,36 @@ impl SimPeer {
             match out {
                 PlaneOut::Frame { to, frame } => {
                     ctx.stats.data_frames += 1;
-                    let link = Link::Data { from, to, epoch: frame.epoch };
+                    let link = Link::Data {
+                        from,
+                        to,
+                        epoch: frame.epoch,
+                    };
                     let bytes = frame.payload.len() + 32;
-                    ctx.net.send(ctx.now, link, bytes, Event::Data { to, from, frame });
+                    ctx.net
+                        .send(ctx.now, link, bytes, Event::Data { to, from, frame });
                 }
                 PlaneOut::Dial { to, epoch, secret } => {
                     let from_id = self.id();
                     let link = Link::Data { from, to, epoch };
-                    let dial = Event::Dial { to, from, from_id, epoch, secret };
+                    let dial = Event::Dial {
+                        to,
+                        from,
+                        from_id,
+                        epoch,
+                        secret,
+                    };
                     ctx.net.send(ctx.now, link, 32, dial);
                 }
                 PlaneOut::DialAck { to, epoch } => {
                     let link = Link::Data { from, to, epoch };
-                    ctx.net.send(ctx.now, link, 32, Event::DialAck { to, from, epoch });
+                    ctx.net
+                        .send(ctx.now, link, 32, Event::DialAck { to, from, epoch });
                 }
                 PlaneOut::LinkDown { to, epoch } => {
                     let link = Link::Data { from, to, epoch };
-                    ctx.net.send(ctx.now, link, 0, Event::LinkDown { to, from, epoch });
+                    ctx.net
+                        .send(ctx.now, link, 0, Event::LinkDown { to, from, epoch });
                 }
                 PlaneOut::Finished { tag, seq, result } => {
                     let result = match result {
@@ -281,7 +300,14 @@ impl SimPeer {
     }
 
     /// The predecessor's hello for `epoch`.
-    pub(crate) fn on_dial(&mut self, ctx: &mut Ctx, from: usize, id: PeerId, epoch: u64, secret: u64) {
+    pub(crate) fn on_dial(
+        &mut self,
+        ctx: &mut Ctx,
+        from: usize,
+        id: PeerId,
+        epoch: u64,
+        secret: u64,
+    ) {
         let current = self.plane.as_ref().map_or(0, |p| p.epoch);
         if epoch > current {
             // Not there yet: the connection waits in the listen backlog.
@@ -318,7 +344,11 @@ impl SimPeer {
         let waiting = std::mem::take(&mut self.dials);
         for (from, id, e, secret) in waiting {
             if e == epoch {
-                let outs = self.plane.as_mut().expect("just set").on_dial(from, id, e, secret);
+                let outs = self
+                    .plane
+                    .as_mut()
+                    .expect("just set")
+                    .on_dial(from, id, e, secret);
                 self.apply_plane(ctx, outs);
             } else if e > epoch {
                 self.dials.push((from, id, e, secret));
@@ -341,7 +371,12 @@ impl SimPeer {
         self.stalled = None;
         self.stage = Stage::Out("killed".into());
         let conn = self.conn;
-        ctx.net.send(ctx.now, Link::Up(self.idx), 0, Event::MasterSeesClose { conn });
+        ctx.net.send(
+            ctx.now,
+            Link::Up(self.idx),
+            0,
+            Event::MasterSeesClose { conn },
+        );
     }
 
     /// The peer leaves: says goodbye (as dropping a `Communicator` does) and closes.
@@ -354,7 +389,12 @@ impl SimPeer {
         self.alive = false;
         self.stage = stage;
         let conn = self.conn;
-        ctx.net.send(ctx.now, Link::Up(self.idx), 0, Event::MasterSeesClose { conn });
+        ctx.net.send(
+            ctx.now,
+            Link::Up(self.idx),
+            0,
+            Event::MasterSeesClose { conn },
+        );
     }
 }
 

@@ -86,7 +86,11 @@ impl Plane {
         world: usize,
         neighbours: Option<(Neighbour, Neighbour)>,
     ) -> (Plane, Vec<PlaneOut>) {
-        assert_eq!(world == 1, neighbours.is_none(), "a ring of one has no neighbours");
+        assert_eq!(
+            world == 1,
+            neighbours.is_none(),
+            "a ring of one has no neighbours"
+        );
         let plane = Plane {
             epoch,
             secret,
@@ -113,6 +117,11 @@ impl Plane {
         self.prev_ok && self.next_ok && self.broken.is_none()
     }
 
+    /// Why the plane failed, if it did.
+    pub(crate) fn broken(&self) -> Option<&str> {
+        self.broken.as_deref()
+    }
+
     /// The predecessor's hello; a wrong epoch, id or secret is refused (dropped).
     pub(crate) fn on_dial(
         &mut self,
@@ -121,7 +130,11 @@ impl Plane {
         epoch: u64,
         secret: u64,
     ) -> Vec<PlaneOut> {
-        let expected = self.prev == Some(Neighbour { idx: from, id: from_id });
+        let expected = self.prev
+            == Some(Neighbour {
+                idx: from,
+                id: from_id,
+            });
         if epoch != self.epoch || !expected || secret != self.secret || self.broken.is_some() {
             return Vec::new();
         }
@@ -241,7 +254,10 @@ impl Plane {
     }
 
     fn frame(&self, tag: u64, seq: u64, step: usize, sub: usize, payload: Vec<u8>) -> PlaneOut {
-        let to = self.next.expect("a ring of two or more has a successor").idx;
+        let to = self
+            .next
+            .expect("a ring of two or more has a successor")
+            .idx;
         let frame = Frame {
             epoch: self.epoch,
             tag,

@@ -20,7 +20,10 @@ pub(crate) fn print() {
         Err(_) => "socket",
     };
     println!("transports: socket (tcp): available; io_uring: {uring}; auto picks {chosen} (CONCORD_TRANSPORT=uring|socket|auto)");
-    println!("cuda: {}", crate::cuda_status());
+    match concord_kernels::cuda::probe() {
+        Ok(device) => println!("cuda: available: {device}"),
+        Err(reason) => println!("cuda: not available: {reason}"),
+    }
 }
 
 fn cpu_features() -> String {

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod elastic;
 mod info;
+mod simulate;
 mod sizes;
 
 /// Concord: fault-tolerant ring all-reduce.
@@ -41,6 +42,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Print the version, CPU features, kernel path, transports and CUDA status.
     Info,
+    /// Simulate a group in virtual time, with faults, checking invariants (deterministic by seed).
+    Simulate(simulate::SimulateArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
             heartbeat_timeout_ms,
         ),
         Command::Bench(args) => bench::run(args),
+        Command::Simulate(args) => simulate::run(args),
         Command::Info => {
             info::print();
             Ok(())
@@ -102,9 +106,4 @@ fn run_master(
     let server = concord_master::server::Server::bind(addr, config).map_err(|e| e.to_string())?;
     eprintln!("concord master listening on {}", server.local_addr());
     server.run(None, || false).map_err(|e| e.to_string())
-}
-
-/// CUDA availability, in words (kernels::cuda::probe once the CUDA module lands).
-fn cuda_status() -> String {
-    "not available: this build has no CUDA support yet".to_string()
 }

@@ -1,0 +1,120 @@
+//! Deterministic simulation: the real master coordinator and the peers' real protocol over an
+//! in-memory network in virtual time (`concord::sim`). A failing seed is printed with the
+//! command that replays it.
+
+use std::time::Instant;
+
+use concord::sim::{count_of, input_value, op_of, run, sweep, Faults, SimConfig};
+use concord::ReduceOp;
+
+/// Seeds in the sweep with every fault on.
+const SWEEP_SEEDS: u64 = 300;
+
+fn config(seed: u64, faults: Faults) -> SimConfig {
+    let mut c = SimConfig::new(seed);
+    c.faults = faults;
+    c
+}
+
+fn replay_hint(c: &SimConfig) -> String {
+    format!(
+        "replay: cargo run -p concord -- simulate --seed {} --peers {} --steps {} --faults {} --trace 60",
+        c.seed, c.peers, c.steps, c.faults
+    )
+}
+
+#[test]
+fn the_same_seed_gives_the_same_digest() {
+    for seed in [1, 2, 3] {
+        let c = config(seed, Faults::ALL);
+        let a = run(&c).unwrap_or_else(|f| panic!("{f}\n{}", replay_hint(&c)));
+        let b = run(&c).unwrap_or_else(|f| panic!("{f}\n{}", replay_hint(&c)));
+        assert_eq!(a.digest, b.digest, "seed {seed} does not replay");
+        assert_eq!(a.events, b.events);
+        assert_eq!(a.virtual_us, b.virtual_us);
+    }
+}
+
+#[test]
+fn different_seeds_give_different_digests() {
+    let mut digests: Vec<u64> = (0..20)
+        .map(|seed| {
+            run(&config(seed, Faults::NONE))
+                .expect("no faults, no failure")
+                .digest
+        })
+        .collect();
+    digests.sort_unstable();
+    digests.dedup();
+    assert_eq!(digests.len(), 20, "two seeds gave the same trace");
+}
+
+#[test]
+fn a_run_without_faults_matches_a_direct_computation() {
+    let c = config(11, Faults::NONE);
+    let s = run(&c).unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!(s.finished, c.peers, "every peer ran every step:\n{s}");
+    assert_eq!(
+        s.kills + s.stalls + s.joins + s.drops + s.aborted + s.retries,
+        0
+    );
+    // Every peer holds every data all-reduce of the last step, over all peers.
+    assert_eq!(s.results.len(), c.peers * c.batch);
+    for r in &s.results {
+        assert_eq!(r.members.len(), c.peers);
+        let n = count_of(c.elems, r.k);
+        assert_eq!(r.data.len(), n);
+        for i in 0..n {
+            let column = r.members.iter().map(|p| input_value(*p, r.step, r.k, i));
+            let want = match op_of(r.k) {
+                ReduceOp::Max => column.fold(f32::MIN, f32::max),
+                ReduceOp::Avg => column.sum::<f32>() / r.members.len() as f32,
+                _ => column.sum::<f32>(),
+            };
+            assert_eq!(
+                r.data[i].to_bits(),
+                want.to_bits(),
+                "peer {} k {} i {i}",
+                r.peer,
+                r.k
+            );
+        }
+    }
+}
+
+#[test]
+fn hundreds_of_seeds_with_every_fault_keep_every_invariant() {
+    let c = config(0, Faults::ALL);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let start = Instant::now();
+    let (passed, failed) = sweep(&c, 0..SWEEP_SEEDS, threads);
+    let took = start.elapsed();
+    let sum = |f: fn(&concord::sim::Summary) -> u64| passed.iter().map(f).sum::<u64>();
+    println!(
+        "{SWEEP_SEEDS} seeds in {:.1} s on {threads} threads: {} passed; {} collectives, {} aborted, {} kills, {} stalls ({} long), {} kicked, {} joins, {} drops, {} events",
+        took.as_secs_f64(),
+        passed.len(),
+        sum(|s| s.collectives),
+        sum(|s| s.aborted),
+        sum(|s| s.kills),
+        sum(|s| s.stalls),
+        sum(|s| s.long_stalls),
+        sum(|s| s.kicked),
+        sum(|s| s.joins),
+        sum(|s| s.drops),
+        sum(|s| s.events),
+    );
+    for f in &failed {
+        let mut c = c.clone();
+        c.seed = f.seed;
+        println!("FAILING SEED {}: {f}\n  {}", f.seed, replay_hint(&c));
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {SWEEP_SEEDS} seeds failed (listed above)",
+        failed.len()
+    );
+    // The faults really happened.
+    assert!(sum(|s| s.kills) > 0 && sum(|s| s.long_stalls) > 0 && sum(|s| s.joins) > 0);
+    assert!(sum(|s| s.kicked) > 0 && sum(|s| s.aborted) > 0 && sum(|s| s.drops) > 0);
+}
