@@ -56,6 +56,9 @@ pub struct Config {
     /// Most collectives in flight at once; launching one more blocks until one completes (with
     /// the new one's deadline running).
     pub max_in_flight: usize,
+    /// Peer group: collectives and shared state run among the peers of one group, each group on
+    /// its own ring (admission and topology updates are global).
+    pub group: u32,
     /// Data-plane backend: `Auto` (io_uring where the kernel and sandbox allow it, else plain
     /// sockets, saying why once), `Uring` or `Socket`. `None`: `CONCORD_TRANSPORT`, else `Auto`.
     pub transport: Option<BackendChoice>,
@@ -76,6 +79,7 @@ impl Config {
             op_timeout: Duration::from_secs(120),
             max_in_flight: 256,
             transport: None,
+            group: 0,
         }
     }
 }
@@ -126,6 +130,11 @@ impl CommunicatorBuilder {
     /// Deadline of each collective (default 120 s); a call may give its own.
     pub fn op_timeout(mut self, d: Duration) -> Self {
         self.config.op_timeout = d;
+        self
+    }
+    /// Peer group (default 0): collectives and shared state run per group.
+    pub fn group(mut self, group: u32) -> Self {
+        self.config.group = group;
         self
     }
     /// Data-plane backend (default: `CONCORD_TRANSPORT`, else auto).
@@ -230,7 +239,11 @@ impl Communicator {
         .map_err(|e| Error::MasterLost(format!("{e}; is `concord master` running there?")))?;
         concord_transport::socket::set_keepalive(&stream, Duration::from_secs(1))?;
         let read_half = stream.try_clone().map_err(|e| Error::Io(e.to_string()))?;
-        let proto = PeerProto::new(data_port, config.advertise_ip.clone().unwrap_or_default());
+        let proto = PeerProto::with_group(
+            data_port,
+            config.advertise_ip.clone().unwrap_or_default(),
+            config.group,
+        );
         let inner = Arc::new(Inner::new(proto, stream, listener, config, backend));
         let mut threads = Vec::new();
         let reader_inner = Arc::clone(&inner);
@@ -273,7 +286,27 @@ impl Communicator {
             .expect("connected communicators are registered")
     }
 
-    /// Number of peers in the ring in force.
+    /// This peer's group.
+    pub fn group(&self) -> u32 {
+        self.inner.config.group
+    }
+
+    /// Accepted peers across all groups.
+    pub fn global_world_size(&self) -> usize {
+        self.inner.lock().proto.group_info().global_world as usize
+    }
+
+    /// Number of peer groups.
+    pub fn num_groups(&self) -> usize {
+        self.inner.lock().proto.group_info().groups as usize
+    }
+
+    /// Size of the largest peer group.
+    pub fn largest_group_size(&self) -> usize {
+        self.inner.lock().proto.group_info().largest_group as usize
+    }
+
+    /// Number of peers in this peer's group (its ring), as of the last topology update.
     pub fn world_size(&self) -> usize {
         self.inner.lock().proto.ring().map_or(0, |r| r.1.len())
     }

@@ -144,16 +144,34 @@ pub struct PeerProto {
     out: VecDeque<PeerMsg>,
     history: VecDeque<(u64, Vec<PeerId>)>,
     sync: SyncPhase,
+    groups: GroupInfo,
+}
+
+/// Sizes across peer groups, as of the last topology update.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupInfo {
+    /// Accepted peers across all groups.
+    pub global_world: u32,
+    /// Number of groups.
+    pub groups: u32,
+    /// Size of the largest group.
+    pub largest_group: u32,
 }
 
 impl PeerProto {
     /// A peer about to register; queues the hello.
     pub fn new(data_port: u16, advertise_ip: String) -> Self {
+        Self::with_group(data_port, advertise_ip, 0)
+    }
+
+    /// A peer of peer group `group` about to register; queues the hello.
+    pub fn with_group(data_port: u16, advertise_ip: String, group: u32) -> Self {
         let mut out = VecDeque::new();
         out.push_back(PeerMsg::Hello {
             version: PROTOCOL_VERSION,
             data_port,
             advertise_ip,
+            group,
         });
         PeerProto {
             peer_id: None,
@@ -165,6 +183,7 @@ impl PeerProto {
             out,
             history: VecDeque::new(),
             sync: SyncPhase::Idle,
+            groups: GroupInfo::default(),
         }
     }
 
@@ -375,6 +394,11 @@ impl PeerProto {
         Ok(())
     }
 
+    /// Sizes across groups, as of the last topology update.
+    pub fn group_info(&self) -> GroupInfo {
+        self.groups
+    }
+
     /// The sync phase.
     pub fn sync_phase(&self) -> &SyncPhase {
         &self.sync
@@ -534,7 +558,13 @@ impl PeerProto {
                     ring,
                 };
             }
-            MasterMsg::TopologyDone { epoch, world } => {
+            MasterMsg::TopologyDone {
+                epoch,
+                world,
+                global_world,
+                groups,
+                largest_group,
+            } => {
                 let fits = match &self.topo {
                     // The ring we connected is now in force.
                     TopoPhase::Reported { epoch: e } => *e == epoch,
@@ -546,6 +576,11 @@ impl PeerProto {
                     return violation("TopologyDone out of turn");
                 }
                 self.topo = TopoPhase::Done { epoch, world };
+                self.groups = GroupInfo {
+                    global_world,
+                    groups,
+                    largest_group,
+                };
             }
             MasterMsg::TopologyFailed { epoch: _, reason } => {
                 if matches!(self.topo, TopoPhase::Idle | TopoPhase::Done { .. }) {
@@ -674,8 +709,14 @@ mod tests {
             p.poll_transmit(),
             Some(PeerMsg::ConnectResult { ok: true, .. })
         ));
-        p.handle(MasterMsg::TopologyDone { epoch: 1, world: 1 })
-            .unwrap();
+        p.handle(MasterMsg::TopologyDone {
+            epoch: 1,
+            world: 1,
+            global_world: 1,
+            groups: 1,
+            largest_group: 1,
+        })
+        .unwrap();
         p
     }
 

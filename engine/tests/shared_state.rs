@@ -225,3 +225,92 @@ fn a_holder_killed_mid_transfer_is_replaced_by_another() {
     assert_eq!(digests.len(), 3, "two surviving holders and the joiner");
     assert!(digests.iter().all(|d| *d == digests[0]), "{digests:?}");
 }
+
+/// Peer of `groups_run_side_by_side`: GROUP from the environment; waits for 4 peers in all.
+#[test]
+fn peer_grouped() {
+    if !is_peer() {
+        return;
+    }
+    let group: u32 = std::env::var("GROUP").unwrap().parse().unwrap();
+    let mut comm = concord::Communicator::builder(std::env::var("MASTER").unwrap())
+        .group(group)
+        .op_timeout(Duration::from_secs(60))
+        .connect()
+        .unwrap();
+    while comm.global_world_size() < 4 {
+        if comm.are_new_peers_pending().unwrap() {
+            comm.update_topology().unwrap();
+        } else {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    assert_eq!(
+        (
+            comm.world_size(),
+            comm.num_groups(),
+            comm.largest_group_size()
+        ),
+        (2, 2, 2)
+    );
+    // The same tag in both groups, different data: each group reduces only its own.
+    let mut v = vec![(group * 100 + comm.rank() as u32) as f32; 1000];
+    comm.all_reduce_in_place(&mut v, concord::ReduceOp::Sum, 1)
+        .unwrap();
+    println!("SUM {}", v[0]);
+    // Shared state with keys of its own group.
+    let mut w = vec![
+        if comm.rank() == 0 {
+            group as f32 + 0.5
+        } else {
+            0.0
+        };
+        4096
+    ];
+    let mut state = SharedState::new(1);
+    state.add(format!("group{group}.weights"), &mut w);
+    let info = comm
+        .sync_shared_state(&mut state, SyncStrategy::EnforcePopular)
+        .unwrap();
+    println!("STATE {} {}", w[0], info.revision);
+}
+
+#[test]
+fn groups_run_side_by_side_with_their_own_keys() {
+    if is_peer() {
+        return;
+    }
+    let master = MasterProcess::start();
+    let peers: Vec<_> = [0u32, 0, 1, 1]
+        .iter()
+        .map(|g| {
+            spawn_peer(
+                "peer_grouped",
+                &[("MASTER", master.addr.clone()), ("GROUP", g.to_string())],
+            )
+        })
+        .collect();
+    let mut weights = Vec::new();
+    for (i, p) in peers.into_iter().enumerate() {
+        let (ok, out) = wait_output(p, Duration::from_secs(60));
+        assert!(ok, "peer failed:\n{out}");
+        let group = [0, 0, 1, 1][i];
+        let sum: f32 = lines_with(&out, "SUM ")[0].parse().unwrap();
+        assert_eq!(
+            sum,
+            (group * 200 + 1) as f32,
+            "group {group} reduced only its own members"
+        );
+        let state: Vec<&str> = lines_with(&out, "STATE ")[0].split(' ').collect();
+        assert_eq!(state[1], "1");
+        weights.push(state[0].parse::<f32>().unwrap());
+    }
+    // Within each group both peers hold the same elected content; across groups the keys and
+    // contents are their own (group 1's holder wrote 1.5, group 0's 0.5).
+    assert_eq!(weights[0], weights[1], "group 0 agrees: {weights:?}");
+    assert_eq!(weights[2], weights[3], "group 1 agrees: {weights:?}");
+    assert!(
+        [0.0, 0.5].contains(&weights[0]) && [0.0, 1.5].contains(&weights[2]),
+        "{weights:?}"
+    );
+}

@@ -82,6 +82,7 @@ enum Conn {
 struct Peer {
     conn: ConnId,
     data_addr: String,
+    group: u32,
     accepted: bool,
     /// When the unanswered ping was sent; cleared by any message from the peer.
     ping_sent_at: Option<Instant>,
@@ -106,6 +107,9 @@ enum Coll {
     },
 }
 
+/// A collective is known by its peer group and its tag.
+type CollKey = (u32, u64);
+
 /// The master's state: peers, ring, votes and collectives in flight.
 #[derive(Debug)]
 pub struct Coordinator {
@@ -114,18 +118,19 @@ pub struct Coordinator {
     peers: BTreeMap<PeerId, Peer>,
     next_peer_id: PeerId,
     epoch: u64,
-    ring: Vec<PeerId>,
-    /// Why the current ring cannot carry collectives (a member left), if it cannot.
-    ring_broken: Option<String>,
+    /// Each group's ring, in ring order.
+    rings: BTreeMap<u32, Vec<PeerId>>,
+    /// Groups whose ring cannot carry collectives (a member left), and why.
+    broken: BTreeMap<u32, String>,
     round: Option<Round>,
     accept_votes: BTreeSet<PeerId>,
     pending_votes: BTreeSet<PeerId>,
-    colls: BTreeMap<u64, Coll>,
+    colls: BTreeMap<CollKey, Coll>,
     /// Votes cancelled before every member voted: (reason, peers told). A late voter of the tag
     /// is told at once instead of starting a vote nobody else will join.
-    cancelled_votes: BTreeMap<u64, (String, BTreeSet<PeerId>)>,
+    cancelled_votes: BTreeMap<CollKey, (String, BTreeSet<PeerId>)>,
     /// The shared-state sync under way, if any.
-    sync: Option<sync::SyncState>,
+    sync: BTreeMap<u32, sync::SyncState>,
     /// Each peer's shared-state revision after its last completed sync.
     revisions: BTreeMap<PeerId, u64>,
     next_seq: u64,
@@ -145,14 +150,14 @@ impl Coordinator {
             peers: BTreeMap::new(),
             next_peer_id: 1,
             epoch: 0,
-            ring: Vec::new(),
-            ring_broken: None,
+            rings: BTreeMap::new(),
+            broken: BTreeMap::new(),
             round: None,
             accept_votes: BTreeSet::new(),
             pending_votes: BTreeSet::new(),
             colls: BTreeMap::new(),
             cancelled_votes: BTreeMap::new(),
-            sync: None,
+            sync: BTreeMap::new(),
             revisions: BTreeMap::new(),
             next_seq: 1,
             out: VecDeque::new(),
@@ -181,7 +186,7 @@ impl Coordinator {
     /// Whether anything waits on the peers (then their liveness matters).
     fn active(&self) -> bool {
         !self.colls.is_empty()
-            || self.sync.is_some()
+            || !self.sync.is_empty()
             || self.round.is_some()
             || !self.accept_votes.is_empty()
             || !self.pending_votes.is_empty()
@@ -337,6 +342,7 @@ impl Coordinator {
             version,
             data_port,
             advertise_ip,
+            group,
         } = msg
         else {
             self.kick_conn(
@@ -378,6 +384,7 @@ impl Coordinator {
             Peer {
                 conn,
                 data_addr,
+                group,
                 accepted: false,
                 ping_sent_at: None,
             },
@@ -463,7 +470,8 @@ impl Coordinator {
         seq: u64,
         reason: &str,
     ) -> Result<(), String> {
-        let current = match self.colls.get(&tag) {
+        let key = (self.peers[&id].group, tag);
+        let current = match self.colls.get(&key) {
             Some(Coll::Voting { descs }) => seq == 0 && descs.contains_key(&id),
             Some(Coll::Running {
                 seq: s, members, ..
@@ -472,14 +480,14 @@ impl Coordinator {
         };
         if current {
             let reason = format!("peer {id}: {reason}");
-            if let Some(Coll::Voting { descs }) = self.colls.get(&tag) {
+            if let Some(Coll::Voting { descs }) = self.colls.get(&key) {
                 if self.cancelled_votes.len() < self.config.max_collectives {
                     let told = descs.keys().copied().collect();
-                    self.cancelled_votes.insert(tag, (reason.clone(), told));
+                    self.cancelled_votes.insert(key, (reason.clone(), told));
                 }
             }
             // The connections stay up: only this collective's frames stop.
-            self.abort_coll(tag, &reason, Vec::new());
+            self.abort_coll(key, &reason, Vec::new());
         } else if seq >= self.next_seq {
             return Err(format!(
                 "cancelled collective {tag} with sequence {seq}, never started"
@@ -531,7 +539,9 @@ impl Coordinator {
         if self.accept_votes.contains(&id) {
             return Err("started a collective while voting to update the topology (one operation kind at a time)".into());
         }
-        if let Some((reason, told)) = self.cancelled_votes.get_mut(&tag) {
+        let g = self.peers[&id].group;
+        let key = (g, tag);
+        if let Some((reason, told)) = self.cancelled_votes.get_mut(&key) {
             if told.insert(id) {
                 let reason = reason.clone();
                 self.send(
@@ -546,7 +556,7 @@ impl Coordinator {
                 return Ok(());
             }
         }
-        match self.colls.get_mut(&tag) {
+        match self.colls.get_mut(&key) {
             Some(Coll::Voting { descs }) => {
                 if descs.insert(id, desc).is_some() {
                     return Err(format!("tag {tag} is already in flight on this peer"));
@@ -557,11 +567,11 @@ impl Coordinator {
                 Err(format!("tag {tag} is already in flight on this peer"))
             }
             None => {
-                let refuse = if let Some(why) = &self.ring_broken {
+                let refuse = if let Some(why) = self.broken.get(&g) {
                     Some(format!(
                         "{why}; the ring must be rebuilt: call update_topology() and retry"
                     ))
-                } else if self.round.is_some() || self.ring.is_empty() {
+                } else if self.round.is_some() || self.rings.get(&g).is_none_or(Vec::is_empty) {
                     Some("the ring is being rebuilt; retry after update_topology()".to_string())
                 } else if self.colls.len() >= self.config.max_collectives {
                     Some(format!(
@@ -585,7 +595,7 @@ impl Coordinator {
                     }
                     None => {
                         self.colls.insert(
-                            tag,
+                            key,
                             Coll::Voting {
                                 descs: BTreeMap::from([(id, desc)]),
                             },
@@ -605,7 +615,8 @@ impl Coordinator {
         ok: bool,
         detail: String,
     ) -> Result<(), String> {
-        match self.colls.get_mut(&tag) {
+        let g = self.peers[&id].group;
+        match self.colls.get_mut(&(g, tag)) {
             Some(Coll::Running {
                 seq: s,
                 members,
@@ -617,8 +628,8 @@ impl Coordinator {
                     }
                 } else {
                     let reason = format!("peer {id} failed collective {tag}: {detail}");
-                    self.abort_coll(tag, &reason, Vec::new());
-                    self.ring_broken.get_or_insert(reason);
+                    self.abort_coll((g, tag), &reason, Vec::new());
+                    self.broken.entry(g).or_insert(reason);
                 }
                 Ok(())
             }
@@ -649,31 +660,19 @@ impl Coordinator {
         if self.round.is_none() && !accepted.is_empty() && self.accept_votes.is_superset(&accepted)
         {
             self.accept_votes.clear();
-            let ring_matches = self.ring.iter().copied().collect::<BTreeSet<_>>() == accepted;
-            if has_pending || self.ring_broken.is_some() || !ring_matches {
+            let in_rings: BTreeSet<PeerId> = self.rings.values().flatten().copied().collect();
+            if has_pending || !self.broken.is_empty() || in_rings != accepted {
                 self.start_round();
             } else {
-                let msg = MasterMsg::TopologyDone {
-                    epoch: self.epoch,
-                    world: accepted.len() as u32,
-                };
-                for id in &accepted {
-                    self.send(*id, msg.clone());
-                }
+                self.send_topology_done(&accepted.iter().copied().collect::<Vec<_>>());
             }
         }
         if let Some(round) = &self.round {
             if round.connected.len() == round.members.len() {
                 let round = self.round.take().expect("checked");
-                let msg = MasterMsg::TopologyDone {
-                    epoch: round.epoch,
-                    world: round.members.len() as u32,
-                };
-                for id in &round.members {
-                    self.send(*id, msg.clone());
-                }
-                self.ring = round.members;
-                self.ring_broken = None;
+                self.rings = self.group_rings(&round.members);
+                self.broken.clear();
+                self.send_topology_done(&round.members);
             }
         }
         if !accepted.is_empty() && self.pending_votes.is_superset(&accepted) {
@@ -700,20 +699,34 @@ impl Coordinator {
 
     fn reevaluate_collectives(&mut self, accepted: &BTreeSet<PeerId>) {
         // A cancelled vote is forgotten once every member has been told.
+        let in_group = |peers: &BTreeMap<PeerId, Peer>, g: u32| -> BTreeSet<PeerId> {
+            accepted
+                .iter()
+                .copied()
+                .filter(|id| peers[id].group == g)
+                .collect()
+        };
+        let peers = &self.peers;
         self.cancelled_votes
-            .retain(|_, (_, told)| !told.is_superset(accepted));
-        let tags: Vec<u64> = self.colls.keys().copied().collect();
-        for tag in tags {
-            match &self.colls[&tag] {
+            .retain(|(g, _), (_, told)| !told.is_superset(&in_group(peers, *g)));
+        let keys: Vec<CollKey> = self.colls.keys().copied().collect();
+        for key in keys {
+            let (g, tag) = key;
+            let voters_needed = in_group(&self.peers, g);
+            match &self.colls[&key] {
                 Coll::Voting { descs }
-                    if descs.keys().copied().collect::<BTreeSet<_>>() == *accepted =>
+                    if descs.keys().copied().collect::<BTreeSet<_>>() == voters_needed =>
                 {
                     let first = descs.values().next().expect("accepted is not empty");
                     if descs.values().all(|d| d == first) {
                         let seq = self.next_seq;
                         self.next_seq += 1;
-                        let members: BTreeSet<PeerId> = self.ring.iter().copied().collect();
-                        debug_assert_eq!(&members, accepted, "collectives start on an intact ring");
+                        let members: BTreeSet<PeerId> =
+                            self.rings.get(&g).into_iter().flatten().copied().collect();
+                        debug_assert_eq!(
+                            members, voters_needed,
+                            "collectives start on an intact ring"
+                        );
                         let msg = MasterMsg::CollCommence {
                             tag,
                             seq,
@@ -723,7 +736,7 @@ impl Coordinator {
                             self.send(*id, msg.clone());
                         }
                         self.colls.insert(
-                            tag,
+                            key,
                             Coll::Running {
                                 seq,
                                 members,
@@ -740,7 +753,7 @@ impl Coordinator {
                             listing.join("; ")
                         );
                         let voters: Vec<PeerId> = descs.keys().copied().collect();
-                        self.colls.remove(&tag);
+                        self.colls.remove(&key);
                         for id in voters {
                             self.send(
                                 id,
@@ -755,7 +768,7 @@ impl Coordinator {
                 Coll::Running { seq, members, done } if done == members => {
                     let msg = MasterMsg::CollDone { tag, seq: *seq };
                     let members: Vec<PeerId> = members.iter().copied().collect();
-                    self.colls.remove(&tag);
+                    self.colls.remove(&key);
                     for id in members {
                         self.send(id, msg.clone());
                     }
@@ -772,21 +785,24 @@ impl Coordinator {
         }
         self.epoch += 1;
         let members: Vec<PeerId> = self.peers.keys().copied().collect();
-        let ring: Vec<RingMember> = members
-            .iter()
-            .map(|id| RingMember {
-                peer_id: *id,
-                data_addr: self.peers[id].data_addr.clone(),
-            })
-            .collect();
         let secret = mix(self.config.secret_seed ^ self.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let msg = MasterMsg::Topology {
-            epoch: self.epoch,
-            secret,
-            ring,
-        };
-        for id in &members {
-            self.send(*id, msg.clone());
+        // Each peer gets its own group's ring.
+        for (_, ids) in self.group_rings(&members) {
+            let ring: Vec<RingMember> = ids
+                .iter()
+                .map(|id| RingMember {
+                    peer_id: *id,
+                    data_addr: self.peers[id].data_addr.clone(),
+                })
+                .collect();
+            let msg = MasterMsg::Topology {
+                epoch: self.epoch,
+                secret,
+                ring,
+            };
+            for id in ids {
+                self.send(id, msg.clone());
+            }
         }
         self.round = Some(Round {
             epoch: self.epoch,
@@ -806,11 +822,22 @@ impl Coordinator {
             };
             self.send(*id, msg);
         }
-        self.ring_broken = Some(reason.to_string());
+        // Every ring must be rebuilt: mark all groups (and any group yet to exist) broken.
+        for g in round
+            .members
+            .iter()
+            .filter_map(|id| self.peers.get(id).map(|p| p.group))
+        {
+            self.broken.insert(g, reason.to_string());
+        }
+        self.broken
+            .entry(u32::MAX)
+            .or_insert_with(|| reason.to_string());
     }
 
-    fn abort_coll(&mut self, tag: u64, reason: &str, lost: Vec<PeerId>) {
-        let Some(coll) = self.colls.remove(&tag) else {
+    fn abort_coll(&mut self, key: CollKey, reason: &str, lost: Vec<PeerId>) {
+        let tag = key.1;
+        let Some(coll) = self.colls.remove(&key) else {
             return;
         };
         let (seq, targets): (u64, Vec<PeerId>) = match coll {
@@ -842,14 +869,47 @@ impl Coordinator {
         if self.round.as_ref().is_some_and(|r| r.members.contains(&id)) {
             self.fail_round(reason);
         }
-        if self.ring.contains(&id) {
-            self.ring.retain(|p| *p != id);
-            self.ring_broken = Some(reason.to_string());
+        let g = peer.group;
+        if let Some(ring) = self.rings.get_mut(&g) {
+            if ring.contains(&id) {
+                ring.retain(|p| *p != id);
+                self.broken.insert(g, reason.to_string());
+            }
         }
-        // The ring lost a member: nothing can run on it until it is rebuilt.
-        let tags: Vec<u64> = self.colls.keys().copied().collect();
-        for tag in tags {
-            self.abort_coll(tag, reason, vec![id]);
+        // The group's ring lost a member: nothing can run on it until it is rebuilt. Other
+        // groups' collectives go on.
+        let keys: Vec<CollKey> = self.colls.keys().copied().filter(|k| k.0 == g).collect();
+        for key in keys {
+            self.abort_coll(key, reason, vec![id]);
+        }
+    }
+
+    /// Rings of every group among `members`, each in id order.
+    fn group_rings(&self, members: &[PeerId]) -> BTreeMap<u32, Vec<PeerId>> {
+        let mut rings: BTreeMap<u32, Vec<PeerId>> = BTreeMap::new();
+        for id in members {
+            rings.entry(self.peers[id].group).or_default().push(*id);
+        }
+        rings
+    }
+
+    /// Tells each of `members` the ring in force, with the group attributes.
+    fn send_topology_done(&mut self, members: &[PeerId]) {
+        let rings = self.group_rings(members);
+        let global_world = members.len() as u32;
+        let groups = rings.len() as u32;
+        let largest_group = rings.values().map(Vec::len).max().unwrap_or(0) as u32;
+        for ids in rings.values() {
+            let msg = MasterMsg::TopologyDone {
+                epoch: self.epoch,
+                world: ids.len() as u32,
+                global_world,
+                groups,
+                largest_group,
+            };
+            for id in ids {
+                self.send(*id, msg.clone());
+            }
         }
     }
 

@@ -93,6 +93,8 @@ pub enum PeerMsg {
         data_port: u16,
         /// Address to advertise instead of the one the master sees (empty: use the observed IP).
         advertise_ip: String,
+        /// Peer group: collectives and shared state run per group, each group on its own ring.
+        group: u32,
     },
     /// Vote to accept pending peers and (re)build the ring (`update_topology`).
     AcceptVote,
@@ -193,8 +195,14 @@ pub enum MasterMsg {
     TopologyDone {
         /// The ring epoch now in force.
         epoch: u64,
-        /// Its size.
+        /// The size of this peer's group (its ring).
         world: u32,
+        /// Accepted peers across all groups.
+        global_world: u32,
+        /// Number of groups.
+        groups: u32,
+        /// Size of the largest group.
+        largest_group: u32,
     },
     /// A connection round failed (a member dropped or could not connect); vote again.
     TopologyFailed {

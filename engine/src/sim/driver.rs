@@ -24,7 +24,7 @@ use super::peer::{Launch, SimPeer, Stage};
 use super::plane::{Neighbour, Plane};
 use super::world::Ctx;
 use super::{count_of, data_tag, floats, input_value, op_of};
-use crate::protocol::TopoPhase;
+use crate::protocol::{TopoPhase, TIMEOUT_MARK};
 
 /// Tag of the per-step agreement collective (never a data tag).
 pub(crate) const SYNC_TAG: u64 = u64::MAX - 1;
@@ -35,7 +35,7 @@ const MAX_ROUNDS: usize = 16;
 /// State transitions per input: far more than one input can cause; more is a loop.
 const MAX_TRANSITIONS: usize = 64;
 /// Longest compute between steps, in microseconds.
-const MAX_COMPUTE_US: u64 = 2_000;
+const MAX_COMPUTE_US: u64 = 500;
 
 impl SimPeer {
     /// Advances the loop as far as the protocol's state allows, then sends what it queued.
@@ -190,6 +190,9 @@ impl SimPeer {
         if self.retrying && world < 2 {
             return self.leave(ctx, Stage::Out("fewer than two peers remain".into()));
         }
+        if self.batch_failed && ctx.config.elastic_order && self.step_known {
+            return self.start_batch(ctx); // Straight back to the failed tags.
+        }
         self.begin_step(ctx);
     }
 
@@ -285,7 +288,7 @@ impl SimPeer {
                 true
             }
             (Some(_), _) => {
-                self.retry(ctx);
+                self.retry(ctx, false);
                 true
             }
         }
@@ -296,6 +299,7 @@ impl SimPeer {
             return self.finish(ctx);
         }
         self.launches.clear();
+        self.batch_failed = false;
         let me = self.id();
         for k in self.todo.clone() {
             let input = (0..count_of(ctx.config.elems, k))
@@ -321,7 +325,7 @@ impl SimPeer {
             self.step_done(ctx);
         } else {
             self.todo = failed;
-            self.retry(ctx);
+            self.retry(ctx, true);
         }
         true
     }
@@ -359,7 +363,40 @@ impl SimPeer {
         self.pump(ctx);
     }
 
-    fn retry(&mut self, ctx: &mut Ctx) {
+    /// A collective of this peer still in flight (voting or running), if any.
+    pub(crate) fn in_flight(&self) -> Option<u64> {
+        self.launches.keys().copied().find(|t| self.cancellable(*t))
+    }
+
+    fn cancellable(&self, tag: u64) -> bool {
+        use crate::protocol::CollPhase;
+        let phase = self.proto.collective(tag);
+        matches!(
+            phase,
+            Some(CollPhase::Voting | CollPhase::Run { .. } | CollPhase::Completing { .. })
+        )
+    }
+
+    /// The deadline of one collective in flight passed: the watchdog asks the master to abort
+    /// it everywhere (as `core::watchdog` does).
+    pub(crate) fn deadline_passed(&mut self, ctx: &mut Ctx, rng: &mut super::rng::Rng) {
+        let tags: Vec<u64> = self
+            .launches
+            .keys()
+            .copied()
+            .filter(|t| self.cancellable(*t))
+            .collect();
+        let Some(&tag) = tags.get(rng.index(tags.len().max(1))) else {
+            return;
+        };
+        let reason = format!("{TIMEOUT_MARK} after 0 ms (deadline of peer {})", self.id());
+        ctx.trace(|| format!("FAULT: #{} cancels tag {tag}: {reason}", self.idx));
+        self.proto.cancel(tag, reason);
+        self.pump(ctx);
+    }
+
+    /// Some collectives failed (the batch's when `batch`, else the agreement): rebuild the ring.
+    fn retry(&mut self, ctx: &mut Ctx, batch: bool) {
         self.attempts += 1;
         if self.attempts > MAX_ATTEMPTS {
             return self.fail(
@@ -372,6 +409,7 @@ impl SimPeer {
         }
         self.retries += 1;
         self.retrying = true;
+        self.batch_failed = batch;
         self.update_topology(ctx);
     }
 

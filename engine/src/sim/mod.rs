@@ -52,6 +52,9 @@ pub struct Faults {
     pub delay: bool,
     /// A peer's data connections reset (the peer itself lives on).
     pub drop: bool,
+    /// A peer's deadline for one collective passes: its watchdog asks the master to abort it
+    /// (`CollCancel`), and every member retries it.
+    pub timeout: bool,
 }
 
 impl Faults {
@@ -62,6 +65,7 @@ impl Faults {
         join: false,
         delay: false,
         drop: false,
+        timeout: false,
     };
     /// Every fault.
     pub const ALL: Faults = Faults {
@@ -70,13 +74,15 @@ impl Faults {
         join: true,
         delay: true,
         drop: true,
+        timeout: true,
     };
 }
 
 impl std::str::FromStr for Faults {
     type Err = String;
 
-    /// A comma-separated list of `kill`, `stall`, `join`, `delay`, `drop`; `all`; `none` or "".
+    /// A comma-separated list of `kill`, `stall`, `join`, `delay`, `drop`, `timeout`; `all`;
+    /// `none` or "".
     fn from_str(s: &str) -> Result<Self, String> {
         let mut f = Faults::NONE;
         for word in s.split(',').map(str::trim).filter(|w| !w.is_empty()) {
@@ -86,11 +92,12 @@ impl std::str::FromStr for Faults {
                 "join" => f.join = true,
                 "delay" => f.delay = true,
                 "drop" => f.drop = true,
+                "timeout" => f.timeout = true,
                 "all" => f = Faults::ALL,
                 "none" => {}
                 other => {
                     return Err(format!(
-                        "unknown fault {other:?}: use kill, stall, join, delay, drop, all or none"
+                        "unknown fault {other:?}: use kill, stall, join, delay, drop, timeout, all or none"
                     ))
                 }
             }
@@ -107,6 +114,7 @@ impl fmt::Display for Faults {
             (self.join, "join"),
             (self.delay, "delay"),
             (self.drop, "drop"),
+            (self.timeout, "timeout"),
         ];
         let names: Vec<&str> = on.iter().filter(|(b, _)| *b).map(|(_, n)| *n).collect();
         if names.is_empty() {
@@ -139,6 +147,11 @@ pub struct SimConfig {
     pub sub_elems: usize,
     /// Keep the last this many trace lines (0: none; costs time when on).
     pub trace_lines: usize,
+    /// Re-run failed collectives right after the retry's topology update, without the step's
+    /// agreement collective first: the order of `concord bench --elastic` (whose retries happen
+    /// inside `all_reduce_many_with_retry`). A peer admitted by that update cannot know which
+    /// tags are being re-run. Off by default.
+    pub elastic_order: bool,
 }
 
 impl SimConfig {
@@ -155,6 +168,7 @@ impl SimConfig {
             elems: 300,
             sub_elems: 24,
             trace_lines: 0,
+            elastic_order: false,
         }
     }
 
@@ -236,6 +250,8 @@ pub struct Summary {
     pub joins: u64,
     /// Data-connection resets.
     pub drops: u64,
+    /// Collectives whose deadline a peer declared passed.
+    pub timeouts: u64,
     /// Control messages sent (both directions).
     pub control_messages: u64,
     /// Data frames sent.
@@ -266,8 +282,14 @@ impl fmt::Display for Summary {
         )?;
         writeln!(
             f,
-            "  kills {}, stalls {} ({} long), kicked {}, joins {}, connection drops {}",
-            self.kills, self.stalls, self.long_stalls, self.kicked, self.joins, self.drops
+            "  kills {}, stalls {} ({} long), kicked {}, joins {}, connection drops {}, timeouts {}",
+            self.kills,
+            self.stalls,
+            self.long_stalls,
+            self.kicked,
+            self.joins,
+            self.drops,
+            self.timeouts
         )?;
         writeln!(
             f,

@@ -75,6 +75,8 @@ pub(crate) struct SimPeer {
     pub(crate) step_known: bool,
     pub(crate) todo: Vec<usize>,
     pub(crate) retrying: bool,
+    /// The retry under way re-runs failed data collectives (not the agreement collective).
+    pub(crate) batch_failed: bool,
     pub(crate) attempts: usize,
     pub(crate) rounds: usize,
     pub(crate) launches: BTreeMap<u64, Launch>,
@@ -102,6 +104,7 @@ impl SimPeer {
             step_known: false,
             todo: Vec::new(),
             retrying: false,
+            batch_failed: false,
             attempts: 0,
             rounds: 0,
             launches: BTreeMap::new(),

@@ -35,6 +35,7 @@ pub(crate) struct Stats {
     pub(crate) long_stalls: u64,
     pub(crate) joins: u64,
     pub(crate) drops: u64,
+    pub(crate) timeouts: u64,
 }
 
 /// What every handler may touch besides its own state.
@@ -76,6 +77,7 @@ enum Fault {
     Stall,
     Join,
     Drop,
+    Timeout,
 }
 
 #[derive(Debug)]
@@ -97,8 +99,8 @@ impl World {
         let peer_rng = rng.fork(3);
         let mut coord = CoordinatorConfig::default();
         coord.secret_seed = config.seed;
-        let any = config.faults.kill || config.faults.stall || config.faults.join;
-        let faults_left = if any || config.faults.drop {
+        let f = config.faults;
+        let faults_left = if f.kill || f.stall || f.join || f.drop || f.timeout {
             fault_rng.range(1, config.max_faults as u64 + 1) as usize
         } else {
             0
@@ -125,7 +127,7 @@ impl World {
             world.add_peer(at);
         }
         if world.faults_left > 0 {
-            let at = world.fault_rng.range(1_000, 20_000);
+            let at = world.fault_rng.range(1_000, 10_000);
             world.ctx.net.at(at, Event::FaultTick);
         }
         world.ctx.net.at(CHECK_EVERY_US, Event::Check);
@@ -255,6 +257,7 @@ impl World {
             (f.stall, Fault::Stall),
             (f.join, Fault::Join),
             (f.drop, Fault::Drop),
+            (f.timeout, Fault::Timeout),
         ]
         .into_iter()
         .filter_map(|(on, kind)| on.then_some(kind))
@@ -267,7 +270,7 @@ impl World {
             self.faults_left -= 1;
         }
         if self.faults_left > 0 {
-            let at = self.ctx.now + self.fault_rng.range(2_000, 40_000);
+            let at = self.ctx.now + self.fault_rng.range(1_000, 15_000);
             self.ctx.net.at(at, Event::FaultTick);
         }
     }
@@ -346,6 +349,19 @@ impl World {
                     .map(|pl| pl.fail("injected: connection reset"));
                 peer.apply_plane(ctx, outs.unwrap_or_default());
                 peer.pump(ctx);
+            }
+            Fault::Timeout => {
+                let waiting: Vec<usize> = self
+                    .peers
+                    .iter()
+                    .filter(|p| p.active() && p.stalled.is_none() && p.in_flight().is_some())
+                    .map(|p| p.idx)
+                    .collect();
+                let Some(&p) = pick(&mut self.fault_rng, &waiting) else {
+                    return false;
+                };
+                ctx.stats.timeouts += 1;
+                self.peers[p].deadline_passed(ctx, &mut self.fault_rng);
             }
         }
         true
@@ -448,6 +464,7 @@ impl World {
                 .count() as u64,
             joins: s.joins,
             drops: s.drops,
+            timeouts: s.timeouts,
             control_messages: s.control_messages,
             data_frames: s.data_frames,
             events: s.events,

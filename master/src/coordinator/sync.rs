@@ -56,7 +56,8 @@ pub(super) enum SyncState {
 
 impl Coordinator {
     pub(super) fn in_sync(&self, id: PeerId) -> bool {
-        match &self.sync {
+        let g = self.peers.get(&id).map_or(u32::MAX, |p| p.group);
+        match self.sync.get(&g) {
             Some(SyncState::Voting { votes }) => votes.contains_key(&id),
             Some(SyncState::Transferring { members, done, .. }) => {
                 members.contains(&id) && !done.contains(&id)
@@ -85,18 +86,13 @@ impl Coordinator {
                 return Err(format!("shared-state revision jumped from {last} to {revision}; it must rise by exactly one"));
             }
         }
-        let votes = match &mut self.sync {
-            None => {
-                self.sync = Some(SyncState::Voting {
-                    votes: BTreeMap::new(),
-                });
-                match &mut self.sync {
-                    Some(SyncState::Voting { votes }) => votes,
-                    _ => unreachable!("just set"),
-                }
-            }
-            Some(SyncState::Voting { votes }) => votes,
-            Some(SyncState::Transferring { .. }) => {
+        let g = self.peers[&id].group;
+        let state = self.sync.entry(g).or_insert_with(|| SyncState::Voting {
+            votes: BTreeMap::new(),
+        });
+        let votes = match state {
+            SyncState::Voting { votes } => votes,
+            SyncState::Transferring { .. } => {
                 return Err("voted to sync while a sync is transferring".into())
             }
         };
@@ -123,7 +119,8 @@ impl Coordinator {
         ok: bool,
         detail: &str,
     ) -> Result<(), String> {
-        match &mut self.sync {
+        let g = self.peers[&id].group;
+        match self.sync.get_mut(&g) {
             Some(SyncState::Transferring {
                 revision: r,
                 members,
@@ -134,7 +131,7 @@ impl Coordinator {
                 }
                 if !ok {
                     let reason = format!("peer {id} could not fetch shared state: {detail}");
-                    self.fail_sync(&reason);
+                    self.fail_sync(g, &reason);
                 }
                 Ok(())
             }
@@ -144,8 +141,8 @@ impl Coordinator {
         }
     }
 
-    pub(super) fn fail_sync(&mut self, reason: &str) {
-        let targets: Vec<PeerId> = match self.sync.take() {
+    pub(super) fn fail_sync(&mut self, g: u32, reason: &str) {
+        let targets: Vec<PeerId> = match self.sync.remove(&g) {
             Some(SyncState::Voting { votes }) => votes.into_keys().collect(),
             Some(SyncState::Transferring { members, .. }) => members.into_iter().collect(),
             None => return,
@@ -164,46 +161,58 @@ impl Coordinator {
     /// from other sources).
     pub(super) fn sync_remove_peer(&mut self, id: PeerId) {
         self.revisions.remove(&id);
-        match &mut self.sync {
-            Some(SyncState::Voting { votes }) => {
-                votes.remove(&id);
+        for state in self.sync.values_mut() {
+            match state {
+                SyncState::Voting { votes } => {
+                    votes.remove(&id);
+                }
+                SyncState::Transferring { members, done, .. } => {
+                    members.remove(&id);
+                    done.remove(&id);
+                }
             }
-            Some(SyncState::Transferring { members, done, .. }) => {
-                members.remove(&id);
-                done.remove(&id);
-            }
-            None => {}
         }
     }
 
     pub(super) fn reevaluate_sync(&mut self, accepted: &BTreeSet<PeerId>) {
-        match &self.sync {
-            Some(SyncState::Voting { votes })
-                if !accepted.is_empty()
-                    && votes.keys().copied().collect::<BTreeSet<_>>() == *accepted =>
-            {
-                let Some(SyncState::Voting { votes }) = self.sync.take() else {
-                    unreachable!("matched")
-                };
-                self.elect(votes);
-            }
-            Some(SyncState::Transferring {
-                revision,
-                members,
-                done,
-            }) if done.is_superset(members) => {
-                let (revision, members) = (*revision, members.clone());
-                self.sync = None;
-                for id in members {
-                    self.revisions.insert(id, revision);
-                    self.send(id, MasterMsg::SyncComplete { revision });
+        let groups: Vec<u32> = self.sync.keys().copied().collect();
+        for g in groups {
+            let in_group: BTreeSet<PeerId> = accepted
+                .iter()
+                .copied()
+                .filter(|id| self.peers[id].group == g)
+                .collect();
+            match self.sync.get(&g) {
+                Some(SyncState::Voting { votes })
+                    if !in_group.is_empty()
+                        && votes.keys().copied().collect::<BTreeSet<_>>() == in_group =>
+                {
+                    let Some(SyncState::Voting { votes }) = self.sync.remove(&g) else {
+                        unreachable!("matched")
+                    };
+                    self.elect(g, votes);
                 }
+                Some(SyncState::Transferring {
+                    revision,
+                    members,
+                    done,
+                }) if done.is_superset(members) => {
+                    let (revision, members) = (*revision, members.clone());
+                    self.sync.remove(&g);
+                    for id in members {
+                        self.revisions.insert(id, revision);
+                        self.send(id, MasterMsg::SyncComplete { revision });
+                    }
+                }
+                Some(SyncState::Voting { votes }) if votes.is_empty() => {
+                    self.sync.remove(&g);
+                }
+                _ => {}
             }
-            _ => {}
         }
     }
 
-    fn elect(&mut self, mut votes: BTreeMap<PeerId, SyncVote>) {
+    fn elect(&mut self, g: u32, mut votes: BTreeMap<PeerId, SyncVote>) {
         // Key sets: the most common one wins; the others are kicked.
         let shape = |v: &SyncVote| -> Vec<(String, String, u64)> {
             v.entries
@@ -325,11 +334,14 @@ impl Coordinator {
                 },
             );
         }
-        self.sync = Some(SyncState::Transferring {
-            revision: expected,
-            members,
-            done: BTreeSet::new(),
-        });
+        self.sync.insert(
+            g,
+            SyncState::Transferring {
+                revision: expected,
+                members,
+                done: BTreeSet::new(),
+            },
+        );
     }
 
     fn kick_peer(&mut self, id: PeerId, reason: &str) {

@@ -42,6 +42,7 @@ impl H {
                 version: PROTOCOL_VERSION,
                 data_port: 1000 + conn as u16,
                 advertise_ip: String::new(),
+                group: 0,
             },
         )
     }
@@ -77,6 +78,17 @@ impl H {
         }
         assert_eq!(h.c.accepted().len(), n as usize);
         h
+    }
+}
+
+/// The TopologyDone of a single group of `world` peers.
+fn done(epoch: u64, world: u32) -> MasterMsg {
+    MasterMsg::TopologyDone {
+        epoch,
+        world,
+        global_world: world,
+        groups: 1,
+        largest_group: world,
     }
 }
 
@@ -117,10 +129,7 @@ fn first_peer_is_admitted_alone_and_later_ones_wait_for_a_vote() {
             detail: String::new(),
         },
     );
-    assert_eq!(
-        H::sent_to(&out, 1),
-        vec![MasterMsg::TopologyDone { epoch, world: 1 }]
-    );
+    assert_eq!(H::sent_to(&out, 1), vec![done(epoch, 1)]);
 
     let out = h.hello(2);
     assert_eq!(H::sent_to(&out, 2).len(), 1, "only a Welcome: peer 2 waits");
@@ -152,13 +161,7 @@ fn first_peer_is_admitted_alone_and_later_ones_wait_for_a_vote() {
         },
     );
     for conn in [1, 2] {
-        assert_eq!(
-            H::sent_to(&out, conn),
-            vec![MasterMsg::TopologyDone {
-                epoch: e2,
-                world: 2
-            }]
-        );
+        assert_eq!(H::sent_to(&out, conn), vec![done(e2, 2)]);
     }
     let out = h.msg(1, PeerMsg::PendingQuery);
     assert!(out.is_empty(), "the vote waits for peer 2");
@@ -343,10 +346,7 @@ fn disconnect_during_a_vote_aborts_it_for_the_survivors() {
             detail: String::new(),
         },
     );
-    assert_eq!(
-        H::sent_to(&out, 1),
-        vec![MasterMsg::TopologyDone { epoch, world: 2 }]
-    );
+    assert_eq!(H::sent_to(&out, 1), vec![done(epoch, 2)]);
 }
 
 #[test]
@@ -905,4 +905,129 @@ mod shared_state {
             );
         }
     }
+}
+
+#[test]
+fn groups_run_side_by_side_on_their_own_rings() {
+    let mut h = H::new();
+    let hello = |h: &mut H, conn: ConnId, group: u32| {
+        h.c.handle_connect(conn, "127.0.0.1".parse().unwrap(), h.now);
+        h.msg(
+            conn,
+            PeerMsg::Hello {
+                version: PROTOCOL_VERSION,
+                data_port: 1,
+                advertise_ip: String::new(),
+                group,
+            },
+        )
+    };
+    let out = hello(&mut h, 1, 0);
+    let e = topology_epoch(&H::sent_to(&out, 1)).unwrap();
+    h.msg(
+        1,
+        PeerMsg::ConnectResult {
+            epoch: e,
+            ok: true,
+            detail: String::new(),
+        },
+    );
+    for (conn, group) in [(2, 0), (3, 7), (4, 7), (5, 7)] {
+        hello(&mut h, conn, group);
+    }
+    let out = h.msg(1, PeerMsg::AcceptVote);
+    let ring_of = |out: &[Output], conn| match &H::sent_to(out, conn)[0] {
+        MasterMsg::Topology { ring, epoch, .. } => {
+            (*epoch, ring.iter().map(|m| m.peer_id).collect::<Vec<_>>())
+        }
+        m => panic!("{m:?}"),
+    };
+    let (e, ring0) = ring_of(&out, 2);
+    assert_eq!(ring0, vec![1, 2], "group 0's ring");
+    assert_eq!(ring_of(&out, 4).1, vec![3, 4, 5], "group 7's ring");
+    let mut out = Vec::new();
+    for conn in 1..=5 {
+        out = h.msg(
+            conn,
+            PeerMsg::ConnectResult {
+                epoch: e,
+                ok: true,
+                detail: String::new(),
+            },
+        );
+    }
+    assert_eq!(
+        H::sent_to(&out, 3),
+        vec![MasterMsg::TopologyDone {
+            epoch: e,
+            world: 3,
+            global_world: 5,
+            groups: 2,
+            largest_group: 3
+        }]
+    );
+    // The same tag runs in both groups independently, with each group's own descriptor.
+    h.msg(
+        1,
+        PeerMsg::CollInit {
+            tag: 1,
+            desc: desc(10),
+        },
+    );
+    let out = h.msg(
+        2,
+        PeerMsg::CollInit {
+            tag: 1,
+            desc: desc(10),
+        },
+    );
+    assert!(
+        matches!(
+            H::sent_to(&out, 1)[0],
+            MasterMsg::CollCommence { tag: 1, .. }
+        ),
+        "group 0 alone decides"
+    );
+    for conn in 3..=5 {
+        h.msg(
+            conn,
+            PeerMsg::CollInit {
+                tag: 1,
+                desc: desc(99),
+            },
+        );
+    }
+    // Losing a peer of group 7 aborts only group 7's collective.
+    h.c.handle_disconnect(5, h.now);
+    let out = h.drain();
+    assert!(
+        H::sent_to(&out, 1).is_empty() && H::sent_to(&out, 2).is_empty(),
+        "{out:?}"
+    );
+    assert!(
+        matches!(&H::sent_to(&out, 3)[0], MasterMsg::CollAborted { lost, .. } if lost == &vec![5])
+    );
+    // Group 0 completes its collective.
+    h.msg(
+        1,
+        PeerMsg::CollComplete {
+            tag: 1,
+            seq: 1,
+            ok: true,
+            detail: String::new(),
+        },
+    );
+    let out = h.msg(
+        2,
+        PeerMsg::CollComplete {
+            tag: 1,
+            seq: 1,
+            ok: true,
+            detail: String::new(),
+        },
+    );
+    assert_eq!(
+        H::sent_to(&out, 1),
+        vec![MasterMsg::CollDone { tag: 1, seq: 1 }]
+    );
 }

@@ -149,12 +149,14 @@ pub fn encode_peer(msg: &PeerMsg) -> Vec<u8> {
             version,
             data_port,
             advertise_ip,
+            group,
         } => {
             let mut e = Enc::new(1);
             e.u32(CONTROL_MAGIC)
                 .u32(*version)
                 .u16(*data_port)
-                .str(advertise_ip);
+                .str(advertise_ip)
+                .u32(*group);
             e
         }
         PeerMsg::AcceptVote => Enc::new(2),
@@ -225,6 +227,7 @@ pub fn decode_peer(body: &[u8]) -> Result<PeerMsg, ProtoError> {
                 version,
                 data_port: d.u16()?,
                 advertise_ip: d.str()?,
+                group: d.u32()?,
             }
         }
         2 => PeerMsg::AcceptVote,
@@ -319,9 +322,19 @@ pub fn encode_master(msg: &MasterMsg) -> Vec<u8> {
             }
             e
         }
-        MasterMsg::TopologyDone { epoch, world } => {
+        MasterMsg::TopologyDone {
+            epoch,
+            world,
+            global_world,
+            groups,
+            largest_group,
+        } => {
             let mut e = Enc::new(5);
-            e.u64(*epoch).u32(*world);
+            e.u64(*epoch)
+                .u32(*world)
+                .u32(*global_world)
+                .u32(*groups)
+                .u32(*largest_group);
             e
         }
         MasterMsg::TopologyFailed { epoch, reason } => {
@@ -441,6 +454,9 @@ pub fn decode_master(body: &[u8]) -> Result<MasterMsg, ProtoError> {
         5 => MasterMsg::TopologyDone {
             epoch: d.u64()?,
             world: d.u32()?,
+            global_world: d.u32()?,
+            groups: d.u32()?,
+            largest_group: d.u32()?,
         },
         6 => MasterMsg::TopologyFailed {
             epoch: d.u64()?,
@@ -536,6 +552,7 @@ mod tests {
                 version: PROTOCOL_VERSION,
                 data_port: 7,
                 advertise_ip: "10.0.0.1".into(),
+                group: 0,
             },
             PeerMsg::AcceptVote,
             PeerMsg::PendingQuery,
@@ -597,7 +614,13 @@ mod tests {
                 secret: 2,
                 ring,
             },
-            MasterMsg::TopologyDone { epoch: 1, world: 3 },
+            MasterMsg::TopologyDone {
+                epoch: 1,
+                world: 3,
+                global_world: 5,
+                groups: 2,
+                largest_group: 3,
+            },
             MasterMsg::TopologyFailed {
                 epoch: 1,
                 reason: "x".into(),
@@ -649,6 +672,7 @@ mod tests {
             version: PROTOCOL_VERSION,
             data_port: 1,
             advertise_ip: String::new(),
+            group: 0,
         });
         frame[9..13].copy_from_slice(&(PROTOCOL_VERSION + 7).to_le_bytes());
         let err = decode_peer(body(&frame)).unwrap_err();

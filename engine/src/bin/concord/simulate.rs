@@ -21,7 +21,8 @@ pub(crate) struct SimulateArgs {
     /// Training steps (each a batch of tagged all-reduces).
     #[arg(long, default_value_t = 10)]
     steps: u64,
-    /// Faults to inject: a comma-separated list of kill, stall, join, delay, drop (or all).
+    /// Faults to inject: a comma-separated list of kill, stall, join, delay, drop, timeout (or
+    /// all).
     #[arg(long, default_value = "none")]
     faults: Faults,
     /// Most faults per run, other than delays (the seed picks how many).
@@ -39,6 +40,10 @@ pub(crate) struct SimulateArgs {
     /// Print the last N lines of the trace (every line with a large N).
     #[arg(long, default_value_t = 0)]
     trace: usize,
+    /// Re-run failed collectives right after the retry's topology update, without the step's
+    /// agreement collective (the order of `concord bench --elastic`).
+    #[arg(long)]
+    elastic_order: bool,
     /// Threads for --seeds.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -67,13 +72,21 @@ impl SimulateArgs {
         c.elems = self.elems;
         c.sub_elems = self.sub_elems;
         c.trace_lines = self.trace;
+        c.elastic_order = self.elastic_order;
         c
     }
 
     fn replay(&self, seed: u64) -> String {
         format!(
-            "concord simulate --seed {seed} --peers {} --steps {} --faults {} --max-faults {} --batch {} --elems {} --sub-elems {} --trace 60",
-            self.peers, self.steps, self.faults, self.max_faults, self.batch, self.elems, self.sub_elems
+            "concord simulate --seed {seed} --peers {} --steps {} --faults {} --max-faults {} --batch {} --elems {} --sub-elems {}{} --trace 60",
+            self.peers,
+            self.steps,
+            self.faults,
+            self.max_faults,
+            self.batch,
+            self.elems,
+            self.sub_elems,
+            if self.elastic_order { " --elastic-order" } else { "" }
         )
     }
 }
