@@ -54,8 +54,10 @@ impl SimMaster {
     }
 
     fn time(&self, at: Instant) -> Time {
-        let d = at.saturating_duration_since(self.base);
-        d.as_micros() as Time + Time::from(d.subsec_nanos() % 1000 != 0)
+        // Rounded up: a deadline is never seen before it is due.
+        at.saturating_duration_since(self.base)
+            .as_nanos()
+            .div_ceil(1000) as Time
     }
 
     /// The peers the coordinator knows (accepted and pending).

@@ -369,8 +369,8 @@ impl SimPeer {
 
     /// The peer vanishes (SIGKILL): its connections close, nothing more runs.
     pub(crate) fn kill(&mut self, ctx: &mut Ctx) {
+        self.alive = false; // First: a dead process sends nothing, only its sockets close.
         self.close_plane(ctx);
-        self.alive = false;
         self.stalled = None;
         self.stage = Stage::Out("killed".into());
         let conn = self.conn;

@@ -4,6 +4,8 @@
 #![allow(unreachable_pub)]
 #![allow(dead_code)]
 
+pub mod elastic;
+
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
