@@ -94,7 +94,7 @@ fn launch_local(n: usize, steps: usize) -> Result<(), String> {
     }
     let every = (steps / 10).max(1);
     for (i, line) in outputs[0].lines().enumerate() {
-        if i % every == 0 || i + 2 >= steps + 1 {
+        if i % every == 0 || i + 1 >= steps {
             println!("{line}");
         }
     }

@@ -170,6 +170,9 @@ pub struct ReduceInfo {
     pub traffic: Traffic,
 }
 
+/// Tagged buffers, as [`Communicator::all_reduce_many_with_retry`] takes and gives back.
+pub type Batch<T> = Vec<(u64, Vec<T>)>;
+
 /// What [`Communicator::all_reduce_many_with_retry`] did.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -509,7 +512,9 @@ impl Communicator {
         tag: u64,
         timeout: Option<Duration>,
     ) -> Result<ReduceInfo, Error> {
-        if dst.len() % dtype.size_bytes() != 0 || src.is_some_and(|s| s.len() != dst.len()) {
+        if !dst.len().is_multiple_of(dtype.size_bytes())
+            || src.is_some_and(|s| s.len() != dst.len())
+        {
             return Err(Error::InvalidArgument(format!(
                 "buffers of {} and {} bytes do not hold whole, equal numbers of {dtype} elements",
                 src.map_or(dst.len(), <[u8]>::len),
@@ -670,7 +675,7 @@ impl Communicator {
         batch: Vec<(u64, Vec<T>)>,
         op: ReduceOp,
         max_in_flight: usize,
-    ) -> Result<RetryReport<T>, (Vec<(u64, Vec<T>)>, Error)> {
+    ) -> Result<RetryReport<T>, (Batch<T>, Error)> {
         const MAX_ATTEMPTS: usize = 16;
         let order: Vec<u64> = batch.iter().map(|(t, _)| *t).collect();
         let mut todo = batch;

@@ -306,6 +306,7 @@ impl<T: Element> Handle<'_, T> {
     }
 
     /// The outcome if the collective is over, or the handle back if not.
+    #[allow(clippy::result_large_err)] // Giving the handle back is the point.
     pub fn try_wait(mut self) -> Result<Completion<T>, Self> {
         if let Some(e) = self.launch_error.take() {
             return Ok(self.finish(Err(e)));

@@ -31,7 +31,7 @@ pub mod sim;
 mod sync;
 pub mod verify;
 
-pub use communicator::{Communicator, CommunicatorBuilder, Config, ReduceInfo, RetryReport};
+pub use communicator::{Batch, Communicator, CommunicatorBuilder, Config, ReduceInfo, RetryReport};
 pub use concord_kernels::{DType, ReduceOp};
 pub use concord_transport::{BackendChoice, BackendKind};
 pub use element::Element;

@@ -65,7 +65,8 @@ macro_rules! ints {
 
 /// Writes `rank`'s input for iteration `iter` into `out`.
 pub fn fill(dtype: DType, op: ReduceOp, rank: usize, iter: u64, out: &mut [u8]) {
-    ints!(dtype, op, 1, rank, iter, out, true, I8 => i8, I16 => i16, I32 => i32, I64 => i64, U8 => u8, U16 => u16, U32 => u32, U64 => u64);
+    let one_peer = 1usize;
+    ints!(dtype, op, one_peer, rank, iter, out, true, I8 => i8, I16 => i16, I32 => i32, I64 => i64, U8 => u8, U16 => u16, U32 => u32, U64 => u64);
     floats(dtype, out, |i| float_value(op, code(rank, i, iter)));
 }
 

@@ -186,8 +186,7 @@ impl SimPeer {
 
     fn topology_done(&mut self, ctx: &mut Ctx) {
         self.rounds = 0;
-        let world = self.proto.ring().map_or(0, |r| r.1.len());
-        if self.retrying && world < 2 {
+        if self.retrying && self.world() < 2 {
             return self.leave(ctx, Stage::Out("fewer than two peers remain".into()));
         }
         if self.batch_failed && ctx.config.elastic_order && self.step_known {

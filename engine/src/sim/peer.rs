@@ -120,6 +120,11 @@ impl SimPeer {
         self.proto.peer_id().unwrap_or(0)
     }
 
+    /// Size of the ring in force (0 before the first).
+    pub(crate) fn world(&self) -> usize {
+        self.proto.ring().map_or(0, |r| r.1.len())
+    }
+
     /// Still taking part (not finished, not out).
     pub(crate) fn active(&self) -> bool {
         self.alive && !matches!(self.stage, Stage::Finished | Stage::Out(_))

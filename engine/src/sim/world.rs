@@ -278,12 +278,12 @@ impl World {
     /// Injects one fault; false when no peer can take it now.
     fn apply_fault(&mut self, kind: Fault) -> bool {
         let healthy = self.healthy();
-        // A peer whose loss still leaves two healthy peers.
+        // A peer whose loss still leaves two healthy members in the ring.
+        let left_after = |idx: usize| healthy.len() - usize::from(healthy.contains(&idx));
         let removable: Vec<usize> = self
             .peers
             .iter()
-            .filter(|p| p.active())
-            .filter(|p| !healthy.contains(&p.idx) || healthy.len() > 2)
+            .filter(|p| p.active() && left_after(p.idx) >= 2)
             .map(|p| p.idx)
             .collect();
         let ctx = &mut self.ctx;
@@ -333,7 +333,7 @@ impl World {
                 let connected: Vec<usize> = self
                     .peers
                     .iter()
-                    .filter(|p| p.active() && p.stalled.is_none())
+                    .filter(|p| p.active() && p.stalled.is_none() && p.world() >= 2)
                     .filter(|p| p.plane.as_ref().is_some_and(|pl| pl.connected()))
                     .map(|p| p.idx)
                     .collect();
@@ -354,7 +354,8 @@ impl World {
                 let waiting: Vec<usize> = self
                     .peers
                     .iter()
-                    .filter(|p| p.active() && p.stalled.is_none() && p.in_flight().is_some())
+                    .filter(|p| p.active() && p.stalled.is_none() && p.world() >= 2)
+                    .filter(|p| p.in_flight().is_some())
                     .map(|p| p.idx)
                     .collect();
                 let Some(&p) = pick(&mut self.fault_rng, &waiting) else {
@@ -367,6 +368,15 @@ impl World {
         true
     }
 
+    fn describe_ends(&self) -> String {
+        let ends: Vec<String> = self
+            .peers
+            .iter()
+            .map(|p| format!("peer {} (#{}): {:?}", p.id(), p.idx, p.stage))
+            .collect();
+        ends.join("; ")
+    }
+
     fn describe_waiting(&self) -> String {
         let waiting: Vec<String> = self
             .peers
@@ -377,8 +387,19 @@ impl World {
         waiting.join("; ")
     }
 
-    /// Every peer ended, and none that the master removed was counted as finishing.
+    /// Every peer ended, and none that the master removed was counted as finishing; and the
+    /// group survived: faults always leave two healthy peers, and a short stall (1.5 s plus
+    /// delays) is far below the heartbeat timeout (3 s), so at least two peers must finish.
     fn final_checks(&mut self) {
+        let finished = self
+            .peers
+            .iter()
+            .filter(|p| p.stage == Stage::Finished)
+            .count();
+        if finished < 2 {
+            let why = format!("only {finished} peer(s) finished: {}", self.describe_ends());
+            return self.ctx.checker.fail(self.ctx.now, why);
+        }
         for p in &self.peers {
             let removed = self.ctx.checker.removed_at(p.id());
             if let (Some(done), Some(removed), Stage::Finished) = (p.finished_at, removed, &p.stage)

@@ -27,7 +27,7 @@ impl H {
             .collect()
     }
     fn closed(out: &[Output], conn: ConnId) -> bool {
-        out.iter().any(|o| *o == Output::Close { conn })
+        out.contains(&Output::Close { conn })
     }
     fn msg(&mut self, conn: ConnId, m: PeerMsg) -> Vec<Output> {
         self.c.handle_message(conn, m, self.now);
