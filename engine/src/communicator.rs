@@ -335,6 +335,17 @@ impl Communicator {
     /// peer spoiled. Every member must call it (the vote is unanimous). Takes `&mut self`: it
     /// cannot run while async collectives borrow the communicator.
     pub fn update_topology(&mut self) -> Result<(), Error> {
+        self.topology_vote(true)
+    }
+
+    /// Rebuilds the ring around lost peers without admitting pending ones: what a retry after a
+    /// failure needs (a peer admitted in the middle of a re-run would start elsewhere). Every
+    /// member must call it. [`Communicator::all_reduce_many_with_retry`] uses it.
+    pub fn repair_topology(&mut self) -> Result<(), Error> {
+        self.topology_vote(false)
+    }
+
+    fn topology_vote(&mut self, admit: bool) -> Result<(), Error> {
         let deadline = Instant::now()
             + self
                 .inner
@@ -344,7 +355,11 @@ impl Communicator {
         {
             let mut g = self.inner.lock();
             g.proto.reset_topology();
-            g.proto.start_update_topology()?;
+            if admit {
+                g.proto.start_update_topology()?;
+            } else {
+                g.proto.start_repair_topology()?;
+            }
             flush(&mut g);
         }
         self.finish_topology(deadline, "update_topology: not every member voted")
@@ -721,7 +736,7 @@ impl Communicator {
                 return Ok(report);
             }
             report.retries += 1;
-            if let Err(e) = self.update_topology() {
+            if let Err(e) = self.repair_topology() {
                 return Err((give_back(done, todo), e));
             }
             if self.world_size() < 2 {

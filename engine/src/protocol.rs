@@ -239,6 +239,16 @@ impl PeerProto {
 
     /// Starts a topology update (vote to admit pending peers and rebuild the ring).
     pub fn start_update_topology(&mut self) -> Result<(), Error> {
+        self.start_topology_vote(PeerMsg::AcceptVote)
+    }
+
+    /// Starts a repair: rebuild the ring around lost peers without admitting pending ones (the
+    /// retry after a failure, so that nobody joins in the middle of a re-run).
+    pub fn start_repair_topology(&mut self) -> Result<(), Error> {
+        self.start_topology_vote(PeerMsg::RepairVote)
+    }
+
+    fn start_topology_vote(&mut self, vote: PeerMsg) -> Result<(), Error> {
         self.usable()?;
         if !self.colls.is_empty() {
             return Err(Error::Usage(format!(
@@ -255,7 +265,7 @@ impl PeerProto {
             ));
         }
         self.topo = TopoPhase::Waiting;
-        self.out.push_back(PeerMsg::AcceptVote);
+        self.out.push_back(vote);
         Ok(())
     }
 

@@ -154,6 +154,7 @@ fn the_elastic_order_hang_is_caught_and_replays() {
     c.peers = 3;
     c.max_faults = 8;
     c.elastic_order = true;
+    c.admit_on_retry = true; // The old design: the retry admits the joiner.
     let mut failed = Vec::new();
     for start in (0..3000).step_by(250) {
         failed = sweep(&c, start..start + 250, 2).1;
@@ -173,4 +174,28 @@ fn the_elastic_order_hang_is_caught_and_replays() {
         (failed[0].digest, &failed[0].message)
     );
     println!("elastic order: {}", failed[0]);
+}
+
+/// The fix for the hang above: retries only repair the ring (`repair_topology`), so a waiting
+/// peer is admitted at the next ordinary update, where everyone starts a step together. The
+/// seeds that hung with the old design pass.
+#[test]
+fn repair_only_retries_do_not_hang_in_elastic_order() {
+    let mut c = config(0, "join,drop".parse().expect("valid faults"));
+    c.peers = 3;
+    c.max_faults = 8;
+    c.elastic_order = true;
+    let mut old = c.clone();
+    old.admit_on_retry = true;
+    let hung: Vec<u64> = sweep(&old, 0..1500, 2).1.iter().map(|f| f.seed).collect();
+    let (_, failed) = sweep(&c, 0..1500, 2);
+    assert!(
+        failed.is_empty(),
+        "repair-only retries failed: {:?}",
+        failed.first().map(|f| f.to_string())
+    );
+    println!(
+        "{} seeds hung with admitting retries; all 1500 pass with repair-only retries",
+        hung.len()
+    );
 }

@@ -123,7 +123,8 @@ pub struct Coordinator {
     /// Groups whose ring cannot carry collectives (a member left), and why.
     broken: BTreeMap<u32, String>,
     round: Option<Round>,
-    accept_votes: BTreeSet<PeerId>,
+    /// Topology votes: voter -> whether it asked to admit pending peers.
+    accept_votes: BTreeMap<PeerId, bool>,
     pending_votes: BTreeSet<PeerId>,
     colls: BTreeMap<CollKey, Coll>,
     /// Votes cancelled before every member voted: (reason, peers told). A late voter of the tag
@@ -153,7 +154,7 @@ impl Coordinator {
             rings: BTreeMap::new(),
             broken: BTreeMap::new(),
             round: None,
-            accept_votes: BTreeSet::new(),
+            accept_votes: BTreeMap::new(),
             pending_votes: BTreeSet::new(),
             colls: BTreeMap::new(),
             cancelled_votes: BTreeMap::new(),
@@ -428,7 +429,8 @@ impl Coordinator {
                 "sent {} before being admitted to the group",
                 kind(&other)
             )),
-            PeerMsg::AcceptVote => {
+            PeerMsg::AcceptVote | PeerMsg::RepairVote => {
+                let admit = matches!(msg, PeerMsg::AcceptVote);
                 if self.in_sync(id) {
                     return Err("voted to update the topology during a shared-state sync".into());
                 }
@@ -438,7 +440,7 @@ impl Coordinator {
                 if self.in_collective(id) {
                     return Err("voted to update the topology with collectives in flight (one operation kind at a time)".into());
                 }
-                if !self.accept_votes.insert(id) {
+                if self.accept_votes.insert(id, admit).is_some() {
                     return Err("voted twice to update the topology".into());
                 }
                 Ok(())
@@ -536,7 +538,7 @@ impl Coordinator {
         if desc.dtype.is_empty() || desc.op.is_empty() {
             return Err(format!("collective {tag} with an empty dtype or op"));
         }
-        if self.accept_votes.contains(&id) {
+        if self.accept_votes.contains_key(&id) {
             return Err("started a collective while voting to update the topology (one operation kind at a time)".into());
         }
         let g = self.peers[&id].group;
@@ -657,12 +659,14 @@ impl Coordinator {
             self.start_round();
             return self.reevaluate();
         }
-        if self.round.is_none() && !accepted.is_empty() && self.accept_votes.is_superset(&accepted)
-        {
+        let voters: BTreeSet<PeerId> = self.accept_votes.keys().copied().collect();
+        if self.round.is_none() && !accepted.is_empty() && voters.is_superset(&accepted) {
+            // Pending peers are admitted only when every member asked for it.
+            let admit = self.accept_votes.values().all(|a| *a);
             self.accept_votes.clear();
             let in_rings: BTreeSet<PeerId> = self.rings.values().flatten().copied().collect();
-            if has_pending || !self.broken.is_empty() || in_rings != accepted {
-                self.start_round();
+            if (admit && has_pending) || !self.broken.is_empty() || in_rings != accepted {
+                self.start_round_admitting(admit);
             } else {
                 self.send_topology_done(&accepted.iter().copied().collect::<Vec<_>>());
             }
@@ -779,12 +783,24 @@ impl Coordinator {
     }
 
     fn start_round(&mut self) {
+        self.start_round_admitting(true);
+    }
+
+    /// A connection round over the accepted peers, after admitting the pending ones if `admit`.
+    fn start_round_admitting(&mut self, admit: bool) {
         debug_assert!(self.round.is_none());
-        for peer in self.peers.values_mut() {
-            peer.accepted = true;
+        if admit {
+            for peer in self.peers.values_mut() {
+                peer.accepted = true;
+            }
         }
         self.epoch += 1;
-        let members: Vec<PeerId> = self.peers.keys().copied().collect();
+        let members: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.accepted)
+            .map(|(id, _)| *id)
+            .collect();
         let secret = mix(self.config.secret_seed ^ self.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         // Each peer gets its own group's ring.
         for (_, ids) in self.group_rings(&members) {
@@ -949,6 +965,7 @@ fn kind(msg: &PeerMsg) -> &'static str {
     match msg {
         PeerMsg::Hello { .. } => "Hello",
         PeerMsg::AcceptVote => "AcceptVote",
+        PeerMsg::RepairVote => "RepairVote",
         PeerMsg::PendingQuery => "PendingQuery",
         PeerMsg::ConnectResult { .. } => "ConnectResult",
         PeerMsg::CollInit { .. } => "CollInit",

@@ -98,6 +98,9 @@ pub enum PeerMsg {
     },
     /// Vote to accept pending peers and (re)build the ring (`update_topology`).
     AcceptVote,
+    /// Vote to rebuild the rings around lost peers without admitting anyone (the retry after a
+    /// failure: a peer admitted then would start somewhere else than the members' re-run).
+    RepairVote,
     /// Vote to learn whether peers are waiting to join (`are_new_peers_pending`).
     PendingQuery,
     /// The peer's connections for a ring epoch are up (or failed).

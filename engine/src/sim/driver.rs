@@ -178,7 +178,12 @@ impl SimPeer {
 
     fn update_topology(&mut self, ctx: &mut Ctx) {
         self.proto.reset_topology();
-        if let Err(e) = self.proto.start_update_topology() {
+        let vote = if self.retrying && !ctx.config.admit_on_retry {
+            self.proto.start_repair_topology()
+        } else {
+            self.proto.start_update_topology()
+        };
+        if let Err(e) = vote {
             return self.fail(ctx, format!("update_topology refused: {e}"));
         }
         self.set_stage(ctx, Stage::Topology);

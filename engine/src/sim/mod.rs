@@ -152,6 +152,10 @@ pub struct SimConfig {
     /// inside `all_reduce_many_with_retry`). A peer admitted by that update cannot know which
     /// tags are being re-run. Off by default.
     pub elastic_order: bool,
+    /// Retries admit pending peers (`update_topology`) instead of only repairing the ring
+    /// (`repair_topology`, what the engine does): the design the simulator caught hanging with
+    /// `elastic_order`. Off by default; kept to show the simulator finds liveness bugs.
+    pub admit_on_retry: bool,
 }
 
 impl SimConfig {
@@ -169,6 +173,7 @@ impl SimConfig {
             sub_elems: 24,
             trace_lines: 0,
             elastic_order: false,
+            admit_on_retry: false,
         }
     }
 

@@ -75,7 +75,7 @@ impl Coordinator {
     ) -> Result<(), String> {
         let strategy = Strategy::parse(strategy)
             .ok_or_else(|| format!("unknown shared-state strategy {strategy:?}"))?;
-        if self.in_collective(id) || self.accept_votes.contains(&id) || self.round.is_some() {
+        if self.in_collective(id) || self.accept_votes.contains_key(&id) || self.round.is_some() {
             return Err("voted to sync shared state during another operation (one operation kind at a time)".into());
         }
         if entries.windows(2).any(|w| w[0].key >= w[1].key) {

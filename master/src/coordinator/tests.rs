@@ -1031,3 +1031,52 @@ fn groups_run_side_by_side_on_their_own_rings() {
         vec![MasterMsg::CollDone { tag: 1, seq: 1 }]
     );
 }
+
+#[test]
+fn a_repair_vote_rebuilds_the_ring_without_admitting_anyone() {
+    let mut h = H::group(3);
+    h.c.handle_disconnect(3, h.now);
+    h.drain();
+    h.hello(4); // waiting to join
+    h.msg(1, PeerMsg::RepairVote);
+    let out = h.msg(2, PeerMsg::RepairVote);
+    match &H::sent_to(&out, 1)[0] {
+        MasterMsg::Topology { ring, .. } => {
+            assert_eq!(
+                ring.iter().map(|m| m.peer_id).collect::<Vec<_>>(),
+                vec![1, 2],
+                "the joiner waits"
+            );
+        }
+        m => panic!("{m:?}"),
+    }
+    assert!(
+        H::sent_to(&out, 4).is_empty(),
+        "nothing for the pending peer"
+    );
+    assert_eq!(h.c.pending(), vec![4]);
+    let epoch = topology_epoch(&H::sent_to(&out, 1)).unwrap();
+    for conn in [1, 2] {
+        h.msg(
+            conn,
+            PeerMsg::ConnectResult {
+                epoch,
+                ok: true,
+                detail: String::new(),
+            },
+        );
+    }
+    // A mix of repair and admit votes admits nobody; a unanimous AcceptVote does.
+    h.msg(1, PeerMsg::RepairVote);
+    let out = h.msg(2, PeerMsg::AcceptVote);
+    assert!(
+        H::sent_to(&out, 4).is_empty(),
+        "a mixed vote admits nobody: {out:?}"
+    );
+    h.msg(1, PeerMsg::AcceptVote);
+    let out = h.msg(2, PeerMsg::AcceptVote);
+    assert!(
+        topology_epoch(&H::sent_to(&out, 4)).is_some(),
+        "now admitted"
+    );
+}

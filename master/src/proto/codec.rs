@@ -183,6 +183,7 @@ pub fn encode_peer(msg: &PeerMsg) -> Vec<u8> {
         }
         PeerMsg::Goodbye => Enc::new(7),
         PeerMsg::Pong => Enc::new(9),
+        PeerMsg::RepairVote => Enc::new(12),
         PeerMsg::SyncVote {
             revision,
             strategy,
@@ -253,6 +254,7 @@ pub fn decode_peer(body: &[u8]) -> Result<PeerMsg, ProtoError> {
         },
         7 => PeerMsg::Goodbye,
         9 => PeerMsg::Pong,
+        12 => PeerMsg::RepairVote,
         10 => {
             let (revision, strategy, n) = (d.u64()?, d.str()?, d.u32()? as usize);
             if n > MAX_ENTRIES {
@@ -570,6 +572,7 @@ mod tests {
             },
             PeerMsg::Goodbye,
             PeerMsg::Pong,
+            PeerMsg::RepairVote,
             PeerMsg::SyncVote {
                 revision: 3,
                 strategy: "send-only".into(),

@@ -107,7 +107,7 @@ fn step(
             Err(e) if e.is_retryable() || matches!(e, Error::Timeout(_)) => {
                 first_failure.get_or_insert((unix_ms(), e.to_string()));
                 retries += 1;
-                comm.update_topology()?;
+                comm.repair_topology()?;
             }
             Err(e) => return Err(e),
         }
