@@ -377,6 +377,7 @@ impl Communicator {
                     | TopoPhase::Failed { .. } => Some(Ok(s.proto.topology().clone())),
                     _ => None,
                 })?;
+            tracing::info!(peer = ?self.inner.lock().proto.peer_id(), ?phase, "topology phase");
             match phase {
                 TopoPhase::Done { .. } => return Ok(()),
                 TopoPhase::Failed { reason } => {
@@ -389,6 +390,7 @@ impl Communicator {
                     ring,
                 } => {
                     let result = self.build_plane(epoch, secret, &ring);
+                    tracing::info!(epoch, ok = result.is_ok(), error = ?result.as_ref().err(), "ring connections built");
                     {
                         let mut g = self.inner.lock();
                         match result {

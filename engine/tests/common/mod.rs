@@ -14,12 +14,14 @@ use std::time::{Duration, Instant};
 pub struct MasterProcess {
     pub child: Child,
     pub addr: String,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl MasterProcess {
     pub fn start() -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_concord"))
             .args(["master", "--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .spawn()
             .expect("start concord master");
@@ -33,12 +35,17 @@ impl MasterProcess {
             addr.starts_with("127.0.0.1:"),
             "unexpected master banner {line:?}"
         );
-        // Keep draining stderr so the master never blocks on a full pipe.
+        // Keep draining stderr (so the master never blocks on a full pipe) into a log that a
+        // failing test prints.
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = std::sync::Arc::clone(&log);
         std::thread::spawn(move || {
-            let mut sink = String::new();
-            let _ = stderr.read_to_string(&mut sink);
+            for line in stderr.lines().map_while(Result::ok) {
+                sink.lock().unwrap().push_str(&line);
+                sink.lock().unwrap().push('\n');
+            }
         });
-        MasterProcess { child, addr }
+        MasterProcess { child, addr, log }
     }
 
     pub fn pid(&self) -> u32 {
@@ -48,6 +55,9 @@ impl MasterProcess {
 
 impl Drop for MasterProcess {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- master log ---\n{}", self.log.lock().unwrap());
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
