@@ -52,7 +52,13 @@ pub(crate) struct Inner {
     pub(crate) config: Config,
     pub(crate) backend: concord_transport::BackendKind,
     closing: std::sync::atomic::AtomicBool,
+    /// Backups of async in-place inputs, reused so that a collective costs a copy, not an
+    /// allocation and its page faults; at most `BACKUP_POOL_BYTES` are kept.
+    backups: Mutex<Vec<Vec<u8>>>,
 }
+
+/// Most bytes of idle in-place backups a communicator keeps for reuse.
+const BACKUP_POOL_BYTES: usize = 1 << 30;
 
 /// How long a peer waits for the master's answer to a cancel before failing the operation alone.
 const CANCEL_GRACE: Duration = Duration::from_secs(5);
@@ -78,6 +84,7 @@ impl Inner {
             config,
             backend,
             closing: std::sync::atomic::AtomicBool::new(false),
+            backups: Mutex::new(Vec::new()),
         }
     }
 
@@ -347,6 +354,28 @@ impl Inner {
         }
         flush(&mut g);
         self.notify(&mut g);
+    }
+
+    /// A buffer of exactly `bytes` for an in-place backup (contents unspecified).
+    pub(crate) fn take_backup(&self, bytes: usize) -> Vec<u8> {
+        let mut pool = self.backups.lock().unwrap_or_else(|p| p.into_inner());
+        match pool.iter().position(|b| b.capacity() >= bytes) {
+            Some(i) => {
+                let mut b = pool.swap_remove(i);
+                b.resize(bytes, 0);
+                b
+            }
+            None => vec![0u8; bytes],
+        }
+    }
+
+    /// Returns a backup to the pool (dropped if the pool is full).
+    pub(crate) fn give_backup(&self, backup: Vec<u8>) {
+        let mut pool = self.backups.lock().unwrap_or_else(|p| p.into_inner());
+        let held: usize = pool.iter().map(Vec::capacity).sum();
+        if held + backup.capacity() <= BACKUP_POOL_BYTES {
+            pool.push(backup);
+        }
     }
 
     pub(crate) fn shutting_down(&self) -> bool {

@@ -82,8 +82,16 @@ impl PeerProbe<'_> {
 /// The buffers of one async collective, owned by its handle until it is over.
 #[derive(Debug)]
 enum Buffers<T> {
-    InPlace { buf: Vec<T>, backup: Vec<T> },
-    OutOfPlace { src: Vec<T>, dst: Vec<T> },
+    /// `backup` holds the input's bytes (from the communicator's pool): the reduction reads it
+    /// and a failure restores `buf` from it.
+    InPlace {
+        buf: Vec<T>,
+        backup: Vec<u8>,
+    },
+    OutOfPlace {
+        src: Vec<T>,
+        dst: Vec<T>,
+    },
 }
 
 /// An async collective in flight. It owns its buffers until the operation is over and gives them
@@ -132,15 +140,7 @@ impl<'c> Collectives<'c> {
         op: ReduceOp,
         tag: u64,
     ) -> Handle<'c, T> {
-        self.launch(
-            Buffers::InPlace {
-                backup: buf.clone(),
-                buf,
-            },
-            op,
-            tag,
-            None,
-        )
+        self.launch(self.in_place(buf), op, tag, None)
     }
 
     /// The untyped form of [`Collectives::all_reduce_async`]: `buf` holds `dtype` elements.
@@ -151,10 +151,7 @@ impl<'c> Collectives<'c> {
         op: ReduceOp,
         tag: u64,
     ) -> Handle<'c, u8> {
-        let buffers = Buffers::InPlace {
-            backup: buf.clone(),
-            buf,
-        };
+        let buffers = self.in_place(buf);
         if buffers_len(&buffers) % dtype.size_bytes() != 0 {
             let e = Error::InvalidArgument(format!(
                 "{} bytes are not a whole number of {dtype} elements",
@@ -191,15 +188,16 @@ impl<'c> Collectives<'c> {
         tag: u64,
         timeout: Duration,
     ) -> Handle<'c, T> {
-        self.launch(
-            Buffers::InPlace {
-                backup: buf.clone(),
-                buf,
-            },
-            op,
-            tag,
-            Some(timeout),
-        )
+        self.launch(self.in_place(buf), op, tag, Some(timeout))
+    }
+
+    /// The in-place buffers of `buf`: a copy of its bytes in a pooled backup.
+    fn in_place<T: Element>(&self, buf: Vec<T>) -> Buffers<T> {
+        let mut backup = self
+            .inner
+            .take_backup(std::mem::size_of_val(buf.as_slice()));
+        backup.copy_from_slice(bytemuck::cast_slice(&buf));
+        Buffers::InPlace { buf, backup }
     }
 
     fn launch<T: Element>(
@@ -221,7 +219,7 @@ impl<'c> Collectives<'c> {
         timeout: Option<Duration>,
     ) -> Handle<'c, T> {
         let (src, dst) = match &mut buffers {
-            Buffers::InPlace { buf, backup } => (raw(backup), raw_mut(buf)),
+            Buffers::InPlace { buf, backup } => (raw(backup.as_slice()), raw_mut(buf)),
             Buffers::OutOfPlace { src, dst } => (raw(src), raw_mut(dst)),
         };
         let launch_error = if src.len != dst.len {
@@ -332,8 +330,9 @@ impl<T: Element> Handle<'_, T> {
         let out = match buffers {
             Buffers::InPlace { mut buf, backup } => {
                 if result.is_err() {
-                    buf.copy_from_slice(&backup);
+                    bytemuck::cast_slice_mut::<T, u8>(&mut buf).copy_from_slice(&backup);
                 }
+                self.inner.give_backup(backup);
                 buf
             }
             Buffers::OutOfPlace { dst, .. } => dst,

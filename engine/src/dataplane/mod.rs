@@ -109,13 +109,12 @@ impl Shared {
             std::mem::take(&mut r.ops)
         };
         // A neighbour leaving between collectives is ordinary; losing one mid-collective is not.
-        if ops.is_empty() {
+        // (A collective finished here but not yet retired does not count.)
+        let unfinished = ops.iter().filter(|op| !op.is_reported()).count();
+        if unfinished == 0 {
             tracing::debug!("data plane closed: {why}");
         } else {
-            tracing::warn!(
-                "data plane failed with {} collective(s) in flight: {why}",
-                ops.len()
-            );
+            tracing::warn!("data plane failed with {unfinished} collective(s) in flight: {why}");
         }
         self.registry_cv.notify_all();
         self.stop_all();

@@ -219,6 +219,11 @@ impl Op {
         self.left.fetch_sub(1, Ordering::AcqRel) == 1
     }
 
+    /// Whether the outcome was reported already.
+    pub(crate) fn is_reported(&self) -> bool {
+        self.reported.load(Ordering::Acquire)
+    }
+
     /// True for exactly one caller: the one that reports the outcome.
     pub(crate) fn claim_report(&self) -> bool {
         !self.reported.swap(true, Ordering::AcqRel)

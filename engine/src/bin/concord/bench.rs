@@ -42,10 +42,11 @@ pub(crate) struct BenchArgs {
     /// Reduce in place instead of out of place.
     #[arg(long)]
     pub(crate) in_place: bool,
-    /// Collectives in flight per iteration (each of the row's size; async, in place); busbw is
-    /// their aggregate.
-    #[arg(short = 'm', long = "ops", default_value_t = 1)]
-    pub(crate) ops_in_flight: usize,
+    /// Collectives in flight per iteration, each of the row's size, launched async and in place
+    /// (so `-m 16 -b 4M` compares with `-m 1 -b 64M`); busbw is their aggregate. Without `-m`,
+    /// one blocking collective per iteration.
+    #[arg(short = 'm', long = "ops")]
+    pub(crate) ops: Option<usize>,
     /// Deadline of each operation, in seconds.
     #[arg(short = 'T', long = "timeout", default_value_t = 120)]
     pub(crate) timeout_s: u64,
@@ -120,16 +121,18 @@ impl BenchArgs {
         if self.maxbytes > (16usize << 30) {
             return Err(format!("-e {}: at most 16G", self.maxbytes));
         }
-        if !(1..=1024).contains(&self.ops_in_flight) {
-            return Err(format!(
-                "-m {}: give 1 to 1024 collectives in flight",
-                self.ops_in_flight
-            ));
+        if let Some(m) = self.ops.filter(|m| !(1..=1024).contains(m)) {
+            return Err(format!("-m {m}: give 1 to 1024 collectives in flight"));
         }
         if self.timeout_s == 0 {
             return Err("-T 0: the deadline must be at least one second".into());
         }
         Ok(())
+    }
+
+    /// Collectives per iteration.
+    pub(crate) fn ops_in_flight(&self) -> usize {
+        self.ops.unwrap_or(1)
     }
 
     fn sizes(&self) -> Vec<usize> {
@@ -165,10 +168,13 @@ impl BenchArgs {
             ("-T", self.timeout_s.to_string()),
             ("--conns", self.conns.to_string()),
             ("--sub-chunk", self.sub_chunk.to_string()),
-            ("-m", self.ops_in_flight.to_string()),
         ] {
             a.push(flag.into());
             a.push(v);
+        }
+        if let Some(m) = self.ops {
+            a.push("-m".into());
+            a.push(m.to_string());
         }
         if self.in_place {
             a.push("--in-place".into());
@@ -344,7 +350,7 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
             let checked = timed && args.check == 1;
             // CPU time of the collective only (the check's reference is not counted).
             let cpu_before = timed.then(cpu_seconds);
-            let elapsed = if args.ops_in_flight > 1 {
+            let elapsed = if args.ops.is_some() {
                 let (t, w) = iterate_async(
                     &mut comm, args, &mut pool, bytes, iter_id, checked, &mut tag,
                 )?;
@@ -394,7 +400,7 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
         tag += 1;
         comm.all_reduce_in_place(&mut wrong_all, ReduceOp::Sum, tag)
             .map_err(|e| e.to_string())?;
-        let moved = bytes * args.ops_in_flight;
+        let moved = bytes * args.ops_in_flight();
         let algbw = if stats[0] > 0.0 {
             moved as f64 / (stats[0] * 1e-6) / 1e9
         } else {
@@ -543,7 +549,7 @@ fn iterate_async(
     tag: &mut u64,
 ) -> Result<(Duration, u64), String> {
     let (dtype, op, rank, world) = (args.dtype, args.op, comm.rank(), comm.world_size());
-    pool.resize_with(args.ops_in_flight, Vec::new);
+    pool.resize_with(args.ops_in_flight(), Vec::new);
     for (i, buf) in pool.iter_mut().enumerate() {
         buf.resize(bytes, 0);
         if checked || buf.is_empty() {

@@ -50,7 +50,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
         }
     }
     let elems = (args.minbytes / 4).max(1);
-    let batch = args.ops_in_flight;
+    let batch = args.ops_in_flight();
     let mut out = std::io::stdout().lock();
     let mut iteration = 0u64;
     while iteration < args.iters as u64 {

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The figures of README.md's results table, measured in one run on this machine: iperf3 over
+# loopback, the naive blocking-socket ring (benches/src/bin/naive_ring.rs) and `concord bench
+# --local` on both backends, interleaved over ROUNDS rounds; prints each figure's median.
+# Usage: benches/measure.sh [ROUNDS]   (needs iperf3: apt-get install iperf3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${1:-3}
+cargo build --release -p concord -p concord-benches --bins >/dev/null 2>&1
+C=./target/release/concord
+N=./target/release/naive-ring
+out=$(mktemp)
+med() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+for r in $(seq "$ROUNDS"); do
+  if command -v iperf3 >/dev/null; then
+    iperf3 -s -1 -p 5299 >/dev/null 2>&1 & sleep 0.3
+    iperf3 -c 127.0.0.1 -p 5299 -t 3 -f g 2>/dev/null | awk '/receiver/ {print "iperf3_gbit", $7}' >>"$out"
+    wait || true
+  fi
+  for p in 2 4; do
+    for s in 64M 256M; do
+      $N --peers $p --bytes $s --iters 5 --warmup 2 | awk -v p=$p -v s=$s '{print "naive_" p "_" s, $11}' >>"$out"
+      for t in uring socket; do
+        $C bench --local $p -b $s -e $s -n 8 -w 2 -c 0 --transport $t | awk -v p=$p -v s=$s -v t=$t '/^ +[0-9]/ {print t "_" p "_" s, $7, $11}' >>"$out"
+      done
+    done
+    for t in uring socket; do
+      $C bench --local $p -b 4M -e 4M -n 8 -w 2 -c 0 -m 16 --transport $t | awk -v p=$p -v t=$t '/^ +[0-9]/ {print t "_" p "_16x4M", $7, $11}' >>"$out"
+      $C bench --local $p -b 64M -e 64M -n 8 -w 2 -c 0 -m 1 --transport $t | awk -v p=$p -v t=$t '/^ +[0-9]/ {print t "_" p "_1x64M", $7, $11}' >>"$out"
+    done
+  done
+  for t in uring socket; do
+    $C bench --local 2 -b 4K -e 1M -f 256 -n 200 -w 20 -c 0 --transport $t | awk -v t=$t '/^ +[0-9]/ {print t "_2_lat_" $1, $5}' >>"$out"
+  done
+done
+echo "# median of $ROUNDS rounds; busbw GB/s (and CPU s/GB where given) or time in us (lat rows)"
+for key in $(awk '{print $1}' "$out" | sort -u); do
+  v=$(awk -v k="$key" '$1==k {print $2}' "$out" | med)
+  cpu=$(awk -v k="$key" '$1==k && NF>2 {print $3}' "$out" | med)
+  echo "$key $v ${cpu:-}"
+done
+rm -f "$out"
