@@ -552,7 +552,11 @@ impl Communicator {
     ) -> Result<ReduceInfo, Error> {
         let timeout = timeout.unwrap_or(self.inner.config.op_timeout);
         // In place: reduce from a copy of the input, which also restores it on failure.
-        let backup: Option<Vec<u8>> = src.is_none().then(|| dst.to_vec());
+        let backup: Option<Vec<u8>> = src.is_none().then(|| {
+            let mut b = self.inner.take_backup(dst.len());
+            b.copy_from_slice(dst);
+            b
+        });
         let src = src.or(backup.as_deref()).expect("one of them");
         let src_raw = RawBuf {
             ptr: src.as_ptr() as *mut u8,
@@ -571,6 +575,9 @@ impl Communicator {
         let result = self.inner.complete(tag);
         if let (Err(_), Some(original)) = (&result, &backup) {
             dst.copy_from_slice(original);
+        }
+        if let Some(b) = backup {
+            self.inner.give_backup(b);
         }
         result
     }

@@ -67,6 +67,11 @@ pub(crate) struct BenchArgs {
     /// Needs --master; --world is the group size to wait for before the first iteration.
     #[arg(long, requires = "master")]
     pub(crate) elastic: bool,
+    /// Measure shared-state sync instead: rank 0 changes `-b` bytes of state (in 8 MiB
+    /// entries) every iteration and the other peers (receive-only) pull it; compared with the
+    /// all-reduce busbw of the same bytes, measured in the same run.
+    #[arg(long)]
+    pub(crate) state: bool,
     /// Data-plane backend: auto (io_uring where allowed, else sockets), uring or socket.
     /// Default: CONCORD_TRANSPORT, else auto.
     #[arg(long)]
@@ -179,6 +184,9 @@ impl BenchArgs {
         if self.in_place {
             a.push("--in-place".into());
         }
+        if self.state {
+            a.push("--state".into());
+        }
         if let Some(t) = self.transport {
             a.push("--transport".into());
             a.push(
@@ -207,6 +215,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<(), String> {
     match (args.local, args.elastic) {
         (Some(n), _) => run_local(&args, n),
         (None, true) => crate::elastic::run(&args),
+        (None, false) if args.state => crate::state::run(&args),
         (None, false) => run_peer(&args),
     }
 }

@@ -9,6 +9,7 @@ mod elastic;
 mod info;
 mod simulate;
 mod sizes;
+mod state;
 
 /// Concord: fault-tolerant ring all-reduce.
 #[derive(Debug, Parser)]
