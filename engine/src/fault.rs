@@ -2,7 +2,7 @@
 //! SIGKILL itself when it reaches `point` (for collective `tag`, if given). Points:
 //! `vote` (just voted to start a collective), `reduce-scatter` and `all-gather` (receiving the
 //! first frame of that phase), `connect` (building ring connections), `serve` (after serving a
-//! piece of shared state). Read once; costs one
+//! piece of shared state; the number is the sync's revision there, not a tag). Read once; costs one
 //! comparison per call when unset.
 
 use std::sync::OnceLock;

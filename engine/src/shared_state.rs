@@ -253,7 +253,7 @@ fn serve_one(
                 stream.write_all(&0u32.to_le_bytes())?;
                 stream.write_all(&d[offset..offset + len])?;
                 served.fetch_add(len as u64, Ordering::Relaxed);
-                crate::fault::kill_point("serve", None);
+                crate::fault::kill_point("serve", Some(revision));
             }
             None => {
                 stream.write_all(&1u32.to_le_bytes())?;

@@ -220,7 +220,7 @@ fn a_holder_killed_mid_transfer_is_replaced_by_another() {
     if is_peer() {
         return;
     }
-    let outs = run(3, 16 << 20, Some(("CONCORD_FAULT_KILL_AT", "serve")));
+    let outs = run(3, 16 << 20, Some(("CONCORD_FAULT_KILL_AT", "serve:11")));
     let digests: Vec<&str> = outs.iter().map(|o| lines_with(o, "DIGEST ")[0]).collect();
     assert_eq!(digests.len(), 3, "two surviving holders and the joiner");
     assert!(digests.iter().all(|d| *d == digests[0]), "{digests:?}");
