@@ -1080,3 +1080,100 @@ fn a_repair_vote_rebuilds_the_ring_without_admitting_anyone() {
         "now admitted"
     );
 }
+
+mod shared_state_more {
+    use super::*;
+    use crate::proto::EntryDesc;
+
+    fn entries(n: usize, f: impl Fn(usize) -> (u64, bool)) -> Vec<EntryDesc> {
+        (0..n)
+            .map(|i| {
+                let (hash, allow) = f(i);
+                EntryDesc {
+                    key: format!("k{i:05}"),
+                    dtype: "half".into(),
+                    bytes: 2,
+                    hash,
+                    allow_content_inequality: allow,
+                }
+            })
+            .collect()
+    }
+
+    fn pulls(out: &[Output], conn: ConnId) -> Vec<String> {
+        H::sent_to(out, conn)
+            .into_iter()
+            .find_map(|m| match m {
+                MasterMsg::SyncPlan { pulls, .. } => {
+                    Some(pulls.into_iter().map(|p| p.key).collect())
+                }
+                _ => None,
+            })
+            .expect("a plan")
+    }
+
+    #[test]
+    fn entries_allowed_to_differ_never_move() {
+        let mut h = H::group(2);
+        // Key 0 differs by design; key 1 differs for real.
+        h.msg(
+            1,
+            PeerMsg::SyncVote {
+                revision: 1,
+                strategy: "enforce-popular".into(),
+                entries: entries(2, |i| (10 + i as u64, i == 0)),
+            },
+        );
+        let out = h.msg(
+            2,
+            PeerMsg::SyncVote {
+                revision: 1,
+                strategy: "enforce-popular".into(),
+                entries: entries(2, |i| (20 + i as u64, i == 0)),
+            },
+        );
+        assert_eq!(
+            pulls(&out, 2),
+            vec!["k00001".to_string()],
+            "only the real difference moves"
+        );
+        assert!(pulls(&out, 1).is_empty());
+    }
+
+    #[test]
+    fn many_keys_only_the_dirty_ones_move() {
+        let mut h = H::group(3);
+        let n = 3000;
+        h.msg(
+            1,
+            PeerMsg::SyncVote {
+                revision: 7,
+                strategy: "enforce-popular".into(),
+                entries: entries(n, |i| (i as u64, false)),
+            },
+        );
+        h.msg(
+            2,
+            PeerMsg::SyncVote {
+                revision: 7,
+                strategy: "enforce-popular".into(),
+                entries: entries(n, |i| (i as u64, false)),
+            },
+        );
+        // Peer 3 is stale on every 7th key.
+        let out = h.msg(
+            3,
+            PeerMsg::SyncVote {
+                revision: 7,
+                strategy: "enforce-popular".into(),
+                entries: entries(n, |i| (if i % 7 == 0 { 99_999 } else { i as u64 }, false)),
+            },
+        );
+        let moved = pulls(&out, 3);
+        assert_eq!(moved.len(), n.div_ceil(7));
+        assert!(moved
+            .iter()
+            .all(|k| k[1..].parse::<usize>().unwrap() % 7 == 0));
+        assert!(pulls(&out, 1).is_empty() && pulls(&out, 2).is_empty());
+    }
+}
