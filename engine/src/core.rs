@@ -394,17 +394,12 @@ impl Inner {
 pub(crate) fn flush(g: &mut Shared) {
     while let Some(msg) = g.proto.poll_transmit() {
         if let Err(e) = g.master.write_all(&encode_peer(&msg)) {
-            let effects = g
-                .proto
-                .master_lost(Error::MasterLost(format!("writing to the master: {e}")));
-            for e in effects {
-                if let (Effect::Retire { tag, seq }, Some(plane)) = (e, &g.plane) {
-                    plane.retire(tag, seq);
-                }
-            }
-            if let Some(plane) = &g.plane {
-                plane.break_links();
-            }
+            // Not the verdict: the master may have said why it closed (a kick, after a stall)
+            // in bytes still waiting to be read. Stop sending; the reader thread reads what is
+            // left and ends every wait with the master's reason, or the end of the stream.
+            tracing::debug!("writing to the master failed ({e}); the reader thread will say why");
+            while g.proto.poll_transmit().is_some() {}
+            let _ = g.master.shutdown(std::net::Shutdown::Write);
             return;
         }
     }
