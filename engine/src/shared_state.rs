@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use concord_kernels::DType;
@@ -269,6 +269,15 @@ struct Piece<'b> {
     entry: usize,
     offset: usize,
     buf: &'b mut [u8],
+    /// The worker that takes it first (spreads the pieces over every holder).
+    home: usize,
+}
+
+/// The pieces still to fetch, and the entries of those being fetched right now (a worker that
+/// could serve one of those must wait: if its holder dies, the piece comes back).
+struct Work<'b> {
+    queued: Vec<Piece<'b>>,
+    in_flight: Vec<usize>,
 }
 
 /// Pulls every dirty entry from its holders, several at once; verifies the hashes.
@@ -303,34 +312,57 @@ pub(crate) fn pull_all(
             )
         })
         .collect();
+    // With few holders, two connections each: one TCP stream is bound by one core.
+    let streams = if sources.len() < 4 { 2 } else { 1 };
+    let workers: Vec<&(u64, String)> = sources
+        .iter()
+        .flat_map(|s| std::iter::repeat_n(s, streams))
+        .collect();
     let mut pieces = Vec::new();
     for (i, (_, buf)) in dirty.iter_mut().enumerate() {
         for (j, chunk) in buf.chunks_mut(PIECE_BYTES).enumerate() {
+            let home = pieces.len() % workers.len();
             pieces.push(Piece {
                 entry: i,
                 offset: j * PIECE_BYTES,
                 buf: chunk,
+                home,
             });
         }
     }
-    let queue = Mutex::new(pieces);
+    let work = (
+        Mutex::new(Work {
+            queued: pieces,
+            in_flight: Vec::new(),
+        }),
+        Condvar::new(),
+    );
     let received = AtomicU64::new(0);
     let deadline = Instant::now() + timeout;
     std::thread::scope(|s| {
-        // With few holders, two connections each: one TCP stream is bound by one core.
-        let streams = if sources.len() < 4 { 2 } else { 1 };
-        for (id, addr) in sources.iter().flat_map(|s| std::iter::repeat_n(s, streams)) {
-            let (queue, keys, received) = (&queue, &keys, &received);
+        for (w, (id, addr)) in workers.iter().enumerate() {
+            let (work, keys, received) = (&work, &keys, &received);
             s.spawn(move || {
-                if let Err(e) =
-                    pull_from(*id, addr, queue, keys, secret, revision, deadline, received)
-                {
+                let job = Job {
+                    worker: w,
+                    id: *id,
+                    work,
+                    keys,
+                    secret,
+                    revision,
+                    deadline,
+                };
+                if let Err(e) = pull_from(&job, addr, received) {
                     tracing::info!("stopped pulling shared state from peer {id}: {e}");
                 }
             });
         }
     });
-    let left = queue.into_inner().unwrap_or_else(|p| p.into_inner());
+    let left = work
+        .0
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .queued;
     if let Some(p) = left.first() {
         return Err(format!(
             "{} piece(s) of {:?} could not be fetched from any holder",
@@ -365,19 +397,54 @@ pub(crate) fn pull_all(
     Ok(received.load(Ordering::Relaxed))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn pull_from(
+/// What one pull worker needs.
+struct Job<'a, 'b> {
+    worker: usize,
     id: u64,
-    addr: &str,
-    queue: &Mutex<Vec<Piece<'_>>>,
-    keys: &[(String, u64, Vec<u64>)],
+    work: &'a (Mutex<Work<'b>>, Condvar),
+    keys: &'a [(String, u64, Vec<u64>)],
     secret: u64,
     revision: u64,
     deadline: Instant,
-    received: &AtomicU64,
-) -> Result<(), String> {
+}
+
+impl<'b> Job<'_, 'b> {
+    fn serves(&self, entry: usize) -> bool {
+        self.keys[entry].2.contains(&self.id)
+    }
+
+    /// The next piece for this worker: its own first, then any its holder has; waits while a
+    /// piece it could serve is in flight elsewhere. `None`: nothing left for it.
+    fn next(&self) -> Option<Piece<'b>> {
+        let (lock, cv) = self.work;
+        let mut w = lock.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let own = w
+                .queued
+                .iter()
+                .position(|p| p.home == self.worker && self.serves(p.entry));
+            let any = || w.queued.iter().position(|p| self.serves(p.entry));
+            if let Some(i) = own.or_else(any) {
+                let piece = w.queued.swap_remove(i);
+                w.in_flight.push(piece.entry);
+                return Some(piece);
+            }
+            let waiting_on = w.in_flight.iter().any(|e| self.serves(*e));
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if !waiting_on || left.is_zero() {
+                return None;
+            }
+            w = cv
+                .wait_timeout(w, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+fn pull_from(job: &Job<'_, '_>, addr: &str, received: &AtomicU64) -> Result<(), String> {
     let addr: SocketAddr = resolve(addr).map_err(|e| e.to_string())?;
-    let left = deadline.saturating_duration_since(Instant::now());
+    let left = job.deadline.saturating_duration_since(Instant::now());
     let mut stream = connect_until(
         addr,
         &SocketOptions::default(),
@@ -389,28 +456,35 @@ fn pull_from(
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(|e| e.to_string())?;
-    loop {
-        let piece = {
-            let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
-            match q.iter().position(|p| keys[p.entry].2.contains(&id)) {
-                Some(i) => q.swap_remove(i),
-                None => return Ok(()),
-            }
-        };
-        if let Err(e) = fetch(
+    let (lock, cv) = job.work;
+    while let Some(mut piece) = job.next() {
+        let result = fetch(
             &mut stream,
-            &keys[piece.entry].0,
+            &job.keys[piece.entry].0,
             piece.offset,
             &mut *piece.buf,
-            secret,
-            revision,
-        ) {
-            // Hand the piece to another holder.
-            queue.lock().unwrap_or_else(|p| p.into_inner()).push(piece);
-            return Err(e);
+            job.secret,
+            job.revision,
+        );
+        let mut w = lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = w.in_flight.iter().position(|e| *e == piece.entry) {
+            w.in_flight.swap_remove(k);
         }
-        received.fetch_add(piece.buf.len() as u64, Ordering::Relaxed);
+        match result {
+            Ok(()) => {
+                received.fetch_add(piece.buf.len() as u64, Ordering::Relaxed);
+                cv.notify_all();
+            }
+            Err(e) => {
+                // Hand the piece to another holder.
+                piece.home = usize::MAX;
+                w.queued.push(piece);
+                cv.notify_all();
+                return Err(e);
+            }
+        }
     }
+    Ok(())
 }
 
 fn fetch(
