@@ -152,7 +152,7 @@ impl<'c> Collectives<'c> {
         tag: u64,
     ) -> Handle<'c, u8> {
         let buffers = self.in_place(buf);
-        if buffers_len(&buffers) % dtype.size_bytes() != 0 {
+        if !buffers_len(&buffers).is_multiple_of(dtype.size_bytes()) {
             let e = Error::InvalidArgument(format!(
                 "{} bytes are not a whole number of {dtype} elements",
                 buffers_len(&buffers)
