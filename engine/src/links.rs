@@ -121,9 +121,6 @@ fn dial(
             let left = deadline.saturating_duration_since(Instant::now());
             let mut stream = connect_until(addr, &setup.options, left, &what, setup.cancelled)
                 .map_err(|e| e.to_string())?;
-            stream
-                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
-                .map_err(|e| e.to_string())?;
             let hello = DataHello {
                 epoch: setup.epoch,
                 from: setup.me,
@@ -133,7 +130,9 @@ fn dial(
                 secret: setup.secret,
             };
             hello.send(&mut stream).map_err(|e| e.to_string())?;
-            match read_reply(&mut stream).map_err(|e| format!("{what} at {addr}: {e}"))? {
+            let reply = read_reply_until(&mut stream, setup, deadline)
+                .map_err(|e| format!("{what} at {addr}: {e}"))?;
+            match read_reply(&mut &reply[..]).map_err(|e| format!("{what} at {addr}: {e}"))? {
                 HelloStatus::Ok => Ok(stream),
                 HelloStatus::Refused => Err(format!(
                     "{what} at {addr} refused data connection {i} of epoch {}",
@@ -142,6 +141,43 @@ fn dial(
             }
         })
         .collect()
+}
+
+/// Reads the 16-byte hello reply in short slices, so that a round the master called off (or
+/// the deadline) ends the wait: a successor that left its accept loop never answers.
+fn read_reply_until(
+    stream: &mut TcpStream,
+    setup: &RingSetup<'_>,
+    deadline: Instant,
+) -> Result<[u8; 16], String> {
+    use std::io::Read;
+    let mut reply = [0u8; 16];
+    let mut got = 0;
+    stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .map_err(|e| e.to_string())?;
+    while got < reply.len() {
+        match stream.read(&mut reply[got..]) {
+            Ok(0) => return Err("the connection closed before the hello reply".into()),
+            Ok(n) => got += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if (setup.cancelled)() {
+                    return Err("the master called the connection round off".into());
+                }
+                if Instant::now() >= deadline {
+                    return Err("no hello reply before the deadline".into());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("reading data hello reply: {e}")),
+        }
+    }
+    Ok(reply)
 }
 
 fn accept_from(
