@@ -122,3 +122,42 @@ fn local_bench_runs_checks_and_writes_json() {
         assert!(r["busbw_gbps"].as_f64().unwrap() > 0.0);
     }
 }
+
+#[test]
+fn striping_over_several_connections_per_neighbour_is_exact() {
+    for transport in ["socket", "uring"] {
+        let out = concord(&[
+            "bench",
+            "--local",
+            "3",
+            "-b",
+            "1K",
+            "-e",
+            "4M",
+            "-f",
+            "64",
+            "-n",
+            "2",
+            "-w",
+            "1",
+            "--conns",
+            "3",
+            "-d",
+            "half",
+            "--transport",
+            transport,
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if transport == "uring" && !out.status.success() && stderr.contains("io_uring") {
+            eprintln!("SKIPPED: io_uring unavailable here: {stderr}");
+            continue;
+        }
+        assert!(out.status.success(), "{transport}: {stdout}\n{stderr}");
+        assert!(
+            stdout.contains("3 conn(s)/neighbour")
+                && stdout.contains("# Out of bounds values : 0 OK"),
+            "{stdout}"
+        );
+    }
+}
