@@ -481,7 +481,24 @@ impl Coordinator {
             None => false,
         };
         if current {
-            let reason = format!("peer {id}: {reason}");
+            let mut reason = format!("peer {id}: {reason}");
+            if let Some(Coll::Voting { descs }) = self.colls.get(&key) {
+                // Say who is late: the members of the group that never started it.
+                let late: Vec<String> = self
+                    .peers
+                    .iter()
+                    .filter(|(p, peer)| {
+                        peer.accepted && peer.group == key.0 && !descs.contains_key(p)
+                    })
+                    .map(|(p, _)| p.to_string())
+                    .collect();
+                if !late.is_empty() {
+                    reason.push_str(&format!(
+                        "; waiting for peer {} to start it",
+                        late.join(", ")
+                    ));
+                }
+            }
             if let Some(Coll::Voting { descs }) = self.colls.get(&key) {
                 if self.cancelled_votes.len() < self.config.max_collectives {
                     let told = descs.keys().copied().collect();

@@ -650,10 +650,10 @@ fn a_vote_cancelled_early_aborts_late_voters_too() {
             reason: "timed out after 5 ms".into(),
         },
     );
-    assert!(matches!(
-        &H::sent_to(&out, 1)[0],
-        MasterMsg::CollAborted { tag: 9, .. }
-    ));
+    assert!(
+        matches!(&H::sent_to(&out, 1)[0], MasterMsg::CollAborted { tag: 9, reason, .. } if reason.contains("waiting for peer 2, 3")),
+        "the error names the late peers: {out:?}"
+    );
     for late in [2, 3] {
         let out = h.msg(
             late,
