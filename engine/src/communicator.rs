@@ -729,15 +729,8 @@ impl Communicator {
                     }
                 }
             }
-            let give_back = |done: Vec<(u64, Vec<T>, ReduceInfo)>, mut todo: Vec<(u64, Vec<T>)>| {
-                // Successful ones hold results, not inputs: the caller asked for all or nothing
-                // only per collective, so hand everything back in batch order.
-                todo.extend(done.into_iter().map(|(t, b, _)| (t, b)));
-                todo.sort_by_key(|(t, _)| order.iter().position(|o| o == t));
-                todo
-            };
             if let Some(e) = fatal {
-                return Err((give_back(done, todo), e));
+                return Err((give_back(&order, done, todo), e));
             }
             if todo.is_empty() {
                 done.sort_by_key(|(t, _, _)| order.iter().position(|o| o == t));
@@ -746,7 +739,7 @@ impl Communicator {
             }
             report.retries += 1;
             if let Err(e) = self.repair_topology() {
-                return Err((give_back(done, todo), e));
+                return Err((give_back(&order, done, todo), e));
             }
             if self.world_size() < 2 {
                 let e = Error::Aborted {
@@ -754,14 +747,14 @@ impl Communicator {
                     reason: "fewer than two peers remain".into(),
                     lost: Vec::new(),
                 };
-                return Err((give_back(done, todo), e));
+                return Err((give_back(&order, done, todo), e));
             }
         }
         let e = Error::Timeout(format!(
             "{} collectives still failing after {MAX_ATTEMPTS} attempts",
             todo.len()
         ));
-        Err((todo, e))
+        Err((give_back(&order, done, todo), e))
     }
 
     /// Splits the communicator for async collectives: a [`Collectives`] that may move to
@@ -799,6 +792,18 @@ impl Communicator {
             crate::PeerProbe::new(Arc::clone(&self.inner)),
         )
     }
+}
+
+/// Every buffer of a batch that gave up, in batch order: the failed ones hold their inputs
+/// again, the successful ones their results (all or nothing holds per collective).
+fn give_back<T>(
+    order: &[u64],
+    done: Vec<(u64, Vec<T>, ReduceInfo)>,
+    mut todo: Batch<T>,
+) -> Batch<T> {
+    todo.extend(done.into_iter().map(|(t, b, _)| (t, b)));
+    todo.sort_by_key(|(t, _)| order.iter().position(|o| o == t));
+    todo
 }
 
 /// The pending-peers vote (shared by the communicator and the probe).
