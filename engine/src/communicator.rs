@@ -21,6 +21,8 @@ use concord_transport::{resolve_backend, BackendChoice, BackendKind};
 use crate::collective::Traffic;
 use crate::core::{flush, read_master, watchdog, Inner};
 use crate::dataplane::{DataPlane, RawBuf};
+use crate::gpu::cudarc::driver::CudaSlice;
+use crate::gpu::{self, DeviceElement, DeviceOp};
 use crate::links::{establish, RingSetup};
 use crate::protocol::{PeerProto, SyncPhase, TopoPhase};
 use crate::shared_state::{self, SharedState, SyncInfo, SyncStrategy};
@@ -541,6 +543,75 @@ impl Communicator {
         self.blocking(src, dst, dtype, op, tag, timeout)
     }
 
+    /// Out-of-place all-reduce of GPU memory: `dst = op over all peers of their src`, reduced
+    /// on the GPU (see [`crate::gpu`]). Blocks until every peer is done; work the buffers'
+    /// owners queued on their streams is waited for on the GPU, not on the host. Needs CUDA:
+    /// without it no `CudaSlice` can exist, and [`crate::cuda_status`] says why.
+    pub fn all_reduce_device<T: DeviceElement>(
+        &self,
+        src: &CudaSlice<T>,
+        dst: &mut CudaSlice<T>,
+        op: ReduceOp,
+        tag: u64,
+    ) -> Result<ReduceInfo, Error> {
+        if src.len() != dst.len() {
+            return Err(Error::InvalidArgument(format!(
+                "src has {} elements and dst {}: they must match",
+                src.len(),
+                dst.len()
+            )));
+        }
+        let gpu = self.inner.gpu(dst.context())?;
+        let s = gpu::device_ptr(&gpu, src).map_err(Error::Cuda)?;
+        let d = gpu::device_ptr_mut(&gpu, dst).map_err(Error::Cuda)?;
+        let len = std::mem::size_of::<T>() * dst.len();
+        self.blocking_device(gpu, Some(s), d, len, T::DTYPE, op, tag)
+    }
+
+    /// In-place all-reduce of GPU memory. On failure `buf` holds its original contents again
+    /// (restored from a device-side backup).
+    pub fn all_reduce_device_in_place<T: DeviceElement>(
+        &self,
+        buf: &mut CudaSlice<T>,
+        op: ReduceOp,
+        tag: u64,
+    ) -> Result<ReduceInfo, Error> {
+        let gpu = self.inner.gpu(buf.context())?;
+        let d = gpu::device_ptr_mut(&gpu, buf).map_err(Error::Cuda)?;
+        let len = std::mem::size_of::<T>() * buf.len();
+        self.blocking_device(gpu, None, d, len, T::DTYPE, op, tag)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn blocking_device(
+        &self,
+        gpu: Arc<gpu::Gpu>,
+        src: Option<u64>,
+        dst: u64,
+        len: usize,
+        dtype: DType,
+        op: ReduceOp,
+        tag: u64,
+    ) -> Result<ReduceInfo, Error> {
+        let timeout = self.inner.config.op_timeout;
+        let device = Arc::new(DeviceOp::new(gpu, src, dst, len, dtype, op).map_err(Error::Cuda)?);
+        let mirror = device.mirror();
+        // SAFETY: the device buffers are borrowed for this whole call, and the mirror belongs to
+        // `device`; the call returns only through `complete`, after the data plane let go.
+        unsafe {
+            self.inner.launch(
+                mirror,
+                mirror,
+                Some(Arc::clone(&device)),
+                dtype,
+                op,
+                tag,
+                timeout,
+            )?
+        };
+        gpu::conclude(&device, self.inner.complete(tag))
+    }
+
     fn blocking(
         &self,
         src: Option<&[u8]>,
@@ -570,7 +641,7 @@ impl Communicator {
         // `complete`, after the data plane released them.
         unsafe {
             self.inner
-                .launch(src_raw, dst_raw, dtype, op, tag, timeout)?
+                .launch(src_raw, dst_raw, None, dtype, op, tag, timeout)?
         };
         let result = self.inner.complete(tag);
         if let (Err(_), Some(original)) = (&result, &backup) {

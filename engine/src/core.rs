@@ -17,6 +17,7 @@ use crate::collective::ring::RingPlan;
 use crate::collective::Traffic;
 use crate::communicator::{Config, ReduceInfo};
 use crate::dataplane::{DataPlane, Op, PlaneEvent, RawBuf};
+use crate::gpu::{DeviceOp, Gpu};
 use crate::protocol::{CollPhase, Effect, PeerProto, TIMEOUT_MARK};
 use crate::Error;
 
@@ -25,6 +26,8 @@ use crate::Error;
 pub(crate) struct Launch {
     src: RawBuf,
     dst: RawBuf,
+    /// Device buffers: `src` and `dst` are the device side's pinned mirror.
+    device: Option<Arc<DeviceOp>>,
     dtype: DType,
     op: ReduceOp,
     count: usize,
@@ -55,6 +58,8 @@ pub(crate) struct Inner {
     /// Backups of async in-place inputs, reused so that a collective costs a copy, not an
     /// allocation and its page faults; at most `BACKUP_POOL_BYTES` are kept.
     backups: Mutex<Vec<Vec<u8>>>,
+    /// The GPU of the device buffers handed to this communicator, opened at the first one.
+    gpu: Mutex<Option<Arc<Gpu>>>,
 }
 
 /// Most bytes of idle in-place backups a communicator keeps for reuse.
@@ -85,6 +90,7 @@ impl Inner {
             backend,
             closing: std::sync::atomic::AtomicBool::new(false),
             backups: Mutex::new(Vec::new()),
+            gpu: Mutex::new(None),
         }
     }
 
@@ -130,12 +136,15 @@ impl Inner {
     /// Starts a collective: backpressure on the in-flight limit, then the vote.
     ///
     /// # Safety
-    /// `src` and `dst` must stay alive, and untouched by the caller, until [`Inner::complete`]
-    /// returned for this tag (or forever, if it never does).
+    /// `src` and `dst` (and the device buffers of `device`) must stay alive, and untouched by
+    /// the caller, until [`Inner::complete`] returned for this tag (or forever, if it never
+    /// does).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn launch(
         &self,
         src: RawBuf,
         dst: RawBuf,
+        device: Option<Arc<DeviceOp>>,
         dtype: DType,
         op: ReduceOp,
         tag: u64,
@@ -160,6 +169,7 @@ impl Inner {
         let launch = Launch {
             src,
             dst,
+            device,
             dtype,
             op,
             count,
@@ -284,17 +294,37 @@ impl Inner {
             l.dtype.size_bytes(),
             self.config.sub_chunk_bytes,
         );
-        let op = Arc::new(Op::new(
-            tag,
-            seq,
-            plan,
-            l.dtype,
-            l.op,
-            l.src,
-            l.dst,
-            self.config.conns_per_neighbour,
-        ));
+        let op = Arc::new(
+            Op::new(
+                tag,
+                seq,
+                plan,
+                l.dtype,
+                l.op,
+                l.src,
+                l.dst,
+                self.config.conns_per_neighbour,
+            )
+            .with_device(l.device.clone()),
+        );
         l.running = Some((seq, world, epoch, Arc::clone(&op)));
+        if let Some(device) = &l.device {
+            let staged = if world == 1 || l.count == 0 {
+                device.copy_all()
+            } else {
+                // Step 0 sends this peer's own chunk: only that one needs the host.
+                let c = plan_chunk_bytes(&op.plan, op.plan.send_chunk(0));
+                device.stage_input(c)
+            };
+            if let Err(e) = staged {
+                g.proto.collective_finished(tag, seq, Err(e));
+                return;
+            }
+            if world == 1 || l.count == 0 {
+                g.proto.collective_finished(tag, seq, Ok(()));
+                return;
+            }
+        }
         if world == 1 || l.count == 0 {
             // Nothing to move: the result is the input (divided by one for avg).
             let _busy = op.enter();
@@ -376,6 +406,22 @@ impl Inner {
         if held + backup.capacity() <= BACKUP_POOL_BYTES {
             pool.push(backup);
         }
+    }
+
+    /// The GPU for buffers of `ctx`: opened (kernels compiled) at the first device buffer.
+    pub(crate) fn gpu(
+        &self,
+        ctx: &Arc<crate::gpu::cudarc::driver::CudaContext>,
+    ) -> Result<Arc<Gpu>, Error> {
+        let mut slot = self.gpu.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(gpu) = slot.as_ref() {
+            return Ok(Arc::clone(gpu));
+        }
+        let gpu =
+            Arc::new(Gpu::new(Arc::clone(ctx), self.config.sub_chunk_bytes).map_err(Error::Cuda)?);
+        tracing::info!("device buffers on {}", gpu.device());
+        *slot = Some(Arc::clone(&gpu));
+        Ok(gpu)
     }
 
     pub(crate) fn shutting_down(&self) -> bool {
@@ -519,4 +565,10 @@ pub(crate) fn watchdog(inner: Weak<Inner>) {
             None => drop(cond.wait(g).unwrap_or_else(|p| p.into_inner())),
         }
     }
+}
+
+/// Byte range of chunk `c` of `plan`.
+fn plan_chunk_bytes(plan: &RingPlan, c: usize) -> std::ops::Range<usize> {
+    let elems = plan.chunk(c);
+    elems.start * plan.elem_bytes..elems.end * plan.elem_bytes
 }

@@ -66,6 +66,9 @@ pub enum Error {
     /// The master or a neighbour broke the protocol.
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// CUDA is missing here, or a CUDA call failed.
+    #[error("CUDA: {0}")]
+    Cuda(String),
     /// A bounded wait ran out.
     #[error("timed out: {0}")]
     Timeout(String),

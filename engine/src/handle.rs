@@ -27,6 +27,8 @@ use concord_kernels::{DType, ReduceOp};
 use crate::communicator::{pending_vote, ReduceInfo};
 use crate::core::Inner;
 use crate::dataplane::RawBuf;
+use crate::gpu::cudarc::driver::CudaSlice;
+use crate::gpu::{DeviceElement, DeviceOp};
 use crate::protocol::CANCEL_MARK;
 use crate::{Element, Error};
 
@@ -231,12 +233,62 @@ impl<'c> Collectives<'c> {
             let timeout = timeout.unwrap_or(self.inner.config.op_timeout);
             // SAFETY: the vectors' heap memory does not move when the handle moves; the handle
             // keeps them until `complete` released them, and a leaked handle leaks them.
-            unsafe { self.inner.launch(src, dst, dtype, op, tag, timeout) }.err()
+            unsafe { self.inner.launch(src, dst, None, dtype, op, tag, timeout) }.err()
         };
         Handle {
             inner: Arc::clone(&self.inner),
             tag,
             buffers: Some(buffers),
+            launch_error,
+            _borrow: PhantomData,
+        }
+    }
+
+    /// Starts an in-place all-reduce of GPU memory and returns at once (after the same
+    /// backpressure as [`Collectives::all_reduce_async`]). The handle owns `buf` until it is
+    /// over and gives it back, reduced, or restored on failure. `timeout` overrides the
+    /// communicator's deadline.
+    pub fn all_reduce_device_async<T: DeviceElement>(
+        &self,
+        mut buf: CudaSlice<T>,
+        op: ReduceOp,
+        tag: u64,
+        timeout: Option<Duration>,
+    ) -> DeviceHandle<'c, T> {
+        let len = std::mem::size_of::<T>() * buf.len();
+        let prepared = self.inner.gpu(buf.context()).and_then(|g| {
+            let d = crate::gpu::device_ptr_mut(&g, &mut buf).map_err(Error::Cuda)?;
+            DeviceOp::new(g, None, d, len, T::DTYPE, op)
+                .map(Arc::new)
+                .map_err(Error::Cuda)
+        });
+        let (device, launch_error) = match prepared {
+            Err(e) => (None, Some(e)),
+            Ok(device) => {
+                let mirror = device.mirror();
+                let timeout = timeout.unwrap_or(self.inner.config.op_timeout);
+                // SAFETY: the handle owns `buf` (its device memory does not move) and `device`
+                // (which owns the mirror) until `complete` released them; a leaked handle leaks
+                // them.
+                let launched = unsafe {
+                    self.inner.launch(
+                        mirror,
+                        mirror,
+                        Some(Arc::clone(&device)),
+                        T::DTYPE,
+                        op,
+                        tag,
+                        timeout,
+                    )
+                };
+                (Some(device), launched.err())
+            }
+        };
+        DeviceHandle {
+            inner: Arc::clone(&self.inner),
+            tag,
+            buf: Some(buf),
+            device,
             launch_error,
             _borrow: PhantomData,
         }
@@ -375,3 +427,108 @@ impl<T: Element> Future for Handle<'_, T> {
 // Handles hold `Vec<T>` with `T: Send` and an `Arc<Inner>`; they are Send, so another thread
 // may await them. `Unpin` lets them be `.await`ed and polled by hand.
 impl<T: Element> Unpin for Handle<'_, T> {}
+
+/// An async all-reduce of GPU memory in flight (see [`Collectives::all_reduce_device_async`]).
+/// It owns the device buffer until the operation is over; dropping it blocks until then, as
+/// [`Handle`] does.
+#[must_use = "a handle must be waited on (dropping it blocks until the operation is over)"]
+pub struct DeviceHandle<'c, T: DeviceElement> {
+    inner: Arc<Inner>,
+    tag: u64,
+    buf: Option<CudaSlice<T>>,
+    device: Option<Arc<DeviceOp>>,
+    launch_error: Option<Error>,
+    _borrow: PhantomData<&'c mut crate::Communicator>,
+}
+
+/// What a finished device collective gives back: the buffer and the outcome.
+pub type DeviceCompletion<T> = (CudaSlice<T>, Result<ReduceInfo, Error>);
+
+impl<T: DeviceElement> std::fmt::Debug for DeviceHandle<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceHandle")
+            .field("tag", &self.tag)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: DeviceElement> DeviceHandle<'_, T> {
+    /// The tag of this collective.
+    pub fn tag(&self) -> u64 {
+        self.tag
+    }
+
+    /// Blocks until the collective is over; gives the buffer back with the outcome.
+    pub fn wait(mut self) -> DeviceCompletion<T> {
+        let result = match self.launch_error.take() {
+            Some(e) => Err(e),
+            None => self.inner.complete(self.tag),
+        };
+        self.finish(result)
+    }
+
+    /// The outcome if the collective is over, or the handle back if not.
+    #[allow(clippy::result_large_err)] // Giving the handle back is the point.
+    pub fn try_wait(mut self) -> Result<DeviceCompletion<T>, Self> {
+        if let Some(e) = self.launch_error.take() {
+            return Ok(self.finish(Err(e)));
+        }
+        match self.inner.try_complete(self.tag) {
+            Some(result) => Ok(self.finish(result)),
+            None => Err(self),
+        }
+    }
+
+    /// Asks every peer to abort this collective (see [`Handle::cancel`]).
+    pub fn cancel(&self) {
+        if self.launch_error.is_none() {
+            let me = self.inner.lock().proto.peer_id().unwrap_or(0);
+            self.inner
+                .cancel(self.tag, format!("{CANCEL_MARK} by peer {me}"));
+        }
+    }
+
+    fn finish(&mut self, result: Result<ReduceInfo, Error>) -> DeviceCompletion<T> {
+        let buf = self.buf.take().expect("finished once");
+        let result = match self.device.take() {
+            Some(device) => crate::gpu::conclude(&device, result),
+            None => result,
+        };
+        (buf, result)
+    }
+}
+
+impl<T: DeviceElement> Drop for DeviceHandle<'_, T> {
+    fn drop(&mut self) {
+        if self.buf.is_some() && self.launch_error.is_none() {
+            // The copies and kernels may still use the buffer: wait for the collective to end.
+            let result = self.inner.complete(self.tag);
+            if let Some(device) = self.device.take() {
+                let _ = crate::gpu::conclude(&device, result);
+            }
+        }
+    }
+}
+
+impl<T: DeviceElement> Future for DeviceHandle<'_, T> {
+    type Output = DeviceCompletion<T>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Some(e) = self.launch_error.take() {
+            return Poll::Ready(self.finish(Err(e)));
+        }
+        if self.buf.is_none() {
+            panic!("a concord DeviceHandle polled after it completed");
+        }
+        if let Some(result) = self.inner.try_complete(self.tag) {
+            return Poll::Ready(self.finish(result));
+        }
+        self.inner.register_waker(self.tag, cx.waker());
+        match self.inner.try_complete(self.tag) {
+            Some(result) => Poll::Ready(self.finish(result)),
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl<T: DeviceElement> Unpin for DeviceHandle<'_, T> {}

@@ -301,6 +301,15 @@ fn send_one(s: &Shared, op: &Op, conn: usize, stream: &mut DataStream) -> Result
     let Some(busy) = op.enter() else {
         return Ok(TrySend::Idle);
     };
+    if let (0, Some(device)) = (t, &op.device) {
+        // Step 0 sends the input, which is on its way from the device to the mirror.
+        if let Err(why) = device.input_ready() {
+            op.failed.store(true, Ordering::Release);
+            drop(busy);
+            s.report(op, Err(why), true);
+            return Ok(TrySend::Idle);
+        }
+    }
     let plan = &op.plan;
     let range = plan.sub_bytes(plan.send_chunk(t), j);
     // SAFETY: inside a busy guard the buffers are alive. Step 0 reads the caller's input, which
@@ -422,7 +431,33 @@ fn recv_one(
         };
         crate::fault::kill_point(phase, Some(op.tag));
     }
-    if kind == RecvKind::Copy {
+    if let Some(device) = &op.device {
+        let len = range.len();
+        let finish = (kind == RecvKind::ReduceFinish).then_some(plan.world);
+        let last = op.last_recv_on(m);
+        let outcome = match device.lane(conn) {
+            Err(why) => {
+                stream.discard(len).map_err(io)?;
+                Err(why)
+            }
+            Ok(lane) if kind == RecvKind::Copy => {
+                stream.read_exact(out).map_err(io)?;
+                device.copy_in(&lane, range.clone(), last)
+            }
+            Ok(lane) => {
+                lane.receive(len, |buf| stream.read_exact(buf))
+                    .map_err(io)?;
+                device.reduce(&lane, range.clone(), finish)
+            }
+        };
+        if let Err(why) = outcome {
+            // This operation fails; the connection and the other operations carry on.
+            op.failed.store(true, Ordering::Release);
+            drop(busy);
+            s.report(&op, Err(why), true);
+            return Ok(());
+        }
+    } else if kind == RecvKind::Copy {
         stream.read_exact(out).map_err(io)?;
     } else {
         stream.read_staged(staging, range.len()).map_err(io)?;

@@ -5,8 +5,11 @@ use std::time::{Duration, Instant};
 
 use concord_kernels::{DType, ReduceOp};
 
+use std::sync::Arc;
+
 use crate::collective::ring::RingPlan;
 use crate::collective::Traffic;
+use crate::gpu::DeviceOp;
 use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex};
 
 /// A raw view of a buffer that outlives the operation (its owner waits for `busy == 0` before
@@ -60,6 +63,9 @@ pub(crate) struct Op {
     pub(crate) op: ReduceOp,
     pub(crate) src: RawBuf,
     pub(crate) dst: RawBuf,
+    /// Device buffers: `src` and `dst` are then both the pinned mirror, and the device side
+    /// does the reductions (see `crate::gpu`).
+    pub(crate) device: Option<Arc<DeviceOp>>,
     conns: usize,
     send_prefix: Vec<usize>,
     pub(crate) recv_prefix: Vec<usize>,
@@ -121,6 +127,7 @@ impl Op {
             op,
             src,
             dst,
+            device: None,
             conns,
             recv_done: (0..recvs).map(|_| AtomicBool::new(false)).collect(),
             send_next: (0..conns).map(AtomicUsize::new).collect(),
@@ -135,6 +142,17 @@ impl Op {
             gate: Mutex::new(Gate::default()),
             gate_cv: Condvar::new(),
         }
+    }
+
+    /// Marks the collective as one on device buffers (`src` and `dst` are its mirror).
+    pub(crate) fn with_device(mut self, device: Option<Arc<DeviceOp>>) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// Whether receive `m` on connection `conn` is that connection's last of the operation.
+    pub(crate) fn last_recv_on(&self, m: usize) -> bool {
+        m + self.conns >= *self.recv_prefix.last().expect("non-empty")
     }
 
     /// Whether there is nothing to move (one peer, or no elements).

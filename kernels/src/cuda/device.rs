@@ -110,8 +110,19 @@ impl CudaKernels {
     pub fn new(ordinal: usize) -> Result<CudaKernels, KernelError> {
         let unavailable = |reason: String| KernelError::CudaUnavailable { reason };
         libraries_present().map_err(unavailable)?;
+        let ctx = contained("CUDA initialisation", || {
+            CudaContext::new(ordinal).map_err(|e| format!("device {ordinal}: {e}"))
+        })
+        .map_err(unavailable)?;
+        Self::with_context(ctx)
+    }
+
+    /// Compiles every kernel for the device of `ctx` (a context the caller already holds, for
+    /// example the one its buffers were allocated in).
+    pub fn with_context(ctx: Arc<CudaContext>) -> Result<CudaKernels, KernelError> {
+        let unavailable = |reason: String| KernelError::CudaUnavailable { reason };
+        libraries_present().map_err(unavailable)?;
         contained("CUDA initialisation", || {
-            let ctx = CudaContext::new(ordinal).map_err(|e| format!("device {ordinal}: {e}"))?;
             let description = describe(&ctx)?;
             let (major, minor) = ctx.compute_capability().map_err(|e| e.to_string())?;
             let mut options: Vec<String> = NVRTC_OPTIONS.iter().map(|s| (*s).to_owned()).collect();
@@ -277,14 +288,41 @@ impl CudaKernels {
         op: ReduceOp,
         world: Option<usize>,
     ) -> Result<(), KernelError> {
+        // SAFETY: the callers checked every pointer is valid for `n` elements.
+        unsafe { self.reduce_raw(&self.stream, d, a, b, n, dtype, op, world) }
+    }
+
+    /// `d[i] = a[i] op b[i]` for `n` elements of `dtype` on raw device pointers, enqueued on
+    /// `stream` (fused with the division by `world` when given and `op` is Avg). `d` may equal
+    /// `a` or `b`.
+    ///
+    /// # Safety
+    /// `d`, `a` and `b` must be device pointers of this context, each valid for `n` elements of
+    /// `dtype` until the launch has run (order later frees after it on `stream`), and nothing
+    /// else may write them meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn reduce_raw(
+        &self,
+        stream: &CudaStream,
+        d: u64,
+        a: u64,
+        b: u64,
+        n: u64,
+        dtype: DType,
+        op: ReduceOp,
+        world: Option<usize>,
+    ) -> Result<(), KernelError> {
         if n == 0 {
             return Ok(());
         }
         let (f, world) = match world {
-            Some(w) => (self.function(&reduce_finish_kernel_name(dtype))?, w as u64),
-            None => (self.function(&reduce_kernel_name(dtype, op))?, 0),
+            Some(w) if op == ReduceOp::Avg => (
+                self.function(&reduce_finish_kernel_name(dtype))?,
+                crate::check_world(w)?.get() as u64,
+            ),
+            _ => (self.function(&reduce_kernel_name(dtype, op))?, 0),
         };
-        let mut launch = self.stream.launch_builder(&f);
+        let mut launch = stream.launch_builder(&f);
         launch.arg(&d).arg(&a).arg(&b).arg(&n);
         if world != 0 {
             launch.arg(&world);

@@ -19,6 +19,9 @@ use crate::{DType, ReduceOp};
 
 #[cfg(feature = "cuda")]
 mod device;
+/// The `cudarc` this crate was built against (device buffers handed to Concord are its types).
+#[cfg(feature = "cuda")]
+pub use cudarc;
 #[cfg(feature = "cuda")]
 pub use device::CudaKernels;
 

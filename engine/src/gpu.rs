@@ -1,0 +1,571 @@
+//! CUDA device buffers: all-reduce GPU memory through pinned host staging, reduced on the GPU.
+//!
+//! A collective on device buffers runs the same ring as host buffers; only the ends of each
+//! sub-chunk's journey change (see `dataplane/README.md`, "Device buffers"):
+//!
+//! * **Input.** When the master lets the collective go, the chunk this peer sends at step 0 is
+//!   copied device → *mirror* (page-locked host memory of the buffer's size, from a pool) on the
+//!   communicator's staging stream. TX threads wait for that copy's event before step 0.
+//! * **Reduce steps.** The RX thread of connection `i` reads the frame into its *lane's* pinned
+//!   host buffer, then on the lane's own CUDA stream: host → device scratch, the reduction kernel
+//!   (`dst = src op scratch`, fused with the Avg division on the last step), and device → mirror
+//!   of the result, which the TX thread forwards. Each connection has its own lane, so copies,
+//!   kernels and network transfers of different sub-chunks overlap.
+//! * **All-gather steps.** The frame is read straight into the mirror (TX forwards it from
+//!   there) and copied mirror → device asynchronously; a lane waits for its stream only at its
+//!   last receive of the collective.
+//! * **In place**, the input is first copied device → device into a backup (the reduction reads
+//!   it; a failure copies it back). No host copy is made beyond the staging.
+//!
+//! Pinned memory comes from `cuMemHostAlloc` without `WRITECOMBINED` (the CPU reads it to send),
+//! which the driver pins itself: `RLIMIT_MEMLOCK` does not apply.
+//!
+//! Everything here needs a CUDA driver; [`cuda_status`] says whether there is one, and why not.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use concord_kernels::cuda::cudarc::driver::{
+    result, CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
+};
+use concord_kernels::cuda::CudaKernels;
+use concord_kernels::{DType, ReduceOp};
+
+use crate::dataplane::RawBuf;
+use crate::Element;
+
+/// The `cudarc` whose buffers Concord accepts (use this one, or the same version, to allocate).
+pub use concord_kernels::cuda::cudarc;
+
+/// An element type that can be all-reduced in device memory: every [`Element`] (f32, f64, f16,
+/// bf16 and the integers) that `cudarc` can hold.
+pub trait DeviceElement: Element + DeviceRepr {}
+impl<T: Element + DeviceRepr> DeviceElement for T {}
+
+/// Whether CUDA can be used here: `Ok(the device)` or `Err(why not)`. Never panics, also on hosts
+/// without a driver.
+pub fn cuda_status() -> Result<String, String> {
+    concord_kernels::cuda::probe()
+}
+
+/// Most bytes of idle pinned mirrors a communicator keeps for reuse (allocating pinned memory
+/// costs milliseconds per hundred MiB).
+const MIRROR_POOL_BYTES: usize = 1 << 30;
+
+fn cuda(during: &str) -> impl Fn(result::DriverError) -> String + '_ {
+    move |e| format!("CUDA error while {during}: {e}")
+}
+
+/// Page-locked host memory from `cuMemHostAlloc` (not write-combined).
+struct PinnedHost {
+    ptr: *mut u8,
+    len: usize,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: the allocation is plain host memory owned by this value; access is synchronised by
+// its users (the data plane's flags, or the lane mutex).
+unsafe impl Send for PinnedHost {}
+// SAFETY: as above.
+unsafe impl Sync for PinnedHost {}
+
+impl PinnedHost {
+    fn new(ctx: &Arc<CudaContext>, len: usize) -> Result<Self, String> {
+        ctx.bind_to_thread().map_err(cuda("binding the context"))?;
+        let ptr = if len == 0 {
+            std::ptr::NonNull::<u8>::dangling().as_ptr()
+        } else {
+            // SAFETY: a plain allocation of `len` bytes, freed in Drop with cuMemFreeHost.
+            unsafe { result::malloc_host(len, 0) }.map_err(|e| {
+                format!(
+                    "CUDA could not allocate {len} bytes of page-locked host memory \
+                     (cuMemHostAlloc: {e}); use smaller buffers or free host memory"
+                )
+            })? as *mut u8
+        };
+        Ok(PinnedHost {
+            ptr,
+            len,
+            ctx: Arc::clone(ctx),
+        })
+    }
+
+    fn raw(&self) -> RawBuf {
+        RawBuf {
+            ptr: self.ptr,
+            len: self.len,
+        }
+    }
+}
+
+impl Drop for PinnedHost {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            let _ = self.ctx.bind_to_thread();
+            // SAFETY: allocated by cuMemHostAlloc in `new`; no copy uses it any more (every
+            // user synchronises its streams before giving it back).
+            let _ = unsafe { result::free_host(self.ptr.cast()) };
+        }
+    }
+}
+
+/// One connection's device resources: a stream, a pinned receive buffer and device scratch.
+struct Lane {
+    stream: Arc<CudaStream>,
+    host: PinnedHost,
+    scratch: CudaSlice<u8>,
+}
+
+/// A communicator's GPU: one context, the compiled kernels, the staging stream, the lanes.
+pub(crate) struct Gpu {
+    ctx: Arc<CudaContext>,
+    kernels: CudaKernels,
+    /// Input staging and in-place backups, in launch order.
+    stage: Arc<CudaStream>,
+    lanes: Mutex<Vec<Arc<Mutex<Lane>>>>,
+    lane_bytes: usize,
+    mirrors: Mutex<Vec<PinnedHost>>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu")
+            .field("device", &self.kernels.device())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gpu {
+    /// Opens the GPU of `ctx`: compiles the kernels (NVRTC, once) and makes the staging stream.
+    pub(crate) fn new(ctx: Arc<CudaContext>, lane_bytes: usize) -> Result<Self, String> {
+        let kernels = CudaKernels::with_context(Arc::clone(&ctx)).map_err(|e| e.to_string())?;
+        let stage = ctx.new_stream().map_err(cuda("creating a stream"))?;
+        Ok(Gpu {
+            ctx,
+            kernels,
+            stage,
+            lanes: Mutex::new(Vec::new()),
+            lane_bytes,
+            mirrors: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Whether buffers of `ctx` belong to this GPU.
+    pub(crate) fn same_context(&self, ctx: &CudaContext) -> bool {
+        self.ctx.cu_ctx() == ctx.cu_ctx()
+    }
+
+    pub(crate) fn device(&self) -> &str {
+        self.kernels.device()
+    }
+
+    fn lane(&self, i: usize) -> Result<Arc<Mutex<Lane>>, String> {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        while lanes.len() <= i {
+            let stream = self.ctx.new_stream().map_err(cuda("creating a stream"))?;
+            let host = PinnedHost::new(&self.ctx, self.lane_bytes)?;
+            // SAFETY: scratch is always written (host → device) before it is read.
+            let scratch = unsafe { stream.alloc::<u8>(self.lane_bytes.max(1)) }
+                .map_err(cuda("allocating device scratch"))?;
+            lanes.push(Arc::new(Mutex::new(Lane {
+                stream,
+                host,
+                scratch,
+            })));
+        }
+        Ok(Arc::clone(&lanes[i]))
+    }
+
+    fn take_mirror(&self, len: usize) -> Result<PinnedHost, String> {
+        let mut pool = self.mirrors.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = pool.iter().position(|m| m.len == len) {
+            return Ok(pool.swap_remove(i));
+        }
+        drop(pool);
+        PinnedHost::new(&self.ctx, len)
+    }
+
+    fn give_mirror(&self, m: PinnedHost) {
+        let mut pool = self.mirrors.lock().unwrap_or_else(|p| p.into_inner());
+        let held: usize = pool.iter().map(|m| m.len).sum();
+        if held + m.len <= MIRROR_POOL_BYTES {
+            pool.push(m);
+        }
+    }
+
+    /// Waits for every stream of this context (the failure path; the user's streams included).
+    fn synchronize_all(&self) -> Result<(), String> {
+        self.ctx
+            .synchronize()
+            .map_err(cuda("waiting for the GPU to finish"))
+    }
+}
+
+/// The raw pointer of a user slice the collective reads, after making the staging stream wait
+/// for what its owner queued on its own stream (say, the backward pass).
+pub(crate) fn device_ptr<T: DeviceElement>(gpu: &Gpu, slice: &CudaSlice<T>) -> Result<u64, String> {
+    order_after_owner(gpu, slice)?;
+    let (ptr, _record) = slice.device_ptr(&gpu.stage);
+    Ok(ptr)
+}
+
+/// As [`device_ptr`], for a slice the collective writes.
+pub(crate) fn device_ptr_mut<T: DeviceElement>(
+    gpu: &Gpu,
+    slice: &mut CudaSlice<T>,
+) -> Result<u64, String> {
+    order_after_owner(gpu, slice)?;
+    let (ptr, _record) = slice.device_ptr_mut(&gpu.stage);
+    Ok(ptr)
+}
+
+fn order_after_owner<T>(gpu: &Gpu, slice: &CudaSlice<T>) -> Result<(), String> {
+    check_context(gpu, slice)?;
+    let ev = slice
+        .stream()
+        .record_event(None)
+        .map_err(cuda("recording an event"))?;
+    gpu.stage.wait(&ev).map_err(cuda("ordering streams"))
+}
+
+fn check_context<T>(gpu: &Gpu, slice: &CudaSlice<T>) -> Result<(), String> {
+    if gpu.same_context(slice.context()) {
+        Ok(())
+    } else {
+        Err(format!(
+            "this buffer lives on CUDA device {}, but this communicator already works with {}; \
+             use one communicator per GPU",
+            slice.ordinal(),
+            gpu.device()
+        ))
+    }
+}
+
+/// The device side of one collective on device buffers (shared by the caller, the data plane
+/// threads and the handle).
+pub(crate) struct DeviceOp {
+    gpu: Arc<Gpu>,
+    /// What the reduction reads: the user's `src`, or the in-place backup.
+    src: u64,
+    /// The user's output buffer.
+    dst: u64,
+    len: usize,
+    dtype: DType,
+    op: ReduceOp,
+    backup: Option<CudaSlice<u8>>,
+    mirror: Option<PinnedHost>,
+    /// Recorded on the staging stream once the input of step 0 is in the mirror.
+    ready: Mutex<Option<CudaEvent>>,
+    /// Every copy this collective queued has completed (nothing may touch the mirror).
+    settled: AtomicBool,
+}
+
+impl std::fmt::Debug for DeviceOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceOp")
+            .field("len", &self.len)
+            .field("dtype", &self.dtype)
+            .field("in_place", &self.backup.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeviceOp {
+    /// Prepares a collective of `len` bytes from `src` (or, in place, from a backup of `dst`)
+    /// into `dst`: the backup is queued on the staging stream after the owner's work.
+    pub(crate) fn new(
+        gpu: Arc<Gpu>,
+        src: Option<u64>,
+        dst: u64,
+        len: usize,
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<Self, String> {
+        gpu.ctx
+            .bind_to_thread()
+            .map_err(cuda("binding the context"))?;
+        let mirror = gpu.take_mirror(len)?;
+        let (src, backup) = match src {
+            Some(src) => (src, None),
+            None => {
+                // SAFETY: fully written by the copy below before anything reads it.
+                let backup = unsafe { gpu.stage.alloc::<u8>(len.max(1)) }
+                    .map_err(cuda("allocating the in-place backup"))?;
+                let b = {
+                    let (b, _record) = backup.device_ptr(&gpu.stage);
+                    b
+                };
+                if len > 0 {
+                    // SAFETY: both pointers are valid for `len` bytes: `dst` by the caller's
+                    // contract, the backup just allocated; ordered on the staging stream.
+                    unsafe { result::memcpy_dtod_async(b, dst, len, gpu.stage.cu_stream()) }
+                        .map_err(cuda("backing up the input"))?;
+                }
+                (b, Some(backup))
+            }
+        };
+        Ok(DeviceOp {
+            gpu,
+            src,
+            dst,
+            len,
+            dtype,
+            op,
+            backup,
+            mirror: Some(mirror),
+            ready: Mutex::new(None),
+            settled: AtomicBool::new(false),
+        })
+    }
+
+    /// The host view of the collective: the pinned mirror (TX sends from it, RX receives the
+    /// all-gather into it).
+    pub(crate) fn mirror(&self) -> RawBuf {
+        self.mirror.as_ref().expect("held until drop").raw()
+    }
+
+    /// Queues the copy of the input's `range` (bytes) into the mirror and records `ready`.
+    /// Called once the ring plan is known; never blocks.
+    pub(crate) fn stage_input(&self, range: Range<usize>) -> Result<(), String> {
+        let stage = &self.gpu.stage;
+        self.gpu
+            .ctx
+            .bind_to_thread()
+            .map_err(cuda("binding the context"))?;
+        if !range.is_empty() {
+            let mirror = self.mirror();
+            // SAFETY: the range is in bounds of the mirror; no thread touches it until `ready`
+            // completed (TX waits for it, RX writes other ranges).
+            let out = unsafe { mirror.slice_mut(range.clone()) };
+            // SAFETY: `src + range` is valid device memory of this context (caller's contract);
+            // the mirror outlives the copy (it is only freed after `settle`/`restore`).
+            unsafe {
+                result::memcpy_dtoh_async(out, self.src + range.start as u64, stage.cu_stream())
+            }
+            .map_err(cuda("copying the input to the host"))?;
+        }
+        let ev = stage
+            .record_event(None)
+            .map_err(cuda("recording an event"))?;
+        *self.ready.lock().unwrap_or_else(|p| p.into_inner()) = Some(ev);
+        Ok(())
+    }
+
+    /// Blocks until the staged input is in the mirror (TX, before step 0).
+    pub(crate) fn input_ready(&self) -> Result<(), String> {
+        let ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        match ready.as_ref() {
+            Some(ev) => ev
+                .synchronize()
+                .map_err(cuda("copying the input to the host")),
+            None => Err("internal error: the input of a device collective was not staged".into()),
+        }
+    }
+
+    fn after_ready(&self, stream: &CudaStream) -> Result<(), String> {
+        let ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ev) = ready.as_ref() {
+            stream.wait(ev).map_err(cuda("ordering streams"))?;
+        }
+        Ok(())
+    }
+
+    /// The lane of connection `conn`, locked for one frame.
+    pub(crate) fn lane(&self, conn: usize) -> Result<LaneGuard, String> {
+        Ok(LaneGuard {
+            lane: self.gpu.lane(conn)?,
+        })
+    }
+
+    /// All-gather: `mirror[range]` holds final bytes; queues their copy to the device. With
+    /// `last` (this connection's last receive of the collective), waits for the lane's stream.
+    pub(crate) fn copy_in(
+        &self,
+        lane: &LaneGuard,
+        range: Range<usize>,
+        last: bool,
+    ) -> Result<(), String> {
+        let lane = lane.lock();
+        self.gpu
+            .ctx
+            .bind_to_thread()
+            .map_err(cuda("binding the context"))?;
+        // An in-place destination is written only after its backup was taken.
+        self.after_ready(&lane.stream)?;
+        let mirror = self.mirror();
+        // SAFETY: in bounds; RX wrote this range and nobody writes it again during the
+        // collective (TX only reads it).
+        let bytes = unsafe { mirror.slice(range.clone()) };
+        // SAFETY: `dst + range` is valid device memory (caller's contract); the mirror stays
+        // alive and unchanged until the stream is synchronised (below, at `last`, or in
+        // `restore`/drop).
+        unsafe {
+            result::memcpy_htod_async(
+                self.dst + range.start as u64,
+                bytes,
+                lane.stream.cu_stream(),
+            )
+        }
+        .map_err(cuda("copying a received chunk to the device"))?;
+        if last {
+            lane.stream
+                .synchronize()
+                .map_err(cuda("copying received chunks to the device"))?;
+        }
+        Ok(())
+    }
+
+    /// Reduce-scatter: the frame is in the lane's host buffer (`len` bytes); computes
+    /// `dst[range] = src[range] op frame` on the GPU (divided by `finish` for Avg when given) and
+    /// copies the result into `mirror[range]`. Returns once the mirror holds it.
+    pub(crate) fn reduce(
+        &self,
+        lane: &LaneGuard,
+        range: Range<usize>,
+        finish: Option<usize>,
+    ) -> Result<(), String> {
+        let mut guard = lane.lock();
+        let lane = &mut *guard;
+        let len = range.len();
+        assert!(len <= lane.host.len, "a sub-chunk fits the lane buffer");
+        self.gpu
+            .ctx
+            .bind_to_thread()
+            .map_err(cuda("binding the context"))?;
+        self.after_ready(&lane.stream)?;
+        let cu = lane.stream.cu_stream();
+        let (scratch, _record) = lane.scratch.device_ptr(&lane.stream);
+        // SAFETY: the lane's host buffer holds `len` received bytes and is not touched until the
+        // synchronisation below (the lane is locked); scratch holds at least `len` bytes.
+        unsafe {
+            let frame = std::slice::from_raw_parts(lane.host.ptr, len);
+            result::memcpy_htod_async(scratch, frame, cu)
+                .map_err(cuda("copying a received chunk to the device"))?;
+        }
+        let n = (len / self.dtype.size_bytes()) as u64;
+        let off = range.start as u64;
+        // SAFETY: `dst + off` and `src + off` are valid for `n` elements (caller's contract,
+        // bounds from the ring plan); scratch for `len` bytes; no other stream writes this range
+        // during the collective (the ring schedule hands each range to one receive).
+        unsafe {
+            self.gpu.kernels.reduce_raw(
+                &lane.stream,
+                self.dst + off,
+                self.src + off,
+                scratch,
+                n,
+                self.dtype,
+                self.op,
+                finish,
+            )
+        }
+        .map_err(|e| e.to_string())?;
+        let mirror = self.mirror();
+        // SAFETY: in bounds; this RX thread is the only writer of the range, and TX reads it
+        // only after the flag set once this returns.
+        let out = unsafe { mirror.slice_mut(range) };
+        // SAFETY: `dst + off` holds `len` bytes; the stream is synchronised before returning.
+        unsafe { result::memcpy_dtoh_async(out, self.dst + off, cu) }
+            .map_err(cuda("copying a reduced chunk to the host"))?;
+        lane.stream
+            .synchronize()
+            .map_err(cuda("reducing a received chunk on the GPU"))
+    }
+
+    /// One peer, or nothing to move: `dst = src` on the device.
+    pub(crate) fn copy_all(&self) -> Result<(), String> {
+        let stage = &self.gpu.stage;
+        if self.len > 0 && self.src != self.dst {
+            // SAFETY: both valid for `len` bytes (caller's contract; the backup by construction).
+            unsafe { result::memcpy_dtod_async(self.dst, self.src, self.len, stage.cu_stream()) }
+                .map_err(cuda("copying the input to the output"))?;
+        }
+        self.settle()
+    }
+
+    /// After success: waits for the staging stream, so the mirror and backup may be reused.
+    pub(crate) fn settle(&self) -> Result<(), String> {
+        let r = self
+            .gpu
+            .stage
+            .synchronize()
+            .map_err(cuda("finishing the collective"));
+        self.settled.store(r.is_ok(), Ordering::Release);
+        r
+    }
+
+    /// After a failure: waits for every copy in flight, then puts an in-place input back.
+    pub(crate) fn restore(&self) -> Result<(), String> {
+        self.gpu.synchronize_all()?;
+        if let Some(backup) = &self.backup {
+            let stage = &self.gpu.stage;
+            let (b, _record) = backup.device_ptr(stage);
+            if self.len > 0 {
+                // SAFETY: both valid for `len` bytes; nothing else uses them any more.
+                unsafe { result::memcpy_dtod_async(self.dst, b, self.len, stage.cu_stream()) }
+                    .map_err(cuda("restoring the input"))?;
+            }
+        }
+        self.settle()
+    }
+}
+
+impl Drop for DeviceOp {
+    fn drop(&mut self) {
+        if !self.settled.load(Ordering::Acquire) {
+            // Copies may still target the mirror: let them end before it is reused or freed.
+            if self.gpu.synchronize_all().is_err() {
+                // The context is broken; leak the mirror rather than free memory a copy uses.
+                std::mem::forget(self.mirror.take());
+                return;
+            }
+        }
+        if let Some(m) = self.mirror.take() {
+            self.gpu.give_mirror(m);
+        }
+    }
+}
+
+/// A connection's lane, reserved for one received frame.
+pub(crate) struct LaneGuard {
+    lane: Arc<Mutex<Lane>>,
+}
+
+impl LaneGuard {
+    fn lock(&self) -> MutexGuard<'_, Lane> {
+        self.lane.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads a frame's payload of `len` bytes into the lane's pinned buffer with `read`.
+    pub(crate) fn receive<E>(
+        &self,
+        len: usize,
+        read: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let lane = self.lock();
+        assert!(len <= lane.host.len, "a sub-chunk fits the lane buffer");
+        // SAFETY: the lane is locked, and its previous copy finished (every use synchronises
+        // its stream before unlocking, except all-gather copies, which read the mirror).
+        let buf = unsafe { std::slice::from_raw_parts_mut(lane.host.ptr, len) };
+        read(buf)
+    }
+}
+
+/// Ends a device collective: on success waits for its last copies; on failure restores an
+/// in-place input. A CUDA error on the way wins over success and joins a failure's message.
+pub(crate) fn conclude<T>(
+    device: &DeviceOp,
+    result: Result<T, crate::Error>,
+) -> Result<T, crate::Error> {
+    match result {
+        Ok(info) => device.settle().map(|()| info).map_err(crate::Error::Cuda),
+        Err(e) => match device.restore() {
+            Ok(()) => Err(e),
+            Err(cuda) => {
+                tracing::error!("after {e}: restoring the device buffer failed: {cuda}");
+                Err(e)
+            }
+        },
+    }
+}
