@@ -582,6 +582,34 @@ impl Communicator {
         self.blocking_device(gpu, None, d, len, T::DTYPE, op, tag)
     }
 
+    /// The untyped form: `dst` holds `dtype` elements; `src == None` means in place.
+    pub fn all_reduce_device_raw(
+        &self,
+        src: Option<&CudaSlice<u8>>,
+        dst: &mut CudaSlice<u8>,
+        dtype: DType,
+        op: ReduceOp,
+        tag: u64,
+    ) -> Result<ReduceInfo, Error> {
+        if !dst.len().is_multiple_of(dtype.size_bytes())
+            || src.is_some_and(|s| s.len() != dst.len())
+        {
+            return Err(Error::InvalidArgument(format!(
+                "device buffers of {} and {} bytes do not hold whole, equal numbers of {dtype} elements",
+                src.map_or(dst.len(), CudaSlice::len),
+                dst.len()
+            )));
+        }
+        let gpu = self.inner.gpu(dst.context())?;
+        let s = src
+            .map(|s| gpu::device_ptr(&gpu, s))
+            .transpose()
+            .map_err(Error::Cuda)?;
+        let d = gpu::device_ptr_mut(&gpu, dst).map_err(Error::Cuda)?;
+        let len = dst.len();
+        self.blocking_device(gpu, s, d, len, dtype, op, tag)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn blocking_device(
         &self,

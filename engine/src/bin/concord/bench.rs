@@ -85,6 +85,31 @@ pub(crate) struct BenchArgs {
     /// SO_SNDBUF/SO_RCVBUF of data sockets (default: kernel autotuning).
     #[arg(long, value_parser = parse_size)]
     pub(crate) socket_buffer: Option<usize>,
+    /// Where the buffers live: `cpu` (host memory) or `cuda` (GPU memory, reduced on the GPU;
+    /// several peer processes may share one GPU).
+    #[arg(long, default_value = "cpu")]
+    pub(crate) device: BenchDevice,
+    /// With `--device cuda`: the GPU's ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) cuda_device: usize,
+}
+
+/// Where `concord bench` keeps its buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BenchDevice {
+    Cpu,
+    Cuda,
+}
+
+impl std::str::FromStr for BenchDevice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" | "host" => Ok(BenchDevice::Cpu),
+            "cuda" | "gpu" => Ok(BenchDevice::Cuda),
+            other => Err(format!("unknown device {other:?}: give cpu or cuda")),
+        }
+    }
 }
 
 impl BenchArgs {
@@ -131,6 +156,20 @@ impl BenchArgs {
         }
         if self.timeout_s == 0 {
             return Err("-T 0: the deadline must be at least one second".into());
+        }
+        if self.device == BenchDevice::Cuda {
+            if self.state || self.elastic || self.ops.is_some() {
+                return Err(
+                    "--device cuda measures blocking all-reduces: drop --state, --elastic and -m"
+                        .into(),
+                );
+            }
+            if let Err(why) = concord::cuda_status() {
+                return Err(format!(
+                    "--device cuda: CUDA is not available here: {why} (run without --device \
+                     cuda for host buffers)"
+                ));
+            }
         }
         Ok(())
     }
@@ -183,6 +222,14 @@ impl BenchArgs {
         }
         if self.in_place {
             a.push("--in-place".into());
+        }
+        if self.device == BenchDevice::Cuda {
+            a.extend([
+                "--device".into(),
+                "cuda".into(),
+                "--cuda-device".into(),
+                self.cuda_device.to_string(),
+            ]);
         }
         if self.state {
             a.push("--state".into());
@@ -347,9 +394,20 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
     let mut tag = 0u64;
     let mut rows = Vec::new();
     let mut pool: Vec<Vec<u8>> = Vec::new();
+    let cuda = match args.device {
+        BenchDevice::Cuda => Some(crate::device::open(args.cuda_device)?),
+        BenchDevice::Cpu => None,
+    };
+    if let (true, Some(ctx)) = (leader, &cuda) {
+        let _ = writeln!(out, "# device buffers: {}", crate::device::describe(ctx));
+    }
     for (size_index, &size) in args.sizes().iter().enumerate() {
         let count = size / esize;
         let bytes = count * esize;
+        let mut gpu = cuda
+            .as_ref()
+            .map(|ctx| crate::device::Buffers::new(ctx, bytes))
+            .transpose()?;
         let mut times = Vec::with_capacity(args.iters);
         let mut cpu_s = 0.0;
         let mut wrong = 0u64;
@@ -359,7 +417,28 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
             let checked = timed && args.check == 1;
             // CPU time of the collective only (the check's reference is not counted).
             let cpu_before = timed.then(cpu_seconds);
-            let elapsed = if args.ops.is_some() {
+            let elapsed = if let Some(gpu) = &mut gpu {
+                let (src, dst) = (&mut src[..bytes], &mut dst[..bytes]);
+                if checked || it == 0 {
+                    check::fill(dtype, op, comm.rank(), iter_id, src);
+                    dst.fill(0xA5); // A stale result must not pass the check.
+                    gpu.upload(src, dst)?;
+                }
+                if args.in_place {
+                    gpu.copy_src_to_dst()?;
+                }
+                tag += 1;
+                let start = Instant::now();
+                let r = gpu.all_reduce(&comm, args.in_place, dtype, op, tag);
+                let elapsed = start.elapsed();
+                r.map_err(|e| format!("all-reduce of {bytes} bytes in device memory: {e}"))?;
+                if checked {
+                    gpu.download(dst)?;
+                    check::reference(dtype, op, world, iter_id, &mut want[..bytes]);
+                    wrong += check::count_wrong(dtype, dst, &want[..bytes]);
+                }
+                elapsed
+            } else if args.ops.is_some() {
                 let (t, w) = iterate_async(
                     &mut comm, args, &mut pool, bytes, iter_id, checked, &mut tag,
                 )?;

@@ -1,0 +1,86 @@
+//! `concord bench --device cuda`: the benchmark's buffers in GPU memory.
+
+use std::sync::Arc;
+
+use concord::gpu::cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use concord::{Communicator, DType, ReduceInfo, ReduceOp};
+
+/// Opens GPU `ordinal` (after `concord::cuda_status` said CUDA is there).
+pub(crate) fn open(ordinal: usize) -> Result<Arc<CudaContext>, String> {
+    let count = CudaContext::device_count().map_err(|e| format!("cuDeviceGetCount: {e}"))?;
+    if ordinal >= count.max(0) as usize {
+        return Err(format!(
+            "--cuda-device {ordinal}: this host has {count} CUDA device(s)"
+        ));
+    }
+    CudaContext::new(ordinal).map_err(|e| format!("opening CUDA device {ordinal}: {e}"))
+}
+
+/// The device, in words.
+pub(crate) fn describe(ctx: &CudaContext) -> String {
+    let name = ctx.name().unwrap_or_else(|e| format!("(name unknown: {e})"));
+    format!("CUDA device {}: {name}", ctx.ordinal())
+}
+
+/// One size's input and output in device memory.
+pub(crate) struct Buffers {
+    stream: Arc<CudaStream>,
+    src: CudaSlice<u8>,
+    dst: CudaSlice<u8>,
+}
+
+fn err(during: &'static str) -> impl Fn(concord::gpu::cudarc::driver::DriverError) -> String {
+    move |e| format!("CUDA error while {during}: {e}")
+}
+
+impl Buffers {
+    pub(crate) fn new(ctx: &Arc<CudaContext>, bytes: usize) -> Result<Self, String> {
+        let stream = ctx.new_stream().map_err(err("creating a stream"))?;
+        let src = stream
+            .alloc_zeros::<u8>(bytes)
+            .map_err(err("allocating device memory"))?;
+        let dst = stream
+            .alloc_zeros::<u8>(bytes)
+            .map_err(err("allocating device memory"))?;
+        Ok(Buffers { stream, src, dst })
+    }
+
+    /// Copies the host input and a poisoned output to the device.
+    pub(crate) fn upload(&mut self, src: &[u8], dst: &[u8]) -> Result<(), String> {
+        self.stream
+            .memcpy_htod(src, &mut self.src)
+            .map_err(err("copying the input to the device"))?;
+        self.stream
+            .memcpy_htod(dst, &mut self.dst)
+            .map_err(err("copying the output to the device"))?;
+        self.stream.synchronize().map_err(err("uploading"))
+    }
+
+    /// In place: the output buffer starts as the input.
+    pub(crate) fn copy_src_to_dst(&mut self) -> Result<(), String> {
+        self.stream
+            .memcpy_dtod(&self.src, &mut self.dst)
+            .map_err(err("copying on the device"))?;
+        self.stream.synchronize().map_err(err("copying on the device"))
+    }
+
+    pub(crate) fn all_reduce(
+        &mut self,
+        comm: &Communicator,
+        in_place: bool,
+        dtype: DType,
+        op: ReduceOp,
+        tag: u64,
+    ) -> Result<ReduceInfo, concord::Error> {
+        let src = (!in_place).then_some(&self.src);
+        comm.all_reduce_device_raw(src, &mut self.dst, dtype, op, tag)
+    }
+
+    /// Copies the result back to the host.
+    pub(crate) fn download(&self, dst: &mut [u8]) -> Result<(), String> {
+        self.stream
+            .memcpy_dtoh(&self.dst, dst)
+            .map_err(err("copying the result to the host"))?;
+        self.stream.synchronize().map_err(err("downloading"))
+    }
+}
