@@ -726,9 +726,9 @@ impl Communicator {
                 ..
             } = e;
             match pulls.iter().find(|p| p.key == *key) {
-                Some(pull) => dirty.push((pull, &mut **data)),
+                Some(pull) => dirty.push((pull, data.get_mut())),
                 None if !*allow_content_inequality => {
-                    clean.insert(key.as_str(), &**data);
+                    clean.insert(key.as_str(), data.get());
                 }
                 None => {}
             }
@@ -763,7 +763,10 @@ impl Communicator {
             let sent = server.join().unwrap_or(0);
             (outcome, received, sent)
         });
-        state.revision = outcome?;
+        let revision = outcome?;
+        let pulled: Vec<&str> = pulls.iter().map(|p| p.key.as_str()).collect();
+        state.upload(&pulled)?;
+        state.revision = revision;
         Ok(SyncInfo {
             revision: state.revision,
             entries_pulled,

@@ -569,3 +569,50 @@ pub(crate) fn conclude<T>(
         },
     }
 }
+
+/// A device buffer as raw bytes, for shared-state entries (downloaded and uploaded whole on the
+/// buffer's own stream).
+pub(crate) trait DeviceBytes: Send {
+    fn download(&self, out: &mut Vec<u8>) -> Result<(), String>;
+    fn upload(&mut self, bytes: &[u8]) -> Result<(), String>;
+}
+
+impl<T: DeviceElement> DeviceBytes for CudaSlice<T> {
+    fn download(&self, out: &mut Vec<u8>) -> Result<(), String> {
+        let stream = Arc::clone(self.stream());
+        out.resize(self.num_bytes(), 0);
+        if out.is_empty() {
+            return Ok(());
+        }
+        let (ptr, _record) = self.device_ptr(&stream);
+        // SAFETY: `ptr` is valid for `num_bytes` (this slice); `out` has that size and lives
+        // until the synchronisation below.
+        unsafe { result::memcpy_dtoh_async(out.as_mut_slice(), ptr, stream.cu_stream()) }
+            .map_err(cuda("copying a shared-state entry to the host"))?;
+        stream
+            .synchronize()
+            .map_err(cuda("copying a shared-state entry to the host"))
+    }
+
+    fn upload(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let stream = Arc::clone(self.stream());
+        if bytes.len() != self.num_bytes() {
+            return Err(format!(
+                "a shared-state entry of {} bytes cannot take {} bytes",
+                self.num_bytes(),
+                bytes.len()
+            ));
+        }
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let (ptr, _record) = self.device_ptr_mut(&stream);
+        // SAFETY: `ptr` is valid for `bytes.len()` bytes; `bytes` lives until the
+        // synchronisation below.
+        unsafe { result::memcpy_htod_async(ptr, bytes, stream.cu_stream()) }
+            .map_err(cuda("copying a shared-state entry to the device"))?;
+        stream
+            .synchronize()
+            .map_err(cuda("copying a shared-state entry to the device"))
+    }
+}

@@ -62,8 +62,43 @@ impl SyncStrategy {
 pub struct Entry<'a> {
     pub(crate) key: String,
     pub(crate) dtype: DType,
-    pub(crate) data: &'a mut [u8],
+    pub(crate) data: Bytes<'a>,
     pub(crate) allow_content_inequality: bool,
+}
+
+/// Where an entry's bytes live. A device entry is staged through a host copy: downloaded to be
+/// hashed and served, and uploaded again only when a sync pulled it and succeeded.
+pub(crate) enum Bytes<'a> {
+    Host(&'a mut [u8]),
+    Device {
+        dev: &'a mut dyn crate::gpu::DeviceBytes,
+        shadow: Vec<u8>,
+    },
+}
+
+impl std::fmt::Debug for Bytes<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Bytes::Host(b) => write!(f, "Host({} bytes)", b.len()),
+            Bytes::Device { shadow, .. } => write!(f, "Device({} bytes)", shadow.len()),
+        }
+    }
+}
+
+impl Bytes<'_> {
+    pub(crate) fn get(&self) -> &[u8] {
+        match self {
+            Bytes::Host(b) => b,
+            Bytes::Device { shadow, .. } => shadow,
+        }
+    }
+
+    pub(crate) fn get_mut(&mut self) -> &mut [u8] {
+        match self {
+            Bytes::Host(b) => b,
+            Bytes::Device { shadow, .. } => shadow,
+        }
+    }
 }
 
 /// The shared state: named tensors (any dtype, 16-bit types included) and a revision.
@@ -114,14 +149,57 @@ impl<'a> SharedState<'a> {
         self.entries.push(Entry {
             key,
             dtype: T::DTYPE,
-            data,
+            data: Bytes::Host(data),
             allow_content_inequality: allow,
         });
         self
     }
 
+    /// Adds a tensor in GPU memory that every peer must hold bit for bit. A sync downloads it
+    /// (to hash and serve it) and, when it pulled a newer version, uploads that once the sync
+    /// succeeded; a failed sync leaves it untouched.
+    pub fn add_device<T: crate::DeviceElement>(
+        &mut self,
+        key: impl Into<String>,
+        data: &'a mut crate::gpu::cudarc::driver::CudaSlice<T>,
+    ) -> &mut Self {
+        self.entries.push(Entry {
+            key: key.into(),
+            dtype: T::DTYPE,
+            data: Bytes::Device {
+                dev: data,
+                shadow: Vec::new(),
+            },
+            allow_content_inequality: false,
+        });
+        self
+    }
+
+    /// Copies device entries to their host shadows.
+    fn download(&mut self) -> Result<(), crate::Error> {
+        for e in &mut self.entries {
+            if let Bytes::Device { dev, shadow } = &mut e.data {
+                dev.download(shadow).map_err(crate::Error::Cuda)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After a successful sync: uploads the device entries named in `pulled`.
+    pub(crate) fn upload(&mut self, pulled: &[&str]) -> Result<(), crate::Error> {
+        for e in &mut self.entries {
+            if let (Bytes::Device { dev, shadow }, true) =
+                (&mut e.data, pulled.contains(&e.key.as_str()))
+            {
+                dev.upload(shadow).map_err(crate::Error::Cuda)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The vote's entry descriptions, sorted by key, with their hashes.
     pub(crate) fn describe(&mut self) -> Result<Vec<EntryDesc>, crate::Error> {
+        self.download()?;
         self.entries.sort_by(|a, b| a.key.cmp(&b.key));
         if let Some(w) = self.entries.windows(2).find(|w| w[0].key == w[1].key) {
             return Err(crate::Error::InvalidArgument(format!(
@@ -145,8 +223,8 @@ impl<'a> SharedState<'a> {
             .map(|e| EntryDesc {
                 key: e.key.clone(),
                 dtype: e.dtype.name().into(),
-                bytes: e.data.len() as u64,
-                hash: hash(e.data),
+                bytes: e.data.get().len() as u64,
+                hash: hash(e.data.get()),
                 allow_content_inequality: e.allow_content_inequality,
             })
             .collect())

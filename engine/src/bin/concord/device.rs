@@ -18,7 +18,9 @@ pub(crate) fn open(ordinal: usize) -> Result<Arc<CudaContext>, String> {
 
 /// The device, in words.
 pub(crate) fn describe(ctx: &CudaContext) -> String {
-    let name = ctx.name().unwrap_or_else(|e| format!("(name unknown: {e})"));
+    let name = ctx
+        .name()
+        .unwrap_or_else(|e| format!("(name unknown: {e})"));
     format!("CUDA device {}: {name}", ctx.ordinal())
 }
 
@@ -61,7 +63,9 @@ impl Buffers {
         self.stream
             .memcpy_dtod(&self.src, &mut self.dst)
             .map_err(err("copying on the device"))?;
-        self.stream.synchronize().map_err(err("copying on the device"))
+        self.stream
+            .synchronize()
+            .map_err(err("copying on the device"))
     }
 
     pub(crate) fn all_reduce(
