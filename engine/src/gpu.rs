@@ -24,7 +24,7 @@
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use concord_kernels::cuda::cudarc::driver::{
     result, CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
@@ -256,7 +256,7 @@ pub(crate) struct DeviceOp {
     backup: Option<CudaSlice<u8>>,
     mirror: Option<PinnedHost>,
     /// Recorded on the staging stream once the input of step 0 is in the mirror.
-    ready: Mutex<Option<CudaEvent>>,
+    ready: OnceLock<CudaEvent>,
     /// Every copy this collective queued has completed (nothing may touch the mirror).
     settled: AtomicBool,
 }
@@ -314,7 +314,7 @@ impl DeviceOp {
             op,
             backup,
             mirror: Some(mirror),
-            ready: Mutex::new(None),
+            ready: OnceLock::new(),
             settled: AtomicBool::new(false),
         })
     }
@@ -348,14 +348,14 @@ impl DeviceOp {
         let ev = stage
             .record_event(None)
             .map_err(cuda("recording an event"))?;
-        *self.ready.lock().unwrap_or_else(|p| p.into_inner()) = Some(ev);
-        Ok(())
+        self.ready
+            .set(ev)
+            .map_err(|_| "internal error: a device collective's input was staged twice".to_string())
     }
 
     /// Blocks until the staged input is in the mirror (TX, before step 0).
     pub(crate) fn input_ready(&self) -> Result<(), String> {
-        let ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
-        match ready.as_ref() {
+        match self.ready.get() {
             Some(ev) => ev
                 .synchronize()
                 .map_err(cuda("copying the input to the host")),
@@ -364,8 +364,7 @@ impl DeviceOp {
     }
 
     fn after_ready(&self, stream: &CudaStream) -> Result<(), String> {
-        let ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(ev) = ready.as_ref() {
+        if let Some(ev) = self.ready.get() {
             stream.wait(ev).map_err(cuda("ordering streams"))?;
         }
         Ok(())
