@@ -51,6 +51,8 @@ pub(crate) struct Shared {
 pub(crate) struct Inner {
     pub(crate) state: Mutex<Shared>,
     pub(crate) cond: Condvar,
+    /// The watchdog's own wake-up: new deadlines, cancels, shutdown (not every message).
+    watch: Condvar,
     pub(crate) listener: TcpListener,
     pub(crate) config: Config,
     pub(crate) backend: concord_transport::BackendKind,
@@ -85,6 +87,7 @@ impl Inner {
                 wakers: Vec::new(),
             }),
             cond: Condvar::new(),
+            watch: Condvar::new(),
             listener,
             config,
             backend,
@@ -182,7 +185,7 @@ impl Inner {
         g.launched.insert(tag, launch);
         flush(&mut g);
         crate::fault::kill_point("vote", Some(tag));
-        self.notify(&mut g); // The watchdog learns the new deadline.
+        self.watch.notify_all(); // The watchdog learns the new deadline.
         Ok(())
     }
 
@@ -197,6 +200,7 @@ impl Inner {
                 Err(e)
             }
         };
+        let was_full = g.launched.len() >= self.config.max_in_flight;
         let launch = g
             .launched
             .remove(&tag)
@@ -204,7 +208,9 @@ impl Inner {
         if let (Some((seq, _, _, _)), Some(plane)) = (&launch.running, &g.plane) {
             plane.retire(tag, *seq);
         }
-        self.notify(&mut g); // A slot is free: wake a launch waiting on the limit.
+        if was_full {
+            self.notify(&mut g); // A slot is free: wake a launch waiting on the limit.
+        }
         drop(g);
         Some(self.release(launch, outcome))
     }
@@ -249,6 +255,7 @@ impl Inner {
                 l.cancelled_at = Some(Instant::now());
                 flush(g);
                 self.notify(g);
+                self.watch.notify_all();
             }
         }
     }
@@ -375,6 +382,9 @@ impl Inner {
         if let (Ok(t), Some(l)) = (&result, g.launched.get_mut(&tag)) {
             l.traffic = *t;
         }
+        // Success only moves the collective to its completion vote: nobody waits for that, so
+        // nobody is woken (on two cores every spurious wake-up shows in small-message latency).
+        let wake = result.is_err();
         match result {
             // Only this collective failed: abort it everywhere, keep the ring.
             Err(why) if ring_intact => {
@@ -383,7 +393,9 @@ impl Inner {
             result => g.proto.collective_finished(tag, seq, result.map(drop)),
         }
         flush(&mut g);
-        self.notify(&mut g);
+        if wake {
+            self.notify(&mut g);
+        }
     }
 
     /// A buffer of exactly `bytes` for an in-place backup (contents unspecified).
@@ -433,6 +445,7 @@ impl Inner {
             .store(true, std::sync::atomic::Ordering::Release);
         let mut g = self.lock();
         self.notify(&mut g);
+        self.watch.notify_all();
     }
 }
 
@@ -457,13 +470,32 @@ pub(crate) fn read_master(stream: TcpStream, inner: Arc<Inner>) {
     let error = loop {
         match read_message(&mut reader) {
             Ok(msg) => {
+                // A go-ahead (unless the collective ended at once) and a ping change nothing
+                // a caller waits for: wake nobody.
+                let quiet = match &msg {
+                    MasterMsg::Ping => Some(None),
+                    MasterMsg::CollCommence { tag, .. } => Some(Some(*tag)),
+                    _ => None,
+                };
                 let mut g = inner.lock();
                 match g.proto.handle(msg) {
                     Ok(effects) => inner.apply(&mut g, effects),
                     Err(e) => break e,
                 }
                 flush(&mut g);
-                inner.notify(&mut g);
+                let quiet = match quiet {
+                    Some(None) => true,
+                    Some(Some(tag)) => {
+                        matches!(
+                            g.proto.collective(tag),
+                            Some(CollPhase::Run { .. } | CollPhase::Voting)
+                        ) && g.proto.fatal().is_none()
+                    }
+                    None => false,
+                };
+                if !quiet {
+                    inner.notify(&mut g);
+                }
             }
             Err(e) => break e,
         }
@@ -525,6 +557,7 @@ pub(crate) fn watchdog(inner: Weak<Inner>) {
                 }
             }
         }
+        let acted = !late.is_empty() || !unanswered.is_empty();
         let me = g.proto.peer_id().unwrap_or(0);
         for (tag, timeout) in late {
             let reason = format!(
@@ -550,8 +583,10 @@ pub(crate) fn watchdog(inner: Weak<Inner>) {
             );
         }
         flush(&mut g);
-        inner.notify(&mut g);
-        let cond = &inner.cond;
+        if acted {
+            inner.notify(&mut g);
+        }
+        let cond = &inner.watch;
         match next {
             Some(at) => {
                 let wait = at
