@@ -610,6 +610,34 @@ impl Communicator {
         self.blocking_device(gpu, s, d, len, dtype, op, tag)
     }
 
+    /// **For tests, not for users.** Runs the device-buffer pipeline (mirror, lanes, staging,
+    /// backup and restore) against an *emulated* device whose memory is host memory: `dst` (and
+    /// `src`; `None` means in place) stand in for device buffers. It lets machines without a
+    /// GPU test everything of the device path but the CUDA calls themselves.
+    #[doc(hidden)]
+    pub fn all_reduce_emulated_device(
+        &self,
+        src: Option<&[u8]>,
+        dst: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+        tag: u64,
+    ) -> Result<ReduceInfo, Error> {
+        if !dst.len().is_multiple_of(dtype.size_bytes())
+            || src.is_some_and(|s| s.len() != dst.len())
+        {
+            return Err(Error::InvalidArgument(format!(
+                "buffers of {} and {} bytes do not hold whole, equal numbers of {dtype} elements",
+                src.map_or(dst.len(), <[u8]>::len),
+                dst.len()
+            )));
+        }
+        let gpu = self.inner.emulated_gpu();
+        let s = src.map(|s| s.as_ptr() as u64);
+        let len = dst.len();
+        self.blocking_device(gpu, s, dst.as_mut_ptr() as u64, len, dtype, op, tag)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn blocking_device(
         &self,

@@ -62,6 +62,8 @@ pub(crate) struct Inner {
     backups: Mutex<Vec<Vec<u8>>>,
     /// The GPU of the device buffers handed to this communicator, opened at the first one.
     gpu: Mutex<Option<Arc<Gpu>>>,
+    /// The emulated device of the tests' hidden entry point.
+    emulated: Mutex<Option<Arc<Gpu>>>,
 }
 
 /// Most bytes of idle in-place backups a communicator keeps for reuse.
@@ -94,6 +96,7 @@ impl Inner {
             closing: std::sync::atomic::AtomicBool::new(false),
             backups: Mutex::new(Vec::new()),
             gpu: Mutex::new(None),
+            emulated: Mutex::new(None),
         }
     }
 
@@ -434,6 +437,12 @@ impl Inner {
         tracing::info!("device buffers on {}", gpu.device());
         *slot = Some(Arc::clone(&gpu));
         Ok(gpu)
+    }
+
+    /// The emulated device (host memory standing in for GPU memory; tests only).
+    pub(crate) fn emulated_gpu(&self) -> Arc<Gpu> {
+        let mut slot = self.emulated.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(slot.get_or_insert_with(|| Arc::new(Gpu::emulated(self.config.sub_chunk_bytes))))
     }
 
     pub(crate) fn shutting_down(&self) -> bool {

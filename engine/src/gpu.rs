@@ -21,6 +21,9 @@
 //! which the driver pins itself: `RLIMIT_MEMLOCK` does not apply.
 //!
 //! Everything here needs a CUDA driver; [`cuda_status`] says whether there is one, and why not.
+//! The same code also runs against an *emulated* device (device memory is host memory, streams
+//! run each operation at once, the CPU kernels reduce), which the tests use to exercise the
+//! pipeline on machines without a GPU; users never get it by accident (it is a hidden entry point).
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,37 +60,46 @@ fn cuda(during: &str) -> impl Fn(result::DriverError) -> String + '_ {
     move |e| format!("CUDA error while {during}: {e}")
 }
 
-/// Page-locked host memory from `cuMemHostAlloc` (not write-combined).
-struct PinnedHost {
+/// Host memory the GPU copies to and from: page-locked by `cuMemHostAlloc` (not write-combined)
+/// on a real GPU, a plain allocation on the emulated one.
+struct HostMem {
     ptr: *mut u8,
     len: usize,
-    ctx: Arc<CudaContext>,
+    /// `Some`: freed with cuMemFreeHost in this context; `None`: the memory is `_plain`.
+    ctx: Option<Arc<CudaContext>>,
+    _plain: Vec<u8>,
 }
 
 // SAFETY: the allocation is plain host memory owned by this value; access is synchronised by
 // its users (the data plane's flags, or the lane mutex).
-unsafe impl Send for PinnedHost {}
+unsafe impl Send for HostMem {}
 // SAFETY: as above.
-unsafe impl Sync for PinnedHost {}
+unsafe impl Sync for HostMem {}
 
-impl PinnedHost {
-    fn new(ctx: &Arc<CudaContext>, len: usize) -> Result<Self, String> {
-        ctx.bind_to_thread().map_err(cuda("binding the context"))?;
-        let ptr = if len == 0 {
-            std::ptr::NonNull::<u8>::dangling().as_ptr()
-        } else {
-            // SAFETY: a plain allocation of `len` bytes, freed in Drop with cuMemFreeHost.
-            unsafe { result::malloc_host(len, 0) }.map_err(|e| {
-                format!(
-                    "CUDA could not allocate {len} bytes of page-locked host memory \
-                     (cuMemHostAlloc: {e}); use smaller buffers or free host memory"
-                )
-            })? as *mut u8
+impl HostMem {
+    fn new(ctx: Option<&Arc<CudaContext>>, len: usize) -> Result<Self, String> {
+        let Some(ctx) = ctx.filter(|_| len > 0) else {
+            let mut plain = vec![0u8; len];
+            return Ok(HostMem {
+                ptr: plain.as_mut_ptr(),
+                len,
+                ctx: None,
+                _plain: plain,
+            });
         };
-        Ok(PinnedHost {
-            ptr,
+        ctx.bind_to_thread().map_err(cuda("binding the context"))?;
+        // SAFETY: a plain allocation of `len` bytes, freed in Drop with cuMemFreeHost.
+        let ptr = unsafe { result::malloc_host(len, 0) }.map_err(|e| {
+            format!(
+                "CUDA could not allocate {len} bytes of page-locked host memory \
+                 (cuMemHostAlloc: {e}); use smaller buffers or free host memory"
+            )
+        })?;
+        Ok(HostMem {
+            ptr: ptr.cast(),
             len,
-            ctx: Arc::clone(ctx),
+            ctx: Some(Arc::clone(ctx)),
+            _plain: Vec::new(),
         })
     }
 
@@ -99,10 +111,10 @@ impl PinnedHost {
     }
 }
 
-impl Drop for PinnedHost {
+impl Drop for HostMem {
     fn drop(&mut self) {
-        if self.len > 0 {
-            let _ = self.ctx.bind_to_thread();
+        if let Some(ctx) = &self.ctx {
+            let _ = ctx.bind_to_thread();
             // SAFETY: allocated by cuMemHostAlloc in `new`; no copy uses it any more (every
             // user synchronises its streams before giving it back).
             let _ = unsafe { result::free_host(self.ptr.cast()) };
@@ -110,28 +122,130 @@ impl Drop for PinnedHost {
     }
 }
 
+/// Device memory Concord owns (scratch, backups): a `CudaSlice`, or host memory when emulated.
+enum DevMem {
+    Cuda(CudaSlice<u8>),
+    Emulated(Vec<u8>),
+}
+
+impl DevMem {
+    fn ptr(&mut self, queue: &Queue) -> u64 {
+        match (self, &queue.0) {
+            (DevMem::Cuda(s), Some(stream)) => s.device_ptr(stream).0,
+            (DevMem::Emulated(v), _) => v.as_mut_ptr() as u64,
+            (DevMem::Cuda(_), None) => unreachable!("CUDA memory is used on CUDA streams"),
+        }
+    }
+}
+
+/// A CUDA stream, or (emulated device) nothing: every operation is done when it returns.
+struct Queue(Option<Arc<CudaStream>>);
+
+impl Queue {
+    /// # Safety
+    /// `src` is device memory valid for `dst.len()` bytes; `dst` stays alive and unused by
+    /// others until the queue is synchronised.
+    unsafe fn d2h(&self, dst: &mut [u8], src: u64, during: &str) -> Result<(), String> {
+        match &self.0 {
+            // SAFETY: the caller's contract.
+            Some(s) => {
+                unsafe { result::memcpy_dtoh_async(dst, src, s.cu_stream()) }.map_err(cuda(during))
+            }
+            None => {
+                // SAFETY: emulated device memory is host memory; the caller's contract.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len())
+                };
+                Ok(())
+            }
+        }
+    }
+
+    /// # Safety
+    /// `dst` is device memory valid for `src.len()` bytes; `src` stays alive and unchanged
+    /// until the queue is synchronised.
+    unsafe fn h2d(&self, dst: u64, src: &[u8], during: &str) -> Result<(), String> {
+        match &self.0 {
+            // SAFETY: the caller's contract.
+            Some(s) => {
+                unsafe { result::memcpy_htod_async(dst, src, s.cu_stream()) }.map_err(cuda(during))
+            }
+            None => {
+                // SAFETY: as in `d2h`.
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
+                Ok(())
+            }
+        }
+    }
+
+    /// # Safety
+    /// Both are device memory valid for `len` bytes, not overlapping.
+    unsafe fn d2d(&self, dst: u64, src: u64, len: usize, during: &str) -> Result<(), String> {
+        if len == 0 {
+            return Ok(());
+        }
+        match &self.0 {
+            // SAFETY: the caller's contract.
+            Some(s) => unsafe { result::memcpy_dtod_async(dst, src, len, s.cu_stream()) }
+                .map_err(cuda(during)),
+            None => {
+                // SAFETY: as in `d2h`.
+                unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, len) };
+                Ok(())
+            }
+        }
+    }
+
+    fn sync(&self, during: &str) -> Result<(), String> {
+        match &self.0 {
+            Some(s) => s.synchronize().map_err(cuda(during)),
+            None => Ok(()),
+        }
+    }
+
+    fn record(&self) -> Result<Option<CudaEvent>, String> {
+        self.0
+            .as_ref()
+            .map(|s| s.record_event(None).map_err(cuda("recording an event")))
+            .transpose()
+    }
+
+    fn wait(&self, event: Option<&CudaEvent>) -> Result<(), String> {
+        match (&self.0, event) {
+            (Some(s), Some(ev)) => s.wait(ev).map_err(cuda("ordering streams")),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// One connection's device resources: a stream, a pinned receive buffer and device scratch.
 struct Lane {
-    stream: Arc<CudaStream>,
-    host: PinnedHost,
-    scratch: CudaSlice<u8>,
+    queue: Queue,
+    host: HostMem,
+    scratch: DevMem,
+}
+
+/// The CUDA side of a [`Gpu`].
+struct Cuda {
+    ctx: Arc<CudaContext>,
+    kernels: CudaKernels,
 }
 
 /// A communicator's GPU: one context, the compiled kernels, the staging stream, the lanes.
 pub(crate) struct Gpu {
-    ctx: Arc<CudaContext>,
-    kernels: CudaKernels,
+    /// `None`: the emulated device.
+    cuda: Option<Cuda>,
     /// Input staging and in-place backups, in launch order.
-    stage: Arc<CudaStream>,
+    stage: Queue,
     lanes: Mutex<Vec<Arc<Mutex<Lane>>>>,
     lane_bytes: usize,
-    mirrors: Mutex<Vec<PinnedHost>>,
+    mirrors: Mutex<Vec<HostMem>>,
 }
 
 impl std::fmt::Debug for Gpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gpu")
-            .field("device", &self.kernels.device())
+            .field("device", &self.device())
             .finish_non_exhaustive()
     }
 }
@@ -142,51 +256,93 @@ impl Gpu {
         let kernels = CudaKernels::with_context(Arc::clone(&ctx)).map_err(|e| e.to_string())?;
         let stage = ctx.new_stream().map_err(cuda("creating a stream"))?;
         Ok(Gpu {
-            ctx,
-            kernels,
-            stage,
+            cuda: Some(Cuda { ctx, kernels }),
+            stage: Queue(Some(stage)),
             lanes: Mutex::new(Vec::new()),
             lane_bytes,
             mirrors: Mutex::new(Vec::new()),
         })
     }
 
+    /// The emulated device: host memory, immediate operations, CPU kernels (tests only).
+    pub(crate) fn emulated(lane_bytes: usize) -> Self {
+        Gpu {
+            cuda: None,
+            stage: Queue(None),
+            lanes: Mutex::new(Vec::new()),
+            lane_bytes,
+            mirrors: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn ctx(&self) -> Option<&Arc<CudaContext>> {
+        self.cuda.as_ref().map(|c| &c.ctx)
+    }
+
+    fn bind(&self) -> Result<(), String> {
+        match self.ctx() {
+            Some(ctx) => ctx.bind_to_thread().map_err(cuda("binding the context")),
+            None => Ok(()),
+        }
+    }
+
     /// Whether buffers of `ctx` belong to this GPU.
-    pub(crate) fn same_context(&self, ctx: &CudaContext) -> bool {
-        self.ctx.cu_ctx() == ctx.cu_ctx()
+    fn same_context(&self, ctx: &CudaContext) -> bool {
+        self.ctx().is_some_and(|c| c.cu_ctx() == ctx.cu_ctx())
     }
 
     pub(crate) fn device(&self) -> &str {
-        self.kernels.device()
+        self.cuda
+            .as_ref()
+            .map_or("an emulated device (host memory)", |c| c.kernels.device())
     }
 
     fn lane(&self, i: usize) -> Result<Arc<Mutex<Lane>>, String> {
         let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
         while lanes.len() <= i {
-            let stream = self.ctx.new_stream().map_err(cuda("creating a stream"))?;
-            let host = PinnedHost::new(&self.ctx, self.lane_bytes)?;
-            // SAFETY: scratch is always written (host → device) before it is read.
-            let scratch = unsafe { stream.alloc::<u8>(self.lane_bytes.max(1)) }
-                .map_err(cuda("allocating device scratch"))?;
-            lanes.push(Arc::new(Mutex::new(Lane {
-                stream,
-                host,
-                scratch,
-            })));
+            let lane = match self.ctx() {
+                Some(ctx) => {
+                    let stream = ctx.new_stream().map_err(cuda("creating a stream"))?;
+                    // SAFETY: scratch is always written (host → device) before it is read.
+                    let scratch = unsafe { stream.alloc::<u8>(self.lane_bytes.max(1)) }
+                        .map_err(cuda("allocating device scratch"))?;
+                    Lane {
+                        queue: Queue(Some(stream)),
+                        host: HostMem::new(Some(ctx), self.lane_bytes)?,
+                        scratch: DevMem::Cuda(scratch),
+                    }
+                }
+                None => Lane {
+                    queue: Queue(None),
+                    host: HostMem::new(None, self.lane_bytes)?,
+                    scratch: DevMem::Emulated(vec![0; self.lane_bytes.max(1)]),
+                },
+            };
+            lanes.push(Arc::new(Mutex::new(lane)));
         }
         Ok(Arc::clone(&lanes[i]))
     }
 
-    fn take_mirror(&self, len: usize) -> Result<PinnedHost, String> {
+    fn alloc(&self, len: usize) -> Result<DevMem, String> {
+        match &self.stage.0 {
+            // SAFETY: the callers write the memory before reading it.
+            Some(s) => unsafe { s.alloc::<u8>(len.max(1)) }
+                .map(DevMem::Cuda)
+                .map_err(cuda("allocating device memory")),
+            None => Ok(DevMem::Emulated(vec![0; len.max(1)])),
+        }
+    }
+
+    fn take_mirror(&self, len: usize) -> Result<HostMem, String> {
         let mut pool = self.mirrors.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(i) = pool.iter().position(|m| m.len == len) {
             return Ok(pool.swap_remove(i));
         }
         drop(pool);
-        PinnedHost::new(&self.ctx, len)
+        HostMem::new(self.ctx(), len)
     }
 
-    fn give_mirror(&self, m: PinnedHost) {
+    fn give_mirror(&self, m: HostMem) {
         let mut pool = self.mirrors.lock().unwrap_or_else(|p| p.into_inner());
         let held: usize = pool.iter().map(|m| m.len).sum();
         if held + m.len <= MIRROR_POOL_BYTES {
@@ -196,17 +352,65 @@ impl Gpu {
 
     /// Waits for every stream of this context (the failure path; the user's streams included).
     fn synchronize_all(&self) -> Result<(), String> {
-        self.ctx
-            .synchronize()
-            .map_err(cuda("waiting for the GPU to finish"))
+        match self.ctx() {
+            Some(ctx) => ctx
+                .synchronize()
+                .map_err(cuda("waiting for the GPU to finish")),
+            None => Ok(()),
+        }
+    }
+
+    /// `d = a op b` for `n` elements (finished with the Avg division by `finish` when given).
+    ///
+    /// # Safety
+    /// `d`, `a`, `b` are device memory valid for `n` elements of `dtype`; `d` overlaps neither
+    /// and nothing else writes them until `queue` is synchronised.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn reduce(
+        &self,
+        queue: &Queue,
+        d: u64,
+        a: u64,
+        b: u64,
+        n: usize,
+        dtype: DType,
+        op: ReduceOp,
+        finish: Option<usize>,
+    ) -> Result<(), String> {
+        match (&self.cuda, &queue.0) {
+            (Some(c), Some(stream)) => {
+                // SAFETY: the caller's contract.
+                unsafe {
+                    c.kernels
+                        .reduce_raw(stream, d, a, b, n as u64, dtype, op, finish)
+                }
+                .map_err(|e| e.to_string())
+            }
+            _ => {
+                let bytes = n * dtype.size_bytes();
+                // SAFETY: emulated device memory is host memory; the caller's contract.
+                let (d, a, b) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(d as *mut u8, bytes),
+                        std::slice::from_raw_parts(a as *const u8, bytes),
+                        std::slice::from_raw_parts(b as *const u8, bytes),
+                    )
+                };
+                match finish {
+                    Some(w) => concord_kernels::reduce_out_finish(d, a, b, dtype, op, w),
+                    None => concord_kernels::reduce_out(d, a, b, dtype, op),
+                }
+                .map_err(|e| e.to_string())
+            }
+        }
     }
 }
 
 /// The raw pointer of a user slice the collective reads, after making the staging stream wait
 /// for what its owner queued on its own stream (say, the backward pass).
 pub(crate) fn device_ptr<T: DeviceElement>(gpu: &Gpu, slice: &CudaSlice<T>) -> Result<u64, String> {
-    order_after_owner(gpu, slice)?;
-    let (ptr, _record) = slice.device_ptr(&gpu.stage);
+    let stage = order_after_owner(gpu, slice)?;
+    let (ptr, _record) = slice.device_ptr(stage);
     Ok(ptr)
 }
 
@@ -215,31 +419,29 @@ pub(crate) fn device_ptr_mut<T: DeviceElement>(
     gpu: &Gpu,
     slice: &mut CudaSlice<T>,
 ) -> Result<u64, String> {
-    order_after_owner(gpu, slice)?;
-    let (ptr, _record) = slice.device_ptr_mut(&gpu.stage);
+    let stage = order_after_owner(gpu, slice)?;
+    let (ptr, _record) = slice.device_ptr_mut(stage);
     Ok(ptr)
 }
 
-fn order_after_owner<T>(gpu: &Gpu, slice: &CudaSlice<T>) -> Result<(), String> {
-    check_context(gpu, slice)?;
+fn order_after_owner<'g, T>(gpu: &'g Gpu, slice: &CudaSlice<T>) -> Result<&'g CudaStream, String> {
+    let stage = match (&gpu.stage.0, gpu.same_context(slice.context())) {
+        (Some(stage), true) => stage,
+        _ => {
+            return Err(format!(
+                "this buffer lives on CUDA device {}, but this communicator already works with \
+                 {}; use one communicator per GPU",
+                slice.ordinal(),
+                gpu.device()
+            ))
+        }
+    };
     let ev = slice
         .stream()
         .record_event(None)
         .map_err(cuda("recording an event"))?;
-    gpu.stage.wait(&ev).map_err(cuda("ordering streams"))
-}
-
-fn check_context<T>(gpu: &Gpu, slice: &CudaSlice<T>) -> Result<(), String> {
-    if gpu.same_context(slice.context()) {
-        Ok(())
-    } else {
-        Err(format!(
-            "this buffer lives on CUDA device {}, but this communicator already works with {}; \
-             use one communicator per GPU",
-            slice.ordinal(),
-            gpu.device()
-        ))
-    }
+    stage.wait(&ev).map_err(cuda("ordering streams"))?;
+    Ok(stage)
 }
 
 /// The device side of one collective on device buffers (shared by the caller, the data plane
@@ -253,10 +455,10 @@ pub(crate) struct DeviceOp {
     len: usize,
     dtype: DType,
     op: ReduceOp,
-    backup: Option<CudaSlice<u8>>,
-    mirror: Option<PinnedHost>,
-    /// Recorded on the staging stream once the input of step 0 is in the mirror.
-    ready: OnceLock<CudaEvent>,
+    backup: Option<DevMem>,
+    mirror: Option<HostMem>,
+    /// Set once the copy of step 0's input into the mirror is queued (with its event on a GPU).
+    ready: OnceLock<Option<CudaEvent>>,
     /// Every copy this collective queued has completed (nothing may touch the mirror).
     settled: AtomicBool,
 }
@@ -274,6 +476,9 @@ impl std::fmt::Debug for DeviceOp {
 impl DeviceOp {
     /// Prepares a collective of `len` bytes from `src` (or, in place, from a backup of `dst`)
     /// into `dst`: the backup is queued on the staging stream after the owner's work.
+    ///
+    /// `src` and `dst` must be device memory of `gpu` valid for `len` bytes until the collective
+    /// is concluded (the launch contract of the callers).
     pub(crate) fn new(
         gpu: Arc<Gpu>,
         src: Option<u64>,
@@ -282,26 +487,16 @@ impl DeviceOp {
         dtype: DType,
         op: ReduceOp,
     ) -> Result<Self, String> {
-        gpu.ctx
-            .bind_to_thread()
-            .map_err(cuda("binding the context"))?;
+        gpu.bind()?;
         let mirror = gpu.take_mirror(len)?;
         let (src, backup) = match src {
             Some(src) => (src, None),
             None => {
-                // SAFETY: fully written by the copy below before anything reads it.
-                let backup = unsafe { gpu.stage.alloc::<u8>(len.max(1)) }
-                    .map_err(cuda("allocating the in-place backup"))?;
-                let b = {
-                    let (b, _record) = backup.device_ptr(&gpu.stage);
-                    b
-                };
-                if len > 0 {
-                    // SAFETY: both pointers are valid for `len` bytes: `dst` by the caller's
-                    // contract, the backup just allocated; ordered on the staging stream.
-                    unsafe { result::memcpy_dtod_async(b, dst, len, gpu.stage.cu_stream()) }
-                        .map_err(cuda("backing up the input"))?;
-                }
+                let mut backup = gpu.alloc(len)?;
+                let b = backup.ptr(&gpu.stage);
+                // SAFETY: both are valid for `len` bytes: `dst` by the caller's contract, the
+                // backup just allocated; ordered on the staging stream.
+                unsafe { gpu.stage.d2d(b, dst, len, "backing up the input")? };
                 (b, Some(backup))
             }
         };
@@ -326,28 +521,25 @@ impl DeviceOp {
     }
 
     /// Queues the copy of the input's `range` (bytes) into the mirror and records `ready`.
-    /// Called once the ring plan is known; never blocks.
+    /// Called once the ring plan is known; never blocks on a GPU.
     pub(crate) fn stage_input(&self, range: Range<usize>) -> Result<(), String> {
-        let stage = &self.gpu.stage;
-        self.gpu
-            .ctx
-            .bind_to_thread()
-            .map_err(cuda("binding the context"))?;
+        self.gpu.bind()?;
         if !range.is_empty() {
             let mirror = self.mirror();
             // SAFETY: the range is in bounds of the mirror; no thread touches it until `ready`
             // completed (TX waits for it, RX writes other ranges).
             let out = unsafe { mirror.slice_mut(range.clone()) };
-            // SAFETY: `src + range` is valid device memory of this context (caller's contract);
-            // the mirror outlives the copy (it is only freed after `settle`/`restore`).
+            // SAFETY: `src + range` is valid device memory (caller's contract); the mirror
+            // outlives the copy (it is only freed after `settle`/`restore`).
             unsafe {
-                result::memcpy_dtoh_async(out, self.src + range.start as u64, stage.cu_stream())
-            }
-            .map_err(cuda("copying the input to the host"))?;
+                self.gpu.stage.d2h(
+                    out,
+                    self.src + range.start as u64,
+                    "copying the input to the host",
+                )?
+            };
         }
-        let ev = stage
-            .record_event(None)
-            .map_err(cuda("recording an event"))?;
+        let ev = self.gpu.stage.record()?;
         self.ready
             .set(ev)
             .map_err(|_| "internal error: a device collective's input was staged twice".to_string())
@@ -356,18 +548,16 @@ impl DeviceOp {
     /// Blocks until the staged input is in the mirror (TX, before step 0).
     pub(crate) fn input_ready(&self) -> Result<(), String> {
         match self.ready.get() {
-            Some(ev) => ev
+            Some(Some(ev)) => ev
                 .synchronize()
                 .map_err(cuda("copying the input to the host")),
+            Some(None) => Ok(()),
             None => Err("internal error: the input of a device collective was not staged".into()),
         }
     }
 
-    fn after_ready(&self, stream: &CudaStream) -> Result<(), String> {
-        if let Some(ev) = self.ready.get() {
-            stream.wait(ev).map_err(cuda("ordering streams"))?;
-        }
-        Ok(())
+    fn after_ready(&self, queue: &Queue) -> Result<(), String> {
+        queue.wait(self.ready.get().and_then(Option::as_ref))
     }
 
     /// The lane of connection `conn`, locked for one frame.
@@ -386,12 +576,9 @@ impl DeviceOp {
         last: bool,
     ) -> Result<(), String> {
         let lane = lane.lock();
-        self.gpu
-            .ctx
-            .bind_to_thread()
-            .map_err(cuda("binding the context"))?;
+        self.gpu.bind()?;
         // An in-place destination is written only after its backup was taken.
-        self.after_ready(&lane.stream)?;
+        self.after_ready(&lane.queue)?;
         let mirror = self.mirror();
         // SAFETY: in bounds; RX wrote this range and nobody writes it again during the
         // collective (TX only reads it).
@@ -400,22 +587,19 @@ impl DeviceOp {
         // alive and unchanged until the stream is synchronised (below, at `last`, or in
         // `restore`/drop).
         unsafe {
-            result::memcpy_htod_async(
+            lane.queue.h2d(
                 self.dst + range.start as u64,
                 bytes,
-                lane.stream.cu_stream(),
-            )
-        }
-        .map_err(cuda("copying a received chunk to the device"))?;
+                "copying a received chunk to the device",
+            )?
+        };
         if last {
-            lane.stream
-                .synchronize()
-                .map_err(cuda("copying received chunks to the device"))?;
+            lane.queue.sync("copying received chunks to the device")?;
         }
         Ok(())
     }
 
-    /// Reduce-scatter: the frame is in the lane's host buffer (`len` bytes); computes
+    /// Reduce-scatter: the frame is in the lane's host buffer (`range.len()` bytes); computes
     /// `dst[range] = src[range] op frame` on the GPU (divided by `finish` for Avg when given) and
     /// copies the result into `mirror[range]`. Returns once the mirror holds it.
     pub(crate) fn reduce(
@@ -428,28 +612,24 @@ impl DeviceOp {
         let lane = &mut *guard;
         let len = range.len();
         assert!(len <= lane.host.len, "a sub-chunk fits the lane buffer");
-        self.gpu
-            .ctx
-            .bind_to_thread()
-            .map_err(cuda("binding the context"))?;
-        self.after_ready(&lane.stream)?;
-        let cu = lane.stream.cu_stream();
-        let (scratch, _record) = lane.scratch.device_ptr(&lane.stream);
+        self.gpu.bind()?;
+        self.after_ready(&lane.queue)?;
+        let scratch = lane.scratch.ptr(&lane.queue);
         // SAFETY: the lane's host buffer holds `len` received bytes and is not touched until the
         // synchronisation below (the lane is locked); scratch holds at least `len` bytes.
         unsafe {
             let frame = std::slice::from_raw_parts(lane.host.ptr, len);
-            result::memcpy_htod_async(scratch, frame, cu)
-                .map_err(cuda("copying a received chunk to the device"))?;
+            lane.queue
+                .h2d(scratch, frame, "copying a received chunk to the device")?;
         }
-        let n = (len / self.dtype.size_bytes()) as u64;
+        let n = len / self.dtype.size_bytes();
         let off = range.start as u64;
         // SAFETY: `dst + off` and `src + off` are valid for `n` elements (caller's contract,
         // bounds from the ring plan); scratch for `len` bytes; no other stream writes this range
         // during the collective (the ring schedule hands each range to one receive).
         unsafe {
-            self.gpu.kernels.reduce_raw(
-                &lane.stream,
+            self.gpu.reduce(
+                &lane.queue,
                 self.dst + off,
                 self.src + off,
                 scratch,
@@ -457,39 +637,39 @@ impl DeviceOp {
                 self.dtype,
                 self.op,
                 finish,
-            )
-        }
-        .map_err(|e| e.to_string())?;
+            )?
+        };
         let mirror = self.mirror();
         // SAFETY: in bounds; this RX thread is the only writer of the range, and TX reads it
         // only after the flag set once this returns.
         let out = unsafe { mirror.slice_mut(range) };
-        // SAFETY: `dst + off` holds `len` bytes; the stream is synchronised before returning.
-        unsafe { result::memcpy_dtoh_async(out, self.dst + off, cu) }
-            .map_err(cuda("copying a reduced chunk to the host"))?;
-        lane.stream
-            .synchronize()
-            .map_err(cuda("reducing a received chunk on the GPU"))
+        // SAFETY: `dst + off` holds `len` bytes; the queue is synchronised before returning.
+        unsafe {
+            lane.queue
+                .d2h(out, self.dst + off, "copying a reduced chunk to the host")?
+        };
+        lane.queue.sync("reducing a received chunk on the GPU")
     }
 
     /// One peer, or nothing to move: `dst = src` on the device.
     pub(crate) fn copy_all(&self) -> Result<(), String> {
-        let stage = &self.gpu.stage;
-        if self.len > 0 && self.src != self.dst {
+        if self.src != self.dst {
             // SAFETY: both valid for `len` bytes (caller's contract; the backup by construction).
-            unsafe { result::memcpy_dtod_async(self.dst, self.src, self.len, stage.cu_stream()) }
-                .map_err(cuda("copying the input to the output"))?;
+            unsafe {
+                self.gpu.stage.d2d(
+                    self.dst,
+                    self.src,
+                    self.len,
+                    "copying the input to the output",
+                )?
+            };
         }
         self.settle()
     }
 
     /// After success: waits for the staging stream, so the mirror and backup may be reused.
     pub(crate) fn settle(&self) -> Result<(), String> {
-        let r = self
-            .gpu
-            .stage
-            .synchronize()
-            .map_err(cuda("finishing the collective"));
+        let r = self.gpu.stage.sync("finishing the collective");
         self.settled.store(r.is_ok(), Ordering::Release);
         r
     }
@@ -497,14 +677,13 @@ impl DeviceOp {
     /// After a failure: waits for every copy in flight, then puts an in-place input back.
     pub(crate) fn restore(&self) -> Result<(), String> {
         self.gpu.synchronize_all()?;
-        if let Some(backup) = &self.backup {
-            let stage = &self.gpu.stage;
-            let (b, _record) = backup.device_ptr(stage);
-            if self.len > 0 {
-                // SAFETY: both valid for `len` bytes; nothing else uses them any more.
-                unsafe { result::memcpy_dtod_async(self.dst, b, self.len, stage.cu_stream()) }
-                    .map_err(cuda("restoring the input"))?;
-            }
+        if self.backup.is_some() {
+            // SAFETY: both valid for `len` bytes; nothing else uses them any more.
+            unsafe {
+                self.gpu
+                    .stage
+                    .d2d(self.dst, self.src, self.len, "restoring the input")?
+            };
         }
         self.settle()
     }

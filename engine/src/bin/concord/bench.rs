@@ -86,7 +86,8 @@ pub(crate) struct BenchArgs {
     #[arg(long, value_parser = parse_size)]
     pub(crate) socket_buffer: Option<usize>,
     /// Where the buffers live: `cpu` (host memory) or `cuda` (GPU memory, reduced on the GPU;
-    /// several peer processes may share one GPU).
+    /// several peer processes may share one GPU). (`emulated` runs the device pipeline on a
+    /// host-memory stand-in for a GPU: for tests, its figures mean nothing.)
     #[arg(long, default_value = "cpu")]
     pub(crate) device: BenchDevice,
     /// With `--device cuda`: the GPU's ordinal.
@@ -99,6 +100,7 @@ pub(crate) struct BenchArgs {
 pub(crate) enum BenchDevice {
     Cpu,
     Cuda,
+    Emulated,
 }
 
 impl std::str::FromStr for BenchDevice {
@@ -107,6 +109,7 @@ impl std::str::FromStr for BenchDevice {
         match s {
             "cpu" | "host" => Ok(BenchDevice::Cpu),
             "cuda" | "gpu" => Ok(BenchDevice::Cuda),
+            "emulated" => Ok(BenchDevice::Emulated),
             other => Err(format!("unknown device {other:?}: give cpu or cuda")),
         }
     }
@@ -157,13 +160,13 @@ impl BenchArgs {
         if self.timeout_s == 0 {
             return Err("-T 0: the deadline must be at least one second".into());
         }
+        if self.device != BenchDevice::Cpu && (self.state || self.elastic || self.ops.is_some()) {
+            return Err(
+                "--device cuda measures blocking all-reduces: drop --state, --elastic and -m"
+                    .into(),
+            );
+        }
         if self.device == BenchDevice::Cuda {
-            if self.state || self.elastic || self.ops.is_some() {
-                return Err(
-                    "--device cuda measures blocking all-reduces: drop --state, --elastic and -m"
-                        .into(),
-                );
-            }
             if let Err(why) = concord::cuda_status() {
                 return Err(format!(
                     "--device cuda: CUDA is not available here: {why} (run without --device \
@@ -222,6 +225,9 @@ impl BenchArgs {
         }
         if self.in_place {
             a.push("--in-place".into());
+        }
+        if self.device == BenchDevice::Emulated {
+            a.extend(["--device".into(), "emulated".into()]);
         }
         if self.device == BenchDevice::Cuda {
             a.extend([
@@ -396,8 +402,15 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
     let mut pool: Vec<Vec<u8>> = Vec::new();
     let cuda = match args.device {
         BenchDevice::Cuda => Some(crate::device::open(args.cuda_device)?),
-        BenchDevice::Cpu => None,
+        BenchDevice::Cpu | BenchDevice::Emulated => None,
     };
+    if leader && args.device == BenchDevice::Emulated {
+        let _ = writeln!(
+            out,
+            "# device buffers: EMULATED (host memory standing in for a GPU; a test of the device \
+             pipeline, not a measurement)"
+        );
+    }
     if let (true, Some(ctx)) = (leader, &cuda) {
         let _ = writeln!(out, "# device buffers: {}", crate::device::describe(ctx));
     }
@@ -455,10 +468,14 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
                 }
                 tag += 1;
                 let start = Instant::now();
-                let r = if args.in_place {
-                    comm.all_reduce_raw(None, dst, dtype, op, tag, None)
-                } else {
-                    comm.all_reduce_raw(Some(src), dst, dtype, op, tag, None)
+                let emulated = args.device == BenchDevice::Emulated;
+                let r = match (args.in_place, emulated) {
+                    (true, false) => comm.all_reduce_raw(None, dst, dtype, op, tag, None),
+                    (false, false) => comm.all_reduce_raw(Some(src), dst, dtype, op, tag, None),
+                    (true, true) => comm.all_reduce_emulated_device(None, dst, dtype, op, tag),
+                    (false, true) => {
+                        comm.all_reduce_emulated_device(Some(src), dst, dtype, op, tag)
+                    }
                 };
                 let elapsed = start.elapsed();
                 r.map_err(|e| format!("all-reduce of {bytes} bytes: {e}"))?;
