@@ -147,8 +147,8 @@ impl Queue {
     /// others until the queue is synchronised.
     unsafe fn d2h(&self, dst: &mut [u8], src: u64, during: &str) -> Result<(), String> {
         match &self.0 {
-            // SAFETY: the caller's contract.
             Some(s) => {
+                // SAFETY: the caller's contract.
                 unsafe { result::memcpy_dtoh_async(dst, src, s.cu_stream()) }.map_err(cuda(during))
             }
             None => {
@@ -166,8 +166,8 @@ impl Queue {
     /// until the queue is synchronised.
     unsafe fn h2d(&self, dst: u64, src: &[u8], during: &str) -> Result<(), String> {
         match &self.0 {
-            // SAFETY: the caller's contract.
             Some(s) => {
+                // SAFETY: the caller's contract.
                 unsafe { result::memcpy_htod_async(dst, src, s.cu_stream()) }.map_err(cuda(during))
             }
             None => {
