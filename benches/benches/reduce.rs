@@ -3,7 +3,8 @@
 //!
 //! The plain id measures the process-wide path (what the engine uses; `CONCORD_KERNELS` can
 //! force it); ids ending in `/{path}` measure every other path this CPU has, the scalar one
-//! included, for comparison.
+//! included, for comparison. `plain-loop/float/{bytes}` is the machine's yardstick in the same
+//! run: the plain `dst[i] += src[i]` loop, auto-vectorised.
 //!
 //! Run: `cargo bench -p concord-benches --bench reduce`.
 
@@ -64,7 +65,40 @@ fn reduce(c: &mut Criterion) {
             }
         }
     }
+    // The machine's own yardstick, measured in the same run: the plain loop a C compiler would
+    // emit for `dst[i] += src[i]` over f32 (auto-vectorised with AVX-512 where the CPU has it).
+    for bytes in SIZES_BYTES {
+        let src = vec![0.25f32; bytes / 4];
+        let mut dst = vec![1.0f32; bytes / 4];
+        group.throughput(Throughput::BytesDecimal(2 * bytes as u64));
+        let id = BenchmarkId::from_parameter(format!("plain-loop/float/{bytes}"));
+        group.bench_function(id, |b| {
+            b.iter(|| plain_add(black_box(&mut dst), black_box(&src)))
+        });
+    }
     group.finish();
+}
+
+/// `dst[i] += src[i]`, as plain as it gets.
+fn plain_add(dst: &mut [f32], src: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512 F (checked just above).
+            return unsafe { plain_add_avx512(dst, src) };
+        }
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d += *s;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn plain_add_avx512(dst: &mut [f32], src: &[f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d += *s;
+    }
 }
 
 criterion_group!(benches, reduce);

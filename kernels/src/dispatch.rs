@@ -89,24 +89,29 @@ pub enum CpuPath {
     /// too). Never chosen automatically: on the development machine it was no faster than the
     /// integer rounding of `avx512`; force it with `CONCORD_KERNELS=avx512bf16`.
     Avx512Bf16,
+    /// The AVX-512 path computing f16 sums and products natively with AVX512-FP16 (32 lanes per
+    /// instruction, the same bits); chosen automatically where the CPU has it.
+    Avx512Fp16,
 }
 
 impl CpuPath {
     /// Every path, from the most portable to the widest.
-    pub const ALL: [CpuPath; 4] = [
+    pub const ALL: [CpuPath; 5] = [
         CpuPath::Scalar,
         CpuPath::Avx2,
         CpuPath::Avx512,
         CpuPath::Avx512Bf16,
+        CpuPath::Avx512Fp16,
     ];
 
-    /// `"scalar"`, `"avx2"`, `"avx512"` or `"avx512bf16"`.
+    /// `"scalar"`, `"avx2"`, `"avx512"`, `"avx512bf16"` or `"avx512fp16"`.
     pub fn name(self) -> &'static str {
         match self {
             CpuPath::Scalar => "scalar",
             CpuPath::Avx2 => "avx2",
             CpuPath::Avx512 => "avx512",
             CpuPath::Avx512Bf16 => "avx512bf16",
+            CpuPath::Avx512Fp16 => "avx512fp16",
         }
     }
 
@@ -117,6 +122,7 @@ impl CpuPath {
             CpuPath::Avx2 => cpu::avx2_missing(),
             CpuPath::Avx512 => cpu::avx512_missing(),
             CpuPath::Avx512Bf16 => cpu::avx512_bf16_missing(),
+            CpuPath::Avx512Fp16 => cpu::avx512_fp16_missing(),
         }
     }
 
@@ -133,10 +139,10 @@ impl CpuPath {
             .collect()
     }
 
-    /// The path chosen when none is forced: the widest of `avx512`, `avx2`, `scalar` this CPU
-    /// can run.
+    /// The path chosen when none is forced: the widest of `avx512fp16`, `avx512`, `avx2`,
+    /// `scalar` this CPU can run.
     pub fn best() -> CpuPath {
-        [CpuPath::Avx512, CpuPath::Avx2]
+        [CpuPath::Avx512Fp16, CpuPath::Avx512, CpuPath::Avx2]
             .into_iter()
             .find(|p| p.is_supported())
             .unwrap_or(CpuPath::Scalar)

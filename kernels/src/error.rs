@@ -54,7 +54,7 @@ pub enum KernelError {
         available: String,
     },
     /// `CONCORD_KERNELS` (or a path name given to `CpuPath::from_str`) is not a known path.
-    #[error("unknown CPU kernel path {input:?} (from {source_name}); valid values: scalar, avx2, avx512, avx512bf16")]
+    #[error("unknown CPU kernel path {input:?} (from {source_name}); valid values: scalar, avx2, avx512, avx512bf16, avx512fp16")]
     UnknownPath {
         /// What was given.
         input: String,

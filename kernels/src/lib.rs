@@ -40,10 +40,12 @@
 //! # Paths
 //!
 //! `scalar` (portable, the reference), `avx2` (AVX2 + F16C), `avx512` (AVX-512 F/BW/VL + F16C)
-//! and `avx512bf16` (`avx512` narrowing bf16 with AVX512-BF16; only when forced, as it measured
-//! no faster). The widest of scalar/avx2/avx512 the CPU supports is chosen at the first call and
-//! cached; `CONCORD_KERNELS=scalar|avx2|avx512|avx512bf16` forces one, and a forced path the CPU
-//! lacks makes every call fail with [`KernelError::PathUnsupported`]. [`cpu_path`] names the path
+//! `avx512bf16` (`avx512` narrowing bf16 with AVX512-BF16; only when forced, as it measured
+//! no faster) and `avx512fp16` (`avx512` with f16 sums and products computed natively by
+//! AVX512-FP16, the same bits). The widest of scalar/avx2/avx512/avx512fp16 the CPU supports is
+//! chosen at the first call and cached; `CONCORD_KERNELS=scalar|avx2|avx512|avx512bf16|avx512fp16`
+//! forces one, and a forced path the CPU lacks makes every call fail with
+//! [`KernelError::PathUnsupported`]. [`cpu_path`] names the path
 //! that runs.
 //! The [`cuda`] module holds the same kernels for NVIDIA GPUs, compiled at run time by NVRTC.
 

@@ -79,7 +79,7 @@ fn forced_path_that_is_missing_is_refused_clearly() {
         }
     }
     assert!(Kernels::new(CpuPath::Scalar).is_ok());
-    assert!(["scalar", "avx2", "avx512"].contains(&cpu_path()));
+    assert!(["scalar", "avx2", "avx512", "avx512fp16"].contains(&cpu_path()));
 }
 
 #[test]

@@ -66,7 +66,10 @@ fn unknown_path_is_refused_with_the_valid_names() {
         out.contains("unknown CPU kernel path \"avx9000\" (from CONCORD_KERNELS)"),
         "{out}"
     );
-    assert!(out.contains("scalar, avx2, avx512, avx512bf16"), "{out}");
+    assert!(
+        out.contains("scalar, avx2, avx512, avx512bf16, avx512fp16"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -84,6 +84,25 @@ fn every_16_bit_float_pattern() {
     }
 }
 
+/// f16 sums and products (computed natively by `avx512fp16`, in f32 then rounded elsewhere):
+/// every f16 pattern meets 256 partners spread over the whole space, so every exponent
+/// distance, sign mix, subnormal, overflow edge and NaN is paired many times.
+#[test]
+fn f16_sum_and_prod_every_pattern_against_256_partners() {
+    let all: Vec<u16> = (0..=u16::MAX).collect();
+    let a: Vec<u8> = all.iter().flat_map(|h| h.to_ne_bytes()).collect();
+    for k in 0..256usize {
+        let b: Vec<u8> = all
+            .iter()
+            .map(|h| h.wrapping_add((k * 257 + 1) as u16))
+            .flat_map(|h| h.to_ne_bytes())
+            .collect();
+        for op in [ReduceOp::Sum, ReduceOp::Prod] {
+            assert_paths_agree(DType::F16, op, &a, &b, 2);
+        }
+    }
+}
+
 /// f32 values whose f16/bf16 narrowing is delicate: ties, subnormal results, overflow edges,
 /// reached through the Avg division (f32 quotient of a rounded sum).
 #[test]

@@ -68,6 +68,18 @@ pub(crate) fn avx512_bf16_missing() -> Vec<&'static str> {
     missing
 }
 
+/// The CPU features the AVX-512 + AVX512-FP16 path needs that this CPU lacks.
+pub(crate) fn avx512_fp16_missing() -> Vec<&'static str> {
+    let mut missing = avx512_missing();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !std::arch::is_x86_feature_detected!("avx512fp16") {
+            missing.push("avx512fp16");
+        }
+    }
+    missing
+}
+
 /// The function table of `path`. The caller has checked that the CPU supports it.
 pub(crate) fn fns(path: CpuPath) -> &'static PathFns {
     match path {
@@ -78,7 +90,9 @@ pub(crate) fn fns(path: CpuPath) -> &'static PathFns {
         CpuPath::Avx512 => &x86_64::avx512::FNS,
         #[cfg(target_arch = "x86_64")]
         CpuPath::Avx512Bf16 => &x86_64::avx512_bf16::FNS,
+        #[cfg(target_arch = "x86_64")]
+        CpuPath::Avx512Fp16 => &x86_64::avx512_fp16::FNS,
         #[cfg(not(target_arch = "x86_64"))]
-        CpuPath::Avx2 | CpuPath::Avx512 | CpuPath::Avx512Bf16 => &scalar::FNS,
+        CpuPath::Avx2 | CpuPath::Avx512 | CpuPath::Avx512Bf16 | CpuPath::Avx512Fp16 => &scalar::FNS,
     }
 }
