@@ -170,6 +170,8 @@ pub struct ReduceInfo {
     pub epoch: u64,
     /// Bytes this peer sent and received on the ring.
     pub traffic: Traffic,
+    /// For device buffers: where this peer's time went, stage by stage.
+    pub device: Option<crate::gpu::DeviceStages>,
 }
 
 /// Tagged buffers, as [`Communicator::all_reduce_many_with_retry`] takes and gives back.

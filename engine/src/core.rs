@@ -282,6 +282,7 @@ impl Inner {
             seq,
             epoch,
             traffic: launch.traffic,
+            device: None,
         })
     }
 

@@ -26,8 +26,9 @@
 //! pipeline on machines without a GPU; users never get it by accident (it is a hidden entry point).
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 use concord_kernels::cuda::cudarc::driver::{
     result, CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
@@ -461,6 +462,34 @@ pub(crate) struct DeviceOp {
     ready: OnceLock<Option<CudaEvent>>,
     /// Every copy this collective queued has completed (nothing may touch the mirror).
     settled: AtomicBool,
+    /// Per-stage time, summed over the threads (see [`DeviceStages`]).
+    input_wait_ns: AtomicU64,
+    reduce_ns: AtomicU64,
+    reduce_frames: AtomicU64,
+    copy_ns: AtomicU64,
+    copy_frames: AtomicU64,
+}
+
+/// Where a device collective's time went on this peer, summed over its threads: compare each
+/// with the collective's wall time to see how much of the GPU work hid behind the network.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeviceStages {
+    /// TX threads waiting for step 0's input to arrive in host memory (device → mirror).
+    pub input_wait: Duration,
+    /// RX threads waiting for the GPU on reduce-scatter frames (host → device, reduction,
+    /// device → mirror), and how many frames.
+    pub gpu_reduce: Duration,
+    /// Reduce-scatter frames reduced on the GPU.
+    pub reduce_frames: u64,
+    /// RX threads queueing all-gather frames to the device and waiting for them at the end.
+    pub gather_copies: Duration,
+    /// All-gather frames copied to the device.
+    pub copy_frames: u64,
+}
+
+fn add_ns(counter: &AtomicU64, since: Instant) {
+    counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
 }
 
 impl std::fmt::Debug for DeviceOp {
@@ -511,6 +540,11 @@ impl DeviceOp {
             mirror: Some(mirror),
             ready: OnceLock::new(),
             settled: AtomicBool::new(false),
+            input_wait_ns: AtomicU64::new(0),
+            reduce_ns: AtomicU64::new(0),
+            reduce_frames: AtomicU64::new(0),
+            copy_ns: AtomicU64::new(0),
+            copy_frames: AtomicU64::new(0),
         })
     }
 
@@ -545,8 +579,27 @@ impl DeviceOp {
             .map_err(|_| "internal error: a device collective's input was staged twice".to_string())
     }
 
+    /// Where this collective's time went so far.
+    pub(crate) fn stages(&self) -> DeviceStages {
+        let ns = |c: &AtomicU64| Duration::from_nanos(c.load(Ordering::Relaxed));
+        DeviceStages {
+            input_wait: ns(&self.input_wait_ns),
+            gpu_reduce: ns(&self.reduce_ns),
+            reduce_frames: self.reduce_frames.load(Ordering::Relaxed),
+            gather_copies: ns(&self.copy_ns),
+            copy_frames: self.copy_frames.load(Ordering::Relaxed),
+        }
+    }
+
     /// Blocks until the staged input is in the mirror (TX, before step 0).
     pub(crate) fn input_ready(&self) -> Result<(), String> {
+        let start = Instant::now();
+        let r = self.wait_input();
+        add_ns(&self.input_wait_ns, start);
+        r
+    }
+
+    fn wait_input(&self) -> Result<(), String> {
         match self.ready.get() {
             Some(Some(ev)) => ev
                 .synchronize()
@@ -570,6 +623,19 @@ impl DeviceOp {
     /// All-gather: `mirror[range]` holds final bytes; queues their copy to the device. With
     /// `last` (this connection's last receive of the collective), waits for the lane's stream.
     pub(crate) fn copy_in(
+        &self,
+        lane: &LaneGuard,
+        range: Range<usize>,
+        last: bool,
+    ) -> Result<(), String> {
+        let start = Instant::now();
+        let r = self.copy_in_timed(lane, range, last);
+        add_ns(&self.copy_ns, start);
+        self.copy_frames.fetch_add(1, Ordering::Relaxed);
+        r
+    }
+
+    fn copy_in_timed(
         &self,
         lane: &LaneGuard,
         range: Range<usize>,
@@ -603,6 +669,19 @@ impl DeviceOp {
     /// `dst[range] = src[range] op frame` on the GPU (divided by `finish` for Avg when given) and
     /// copies the result into `mirror[range]`. Returns once the mirror holds it.
     pub(crate) fn reduce(
+        &self,
+        lane: &LaneGuard,
+        range: Range<usize>,
+        finish: Option<usize>,
+    ) -> Result<(), String> {
+        let start = Instant::now();
+        let r = self.reduce_timed(lane, range, finish);
+        add_ns(&self.reduce_ns, start);
+        self.reduce_frames.fetch_add(1, Ordering::Relaxed);
+        r
+    }
+
+    fn reduce_timed(
         &self,
         lane: &LaneGuard,
         range: Range<usize>,
@@ -732,12 +811,16 @@ impl LaneGuard {
 
 /// Ends a device collective: on success waits for its last copies; on failure restores an
 /// in-place input. A CUDA error on the way wins over success and joins a failure's message.
-pub(crate) fn conclude<T>(
+pub(crate) fn conclude(
     device: &DeviceOp,
-    result: Result<T, crate::Error>,
-) -> Result<T, crate::Error> {
+    result: Result<crate::ReduceInfo, crate::Error>,
+) -> Result<crate::ReduceInfo, crate::Error> {
     match result {
-        Ok(info) => device.settle().map(|()| info).map_err(crate::Error::Cuda),
+        Ok(mut info) => {
+            device.settle().map_err(crate::Error::Cuda)?;
+            info.device = Some(device.stages());
+            Ok(info)
+        }
         Err(e) => match device.restore() {
             Ok(()) => Err(e),
             Err(cuda) => {

@@ -424,6 +424,7 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
         let mut times = Vec::with_capacity(args.iters);
         let mut cpu_s = 0.0;
         let mut wrong = 0u64;
+        let mut stages = crate::device::StageSums::default();
         for it in 0..args.warmup + args.iters {
             let iter_id = ((size_index as u64) << 32) | it as u64;
             let timed = it >= args.warmup;
@@ -444,7 +445,11 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
                 let start = Instant::now();
                 let r = gpu.all_reduce(&comm, args.in_place, dtype, op, tag);
                 let elapsed = start.elapsed();
-                r.map_err(|e| format!("all-reduce of {bytes} bytes in device memory: {e}"))?;
+                let info =
+                    r.map_err(|e| format!("all-reduce of {bytes} bytes in device memory: {e}"))?;
+                if timed {
+                    stages.add(elapsed, info.device);
+                }
                 if checked {
                     gpu.download(dst)?;
                     check::reference(dtype, op, world, iter_id, &mut want[..bytes]);
@@ -478,7 +483,10 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
                     }
                 };
                 let elapsed = start.elapsed();
-                r.map_err(|e| format!("all-reduce of {bytes} bytes: {e}"))?;
+                let info = r.map_err(|e| format!("all-reduce of {bytes} bytes: {e}"))?;
+                if timed && emulated {
+                    stages.add(elapsed, info.device);
+                }
                 if checked {
                     check::reference(dtype, op, world, iter_id, &mut want[..bytes]);
                     wrong += check::count_wrong(dtype, dst, &want[..bytes]);
@@ -546,6 +554,10 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
                 row.p90_us,
                 row.cpu_s_per_gb
             );
+            let _ = out.flush();
+        }
+        if leader && args.device != BenchDevice::Cpu {
+            let _ = writeln!(out, "{}", stages.line());
             let _ = out.flush();
         }
         rows.push(row);

@@ -1,6 +1,7 @@
 //! `concord bench --device cuda`: the benchmark's buffers in GPU memory.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use concord::gpu::cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use concord::{Communicator, DType, ReduceInfo, ReduceOp};
@@ -86,5 +87,48 @@ impl Buffers {
             .memcpy_dtoh(&self.dst, dst)
             .map_err(err("copying the result to the host"))?;
         self.stream.synchronize().map_err(err("downloading"))
+    }
+}
+
+/// Per-stage times of the timed iterations on this peer (`ReduceInfo::device`), summed.
+#[derive(Debug, Default)]
+pub(crate) struct StageSums {
+    iters: u32,
+    wall: Duration,
+    input_wait: Duration,
+    gpu_reduce: Duration,
+    reduce_frames: u64,
+    gather: Duration,
+    copy_frames: u64,
+}
+
+impl StageSums {
+    pub(crate) fn add(&mut self, wall: Duration, stages: Option<concord::gpu::DeviceStages>) {
+        let Some(s) = stages else { return };
+        self.iters += 1;
+        self.wall += wall;
+        self.input_wait += s.input_wait;
+        self.gpu_reduce += s.gpu_reduce;
+        self.reduce_frames += s.reduce_frames;
+        self.gather += s.gather_copies;
+        self.copy_frames += s.copy_frames;
+    }
+
+    /// One comment line: per-iteration means on this peer. GPU stages summed over its threads
+    /// that are well below the wall time ran hidden behind the network.
+    pub(crate) fn line(&self) -> String {
+        let n = self.iters.max(1);
+        let us = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(n);
+        format!(
+            "#   stages on rank 0, mean per iteration: wall {:.1} us | TX waiting for the input \
+             (device -> host) {:.1} us | RX waiting for the GPU on reduce-scatter frames {:.1} us \
+             ({} frames) | all-gather copies to the device {:.1} us ({} frames)",
+            us(self.wall),
+            us(self.input_wait),
+            us(self.gpu_reduce),
+            self.reduce_frames / u64::from(n),
+            us(self.gather),
+            self.copy_frames / u64::from(n),
+        )
     }
 }
