@@ -306,17 +306,7 @@ impl Inner {
             self.config.sub_chunk_bytes,
         );
         let op = Arc::new(
-            Op::new(
-                tag,
-                seq,
-                plan,
-                l.dtype,
-                l.op,
-                l.src,
-                l.dst,
-                self.config.conns_per_neighbour,
-            )
-            .with_device(l.device.clone()),
+            Op::new(tag, seq, plan, l.dtype, l.op, l.src, l.dst).with_device(l.device.clone()),
         );
         l.running = Some((seq, world, epoch, Arc::clone(&op)));
         if let Some(device) = &l.device {
@@ -325,7 +315,7 @@ impl Inner {
             } else {
                 // Step 0 sends this peer's own chunk: only that one needs the host.
                 let c = plan_chunk_bytes(&op.plan, op.plan.send_chunk(0));
-                device.stage_input(c)
+                device.stage_input(c, op.copy_recvs())
             };
             if let Err(e) = staged {
                 g.proto.collective_finished(tag, seq, Err(e));

@@ -26,7 +26,7 @@
 //! pipeline on machines without a GPU; users never get it by accident (it is a hidden entry point).
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -239,6 +239,9 @@ pub(crate) struct Gpu {
     /// Input staging and in-place backups, in launch order.
     stage: Queue,
     lanes: Mutex<Vec<Arc<Mutex<Lane>>>>,
+    /// The lanes' streams, to wait for without taking a lane (an RX thread may hold its lane
+    /// while it blocks on its socket).
+    lane_streams: Mutex<Vec<Arc<CudaStream>>>,
     lane_bytes: usize,
     mirrors: Mutex<Vec<HostMem>>,
 }
@@ -260,6 +263,7 @@ impl Gpu {
             cuda: Some(Cuda { ctx, kernels }),
             stage: Queue(Some(stage)),
             lanes: Mutex::new(Vec::new()),
+            lane_streams: Mutex::new(Vec::new()),
             lane_bytes,
             mirrors: Mutex::new(Vec::new()),
         })
@@ -271,6 +275,7 @@ impl Gpu {
             cuda: None,
             stage: Queue(None),
             lanes: Mutex::new(Vec::new()),
+            lane_streams: Mutex::new(Vec::new()),
             lane_bytes,
             mirrors: Mutex::new(Vec::new()),
         }
@@ -304,6 +309,10 @@ impl Gpu {
             let lane = match self.ctx() {
                 Some(ctx) => {
                     let stream = ctx.new_stream().map_err(cuda("creating a stream"))?;
+                    self.lane_streams
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(Arc::clone(&stream));
                     // SAFETY: scratch is always written (host → device) before it is read.
                     let scratch = unsafe { stream.alloc::<u8>(self.lane_bytes.max(1)) }
                         .map_err(cuda("allocating device scratch"))?;
@@ -322,6 +331,20 @@ impl Gpu {
             lanes.push(Arc::new(Mutex::new(lane)));
         }
         Ok(Arc::clone(&lanes[i]))
+    }
+
+    /// Waits for every lane's stream.
+    fn sync_lanes(&self) -> Result<(), String> {
+        let streams = self
+            .lane_streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for s in streams {
+            s.synchronize()
+                .map_err(cuda("copying received chunks to the device"))?;
+        }
+        Ok(())
     }
 
     fn alloc(&self, len: usize) -> Result<DevMem, String> {
@@ -460,6 +483,9 @@ pub(crate) struct DeviceOp {
     mirror: Option<HostMem>,
     /// Set once the copy of step 0's input into the mirror is queued (with its event on a GPU).
     ready: OnceLock<Option<CudaEvent>>,
+    /// All-gather frames still to copy to the device; the one that brings it to zero waits for
+    /// every lane's stream (frames go to whichever connection is free, so to any lane).
+    copies_left: AtomicUsize,
     /// Every copy this collective queued has completed (nothing may touch the mirror).
     settled: AtomicBool,
     /// Per-stage time, summed over the threads (see [`DeviceStages`]).
@@ -539,6 +565,7 @@ impl DeviceOp {
             backup,
             mirror: Some(mirror),
             ready: OnceLock::new(),
+            copies_left: AtomicUsize::new(usize::MAX),
             settled: AtomicBool::new(false),
             input_wait_ns: AtomicU64::new(0),
             reduce_ns: AtomicU64::new(0),
@@ -554,9 +581,11 @@ impl DeviceOp {
         self.mirror.as_ref().expect("held until drop").raw()
     }
 
-    /// Queues the copy of the input's `range` (bytes) into the mirror and records `ready`.
-    /// Called once the ring plan is known; never blocks on a GPU.
-    pub(crate) fn stage_input(&self, range: Range<usize>) -> Result<(), String> {
+    /// Queues the copy of the input's `range` (bytes) into the mirror and records `ready`;
+    /// `copies` all-gather frames will follow. Called once the ring plan is known; never
+    /// blocks on a GPU.
+    pub(crate) fn stage_input(&self, range: Range<usize>, copies: usize) -> Result<(), String> {
+        self.copies_left.store(copies, Ordering::Release);
         self.gpu.bind()?;
         if !range.is_empty() {
             let mirror = self.mirror();
@@ -620,27 +649,18 @@ impl DeviceOp {
         })
     }
 
-    /// All-gather: `mirror[range]` holds final bytes; queues their copy to the device. With
-    /// `last` (this connection's last receive of the collective), waits for the lane's stream.
-    pub(crate) fn copy_in(
-        &self,
-        lane: &LaneGuard,
-        range: Range<usize>,
-        last: bool,
-    ) -> Result<(), String> {
+    /// All-gather: `mirror[range]` holds final bytes; queues their copy to the device. The
+    /// collective's last such frame waits for every lane, so that when the data plane reports
+    /// the collective done, every copy is.
+    pub(crate) fn copy_in(&self, lane: &LaneGuard, range: Range<usize>) -> Result<(), String> {
         let start = Instant::now();
-        let r = self.copy_in_timed(lane, range, last);
+        let r = self.copy_in_timed(lane, range);
         add_ns(&self.copy_ns, start);
         self.copy_frames.fetch_add(1, Ordering::Relaxed);
         r
     }
 
-    fn copy_in_timed(
-        &self,
-        lane: &LaneGuard,
-        range: Range<usize>,
-        last: bool,
-    ) -> Result<(), String> {
+    fn copy_in_timed(&self, lane: &LaneGuard, range: Range<usize>) -> Result<(), String> {
         let lane = lane.lock();
         self.gpu.bind()?;
         // An in-place destination is written only after its backup was taken.
@@ -659,8 +679,9 @@ impl DeviceOp {
                 "copying a received chunk to the device",
             )?
         };
-        if last {
-            lane.queue.sync("copying received chunks to the device")?;
+        drop(lane);
+        if self.copies_left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.gpu.sync_lanes()?;
         }
         Ok(())
     }

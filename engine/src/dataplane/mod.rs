@@ -82,6 +82,15 @@ impl Shared {
         }
     }
 
+    /// Wakes the TX threads that may send `op`'s frames (only the first for an unstriped one).
+    fn wake_tx_for(&self, op: &Op) {
+        if op.striped {
+            self.wake_tx();
+        } else if let Some(t) = self.tx_threads.get().and_then(|v| v.first()) {
+            t.unpark();
+        }
+    }
+
     fn finish(&self, op: &Op, result: Result<Traffic, String>) {
         self.report(op, result, false);
     }
@@ -212,11 +221,11 @@ impl DataPlane {
             if let Some(why) = &r.failure {
                 return Err(why.clone());
             }
-            r.ops.push(op);
+            r.ops.push(Arc::clone(&op));
             r.generation += 1;
         }
         self.shared.registry_cv.notify_all();
-        self.shared.wake_tx();
+        self.shared.wake_tx_for(&op);
         Ok(())
     }
 
@@ -292,14 +301,24 @@ fn tx_loop(s: &Shared, conn: usize, mut stream: DataStream) {
 }
 
 fn send_one(s: &Shared, op: &Op, conn: usize, stream: &mut DataStream) -> Result<TrySend, String> {
-    let Some((k, t, j)) = op.next_send(conn) else {
-        return Ok(TrySend::Idle);
-    };
-    if !op.send_ready(t, j) {
+    if conn > 0 && !op.striped {
         return Ok(TrySend::Idle);
     }
     let Some(busy) = op.enter() else {
         return Ok(TrySend::Idle);
+    };
+    // Dynamic striping: whichever TX thread is free claims the next ready send, so a slow
+    // connection carries fewer frames instead of setting the pace.
+    let (t, j) = loop {
+        let Some((k, t, j)) = op.next_send() else {
+            return Ok(TrySend::Idle);
+        };
+        if !op.send_ready(t, j) {
+            return Ok(TrySend::Idle);
+        }
+        if op.claim_send(k) {
+            break (t, j);
+        }
     };
     if let (0, Some(device)) = (t, &op.device) {
         // Step 0 sends the input, which is on its way from the device to the mirror.
@@ -333,7 +352,7 @@ fn send_one(s: &Shared, op: &Op, conn: usize, stream: &mut DataStream) -> Result
         .write_frame(&header, payload)
         .map_err(|e| format!("sending to ring successor {}: {e}", s.next_id))?;
     drop(busy);
-    if op.sent(conn, k, (HEADER_BYTES + header.len as usize) as u64) {
+    if op.sent((HEADER_BYTES + header.len as usize) as u64) {
         s.finish(op, Ok(op.traffic()));
     }
     Ok(TrySend::Sent)
@@ -407,13 +426,17 @@ fn recv_one(
     } else {
         0..0
     };
-    if !valid || m != op.expected_recv(conn) || h.len as usize != range.len() {
+    if !valid || h.len as usize != range.len() {
         return Err(format!(
-            "ring predecessor {from} sent step {t} sub-chunk {j} ({} bytes) of collective {}, expected receive {} of {} bytes",
+            "ring predecessor {from} sent step {t} sub-chunk {j} ({} bytes) of collective {}, which has no such frame of that size",
             h.len,
             h.tag,
-            op.expected_recv(conn),
-            range.len()
+        ));
+    }
+    if !op.claim_recv(m) {
+        return Err(format!(
+            "ring predecessor {from} sent step {t} sub-chunk {j} of collective {} twice",
+            h.tag
         ));
     }
     let Some(busy) = op.enter() else {
@@ -434,7 +457,6 @@ fn recv_one(
     if let Some(device) = &op.device {
         let len = range.len();
         let finish = (kind == RecvKind::ReduceFinish).then_some(plan.world);
-        let last = op.last_recv_on(m);
         let outcome = match device.lane(conn) {
             Err(why) => {
                 stream.discard(len).map_err(io)?;
@@ -442,7 +464,7 @@ fn recv_one(
             }
             Ok(lane) if kind == RecvKind::Copy => {
                 stream.read_exact(out).map_err(io)?;
-                device.copy_in(&lane, range.clone(), last)
+                device.copy_in(&lane, range.clone())
             }
             Ok(lane) => {
                 lane.receive(len, |buf| stream.read_exact(buf))
@@ -488,8 +510,8 @@ fn recv_one(
         }
     }
     drop(busy);
-    let done = op.received(conn, m, (HEADER_BYTES + range.len()) as u64);
-    s.wake_tx();
+    let done = op.received(m, (HEADER_BYTES + range.len()) as u64);
+    s.wake_tx_for(&op);
     if done {
         s.finish(&op, Ok(op.traffic()));
     }

@@ -47,6 +47,12 @@ impl RawBuf {
     }
 }
 
+/// Collectives with fewer sends per step than this (on average) use one connection: below
+/// about four sub-chunks per step, striping cost more in wake-ups than it gained (measured with
+/// `concord bench --local 2`: at 1 MiB one connection took 516 µs, two 630 µs; at 64 MiB two
+/// gave 1.91-1.97 GB/s, one 1.37-1.57).
+pub(crate) const STRIPE_MIN_SENDS_PER_STEP: usize = 4;
+
 #[derive(Debug, Default)]
 struct Gate {
     retired: bool,
@@ -66,12 +72,16 @@ pub(crate) struct Op {
     /// Device buffers: `src` and `dst` are then both the pinned mirror, and the device side
     /// does the reductions (see `crate::gpu`).
     pub(crate) device: Option<Arc<DeviceOp>>,
-    conns: usize,
     send_prefix: Vec<usize>,
     pub(crate) recv_prefix: Vec<usize>,
     pub(crate) recv_done: Box<[AtomicBool]>,
-    send_next: Box<[AtomicUsize]>,
-    recv_next: Box<[AtomicUsize]>,
+    /// Receives whose frame arrived (on whichever connection): a second copy is refused.
+    recv_claimed: Box<[AtomicBool]>,
+    /// The next send, claimed by whichever TX thread is free (dynamic striping).
+    send_next: AtomicUsize,
+    /// Whether the sends are striped over every connection, or (a small collective, for which
+    /// more threads only add wake-ups) all go over the first.
+    pub(crate) striped: bool,
     left: AtomicUsize,
     reported: AtomicBool,
     pub(crate) failed: AtomicBool,
@@ -105,9 +115,7 @@ impl Op {
         op: ReduceOp,
         src: RawBuf,
         dst: RawBuf,
-        conns: usize,
     ) -> Self {
-        assert!(conns >= 1);
         assert_eq!(src.len, plan.count * plan.elem_bytes);
         assert_eq!(dst.len, src.len);
         let steps = plan.steps();
@@ -128,10 +136,10 @@ impl Op {
             src,
             dst,
             device: None,
-            conns,
             recv_done: (0..recvs).map(|_| AtomicBool::new(false)).collect(),
-            send_next: (0..conns).map(AtomicUsize::new).collect(),
-            recv_next: (0..conns).map(AtomicUsize::new).collect(),
+            recv_claimed: (0..recvs).map(|_| AtomicBool::new(false)).collect(),
+            send_next: AtomicUsize::new(0),
+            striped: sends >= STRIPE_MIN_SENDS_PER_STEP * steps.max(1),
             left: AtomicUsize::new(sends + recvs),
             send_prefix,
             recv_prefix,
@@ -150,9 +158,10 @@ impl Op {
         self
     }
 
-    /// Whether receive `m` on connection `conn` is that connection's last of the operation.
-    pub(crate) fn last_recv_on(&self, m: usize) -> bool {
-        m + self.conns >= *self.recv_prefix.last().expect("non-empty")
+    /// How many receives are all-gather copies (steps `world - 1` and later).
+    pub(crate) fn copy_recvs(&self) -> usize {
+        let world = self.plan.world;
+        self.recv_prefix[self.plan.steps()] - self.recv_prefix[world.saturating_sub(1)]
     }
 
     /// Whether there is nothing to move (one peer, or no elements).
@@ -201,14 +210,21 @@ impl Op {
         (t, k - prefix[t])
     }
 
-    /// The next send on connection `conn`: `Some((k, step, sub))`, or `None` when all are sent.
-    pub(crate) fn next_send(&self, conn: usize) -> Option<(usize, usize, usize)> {
-        let k = self.send_next[conn].load(Ordering::Relaxed);
+    /// The next send not yet claimed: `Some((k, step, sub))`, or `None` when all are taken.
+    pub(crate) fn next_send(&self) -> Option<(usize, usize, usize)> {
+        let k = self.send_next.load(Ordering::Acquire);
         if k >= *self.send_prefix.last().expect("non-empty") {
             return None;
         }
         let (t, j) = Self::locate(&self.send_prefix, k);
         Some((k, t, j))
+    }
+
+    /// Claims send `k` for the calling TX thread; false if another one took it first.
+    pub(crate) fn claim_send(&self, k: usize) -> bool {
+        self.send_next
+            .compare_exchange(k, k + 1, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
     }
 
     /// Whether send `(t, j)` has its input: always at step 0, else once the matching receive of
@@ -217,22 +233,20 @@ impl Op {
         t == 0 || self.recv_done[self.recv_prefix[t - 1] + j].load(Ordering::Acquire)
     }
 
-    /// Records that send `k` on `conn` went out. Returns true when this finished the operation.
-    pub(crate) fn sent(&self, conn: usize, k: usize, bytes: u64) -> bool {
-        self.send_next[conn].store(k + self.conns, Ordering::Relaxed);
+    /// Records that a claimed send went out. Returns true when this finished the operation.
+    pub(crate) fn sent(&self, bytes: u64) -> bool {
         self.sent.fetch_add(bytes, Ordering::Relaxed);
         self.left.fetch_sub(1, Ordering::AcqRel) == 1
     }
 
-    /// The receive number expected next on `conn`.
-    pub(crate) fn expected_recv(&self, conn: usize) -> usize {
-        self.recv_next[conn].load(Ordering::Relaxed)
+    /// Claims receive `m` for the frame that just arrived; false if it arrived before.
+    pub(crate) fn claim_recv(&self, m: usize) -> bool {
+        !self.recv_claimed[m].swap(true, Ordering::AcqRel)
     }
 
-    /// Records receive `m` on `conn`. Returns true when this finished the operation.
-    pub(crate) fn received(&self, conn: usize, m: usize, bytes: u64) -> bool {
+    /// Records receive `m`. Returns true when this finished the operation.
+    pub(crate) fn received(&self, m: usize, bytes: u64) -> bool {
         self.recv_done[m].store(true, Ordering::Release);
-        self.recv_next[conn].store(m + self.conns, Ordering::Relaxed);
         self.received.fetch_add(bytes, Ordering::Relaxed);
         self.left.fetch_sub(1, Ordering::AcqRel) == 1
     }
@@ -272,7 +286,7 @@ mod loom_models {
             ptr: buf.as_mut_ptr(),
             len: 8,
         };
-        Op::new(1, 1, plan, DType::F32, ReduceOp::Sum, raw, raw, 1)
+        Op::new(1, 1, plan, DType::F32, ReduceOp::Sum, raw, raw)
     }
 
     /// A thread inside a busy guard never overlaps the owner's use after `retire_and_wait`.
@@ -311,7 +325,7 @@ mod loom_models {
             let rx = loom::thread::spawn(move || {
                 // SAFETY (model): written before the release store of the flag.
                 cell2.with_mut(|p| unsafe { *p = 42 });
-                op2.received(0, 0, 4);
+                op2.received(0, 4);
             });
             if op.send_ready(1, 0) {
                 // SAFETY (model): the acquire load in send_ready orders this after RX's write.
@@ -320,5 +334,54 @@ mod loom_models {
             }
             rx.join().unwrap();
         });
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    fn op_over(buf: &mut [u8]) -> Op {
+        // Two peers, 64 f32 in sub-chunks of 4: step 0 sends 8 sub-chunks of this peer's chunk.
+        let plan = RingPlan::new(2, 0, 64, 4, 16);
+        let raw = RawBuf {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+        };
+        Op::new(1, 1, plan, DType::F32, ReduceOp::Sum, raw, raw)
+    }
+
+    /// Striping is dynamic: a TX thread stuck on send 0 (a slow connection) does not hold back
+    /// the others, which claim every later ready send, each exactly once.
+    #[test]
+    fn a_stuck_sender_does_not_hold_the_other_connections_back() {
+        let mut buf = vec![0u8; 256];
+        let op = op_over(&mut buf);
+        let (k0, t0, _) = op.next_send().expect("a first send");
+        assert!(
+            op.send_ready(t0, 0) && op.claim_send(k0),
+            "the slow thread takes send 0"
+        );
+        // The fast thread takes everything step 0 has left; the slow one never finishes.
+        let mut fast = Vec::new();
+        while let Some((k, t, j)) = op.next_send() {
+            if !op.send_ready(t, j) {
+                break;
+            }
+            assert!(op.claim_send(k));
+            assert!(!op.claim_send(k), "a send is claimed once");
+            fast.push(k);
+        }
+        assert_eq!(fast, (1..8).collect::<Vec<_>>());
+        // Step 1 waits for the matching receives of step 0, from whichever connection.
+        let (_, t, j) = op.next_send().expect("step 1 remains");
+        assert_eq!((t, j), (1, 0));
+        assert!(!op.send_ready(t, j));
+        assert!(
+            op.claim_recv(0) && !op.claim_recv(0),
+            "a frame is received once"
+        );
+        op.received(0, 16);
+        assert!(op.send_ready(1, 0));
     }
 }

@@ -76,8 +76,8 @@ pub(crate) struct BenchArgs {
     /// Default: CONCORD_TRANSPORT, else auto.
     #[arg(long)]
     pub(crate) transport: Option<concord::BackendChoice>,
-    /// Connections per ring neighbour.
-    #[arg(long, default_value_t = 1)]
+    /// Connections per ring neighbour (sub-chunks go to whichever is free).
+    #[arg(long, default_value_t = 2)]
     pub(crate) conns: usize,
     /// Sub-chunk size (the unit of pipelining).
     #[arg(long, default_value = "512K", value_parser = parse_size)]
