@@ -663,6 +663,7 @@ impl Communicator {
             self.inner.launch(
                 mirror,
                 mirror,
+                None,
                 Some(Arc::clone(&device)),
                 dtype,
                 op,
@@ -683,31 +684,28 @@ impl Communicator {
         timeout: Option<Duration>,
     ) -> Result<ReduceInfo, Error> {
         let timeout = timeout.unwrap_or(self.inner.config.op_timeout);
-        // In place: reduce from a copy of the input, which also restores it on failure.
-        let backup: Option<Vec<u8>> = src.is_none().then(|| {
-            let mut b = self.inner.take_backup(dst.len());
-            b.copy_from_slice(dst);
-            b
-        });
-        let src = src.or(backup.as_deref()).expect("one of them");
-        let src_raw = RawBuf {
-            ptr: src.as_ptr() as *mut u8,
-            len: src.len(),
-        };
+        // In place: each range's original is saved to a pooled backup just before the data
+        // plane first writes it, and put back if the collective fails.
+        let mut backup: Option<Vec<u8>> = src.is_none().then(|| self.inner.take_backup(dst.len()));
         let dst_raw = RawBuf {
             ptr: dst.as_mut_ptr(),
             len: dst.len(),
         };
+        let src_raw = src.map_or(dst_raw, |s| RawBuf {
+            ptr: s.as_ptr() as *mut u8,
+            len: s.len(),
+        });
+        let backup_raw = backup.as_mut().map(|b| RawBuf {
+            ptr: b.as_mut_ptr(),
+            len: b.len(),
+        });
         // SAFETY: `src`, `dst` and `backup` outlive this call, which returns only through
-        // `complete`, after the data plane released them.
+        // `complete`, after the data plane released them (and restored `dst` on failure).
         unsafe {
             self.inner
-                .launch(src_raw, dst_raw, None, dtype, op, tag, timeout)?
+                .launch(src_raw, dst_raw, backup_raw, None, dtype, op, tag, timeout)?
         };
         let result = self.inner.complete(tag);
-        if let (Err(_), Some(original)) = (&result, &backup) {
-            dst.copy_from_slice(original);
-        }
         if let Some(b) = backup {
             self.inner.give_backup(b);
         }

@@ -26,6 +26,8 @@ use crate::Error;
 pub(crate) struct Launch {
     src: RawBuf,
     dst: RawBuf,
+    /// In place (`src` is `dst`): where each range's original goes before its first write.
+    backup: Option<RawBuf>,
     /// Device buffers: `src` and `dst` are the device side's pinned mirror.
     device: Option<Arc<DeviceOp>>,
     dtype: DType,
@@ -141,15 +143,20 @@ impl Inner {
 
     /// Starts a collective: backpressure on the in-flight limit, then the vote.
     ///
+    /// In place, `src` is `dst` and `backup` a buffer of the same size (contents unspecified)
+    /// that receives each range's original just before its first write; a failure puts the
+    /// saved ranges back, so the caller gets its input again.
+    ///
     /// # Safety
-    /// `src` and `dst` (and the device buffers of `device`) must stay alive, and untouched by
-    /// the caller, until [`Inner::complete`] returned for this tag (or forever, if it never
-    /// does).
+    /// `src`, `dst`, `backup` (and the device buffers of `device`) must stay alive, and
+    /// untouched by the caller, until [`Inner::complete`] returned for this tag (or forever, if
+    /// it never does).
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn launch(
         &self,
         src: RawBuf,
         dst: RawBuf,
+        backup: Option<RawBuf>,
         device: Option<Arc<DeviceOp>>,
         dtype: DType,
         op: ReduceOp,
@@ -175,6 +182,7 @@ impl Inner {
         let launch = Launch {
             src,
             dst,
+            backup,
             device,
             dtype,
             op,
@@ -276,6 +284,11 @@ impl Inner {
                 drop(plane);
                 op.retire_and_wait(Duration::from_secs(3600));
             }
+            if outcome.is_err() {
+                // SAFETY: retired and idle: no data-plane thread touches the buffers any more,
+                // and the caller's contract keeps them alive until this returns.
+                unsafe { op.restore_saved() };
+            }
         }
         outcome.map(|()| ReduceInfo {
             world,
@@ -306,7 +319,9 @@ impl Inner {
             self.config.sub_chunk_bytes,
         );
         let op = Arc::new(
-            Op::new(tag, seq, plan, l.dtype, l.op, l.src, l.dst).with_device(l.device.clone()),
+            Op::new(tag, seq, plan, l.dtype, l.op, l.src, l.dst)
+                .with_device(l.device.clone())
+                .with_backup(l.backup),
         );
         l.running = Some((seq, world, epoch, Arc::clone(&op)));
         if let Some(device) = &l.device {
@@ -330,9 +345,15 @@ impl Inner {
             // Nothing to move: the result is the input (divided by one for avg).
             let _busy = op.enter();
             // SAFETY: the launch's buffers are alive (launch contract) and no other thread has
-            // this op; src and dst are distinct buffers.
-            let (src, dst) = unsafe { (l.src.slice(0..l.src.len), l.dst.slice_mut(0..l.dst.len)) };
-            dst.copy_from_slice(src);
+            // this op; src and dst are distinct buffers, or the same one (in place: no copy).
+            let dst = unsafe {
+                if l.src.ptr != l.dst.ptr {
+                    l.dst
+                        .slice_mut(0..l.dst.len)
+                        .copy_from_slice(l.src.slice(0..l.src.len));
+                }
+                l.dst.slice_mut(0..l.dst.len)
+            };
             let r = concord_kernels::finish(dst, l.dtype, l.op, 1).map_err(|e| e.to_string());
             g.proto.collective_finished(tag, seq, r);
             return;

@@ -84,8 +84,8 @@ impl PeerProbe<'_> {
 /// The buffers of one async collective, owned by its handle until it is over.
 #[derive(Debug)]
 enum Buffers<T> {
-    /// `backup` holds the input's bytes (from the communicator's pool): the reduction reads it
-    /// and a failure restores `buf` from it.
+    /// `backup` (from the communicator's pool) receives each range's original just before the
+    /// data plane first writes it; a failure puts the saved ranges back (in the core).
     InPlace {
         buf: Vec<T>,
         backup: Vec<u8>,
@@ -193,12 +193,11 @@ impl<'c> Collectives<'c> {
         self.launch(self.in_place(buf), op, tag, Some(timeout))
     }
 
-    /// The in-place buffers of `buf`: a copy of its bytes in a pooled backup.
+    /// The in-place buffers of `buf`, with a pooled backup (filled lazily by the data plane).
     fn in_place<T: Element>(&self, buf: Vec<T>) -> Buffers<T> {
-        let mut backup = self
+        let backup = self
             .inner
             .take_backup(std::mem::size_of_val(buf.as_slice()));
-        backup.copy_from_slice(bytemuck::cast_slice(&buf));
         Buffers::InPlace { buf, backup }
     }
 
@@ -220,9 +219,12 @@ impl<'c> Collectives<'c> {
         tag: u64,
         timeout: Option<Duration>,
     ) -> Handle<'c, T> {
-        let (src, dst) = match &mut buffers {
-            Buffers::InPlace { buf, backup } => (raw(backup.as_slice()), raw_mut(buf)),
-            Buffers::OutOfPlace { src, dst } => (raw(src), raw_mut(dst)),
+        let (src, dst, backup) = match &mut buffers {
+            Buffers::InPlace { buf, backup } => {
+                let dst = raw_mut(buf);
+                (dst, dst, Some(raw_mut(backup)))
+            }
+            Buffers::OutOfPlace { src, dst } => (raw(src), raw_mut(dst), None),
         };
         let launch_error = if src.len != dst.len {
             Some(Error::InvalidArgument(format!(
@@ -233,7 +235,11 @@ impl<'c> Collectives<'c> {
             let timeout = timeout.unwrap_or(self.inner.config.op_timeout);
             // SAFETY: the vectors' heap memory does not move when the handle moves; the handle
             // keeps them until `complete` released them, and a leaked handle leaks them.
-            unsafe { self.inner.launch(src, dst, None, dtype, op, tag, timeout) }.err()
+            unsafe {
+                self.inner
+                    .launch(src, dst, backup, None, dtype, op, tag, timeout)
+            }
+            .err()
         };
         Handle {
             inner: Arc::clone(&self.inner),
@@ -274,6 +280,7 @@ impl<'c> Collectives<'c> {
                     self.inner.launch(
                         mirror,
                         mirror,
+                        None,
                         Some(Arc::clone(&device)),
                         T::DTYPE,
                         op,
@@ -380,10 +387,8 @@ impl<T: Element> Handle<'_, T> {
     fn finish(&mut self, result: Result<ReduceInfo, Error>) -> Completion<T> {
         let buffers = self.buffers.take().expect("finished once");
         let out = match buffers {
-            Buffers::InPlace { mut buf, backup } => {
-                if result.is_err() {
-                    bytemuck::cast_slice_mut::<T, u8>(&mut buf).copy_from_slice(&backup);
-                }
+            Buffers::InPlace { buf, backup } => {
+                // On failure the core already put the input back.
                 self.inner.give_backup(backup);
                 buf
             }

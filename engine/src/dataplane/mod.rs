@@ -442,6 +442,13 @@ fn recv_one(
     let Some(busy) = op.enter() else {
         return stream.discard(h.len as usize).map_err(io);
     };
+    // In place, the range's original goes to the backup before the first write below (a
+    // failure puts it back). Device collectives keep their own backup.
+    // SAFETY: inside a busy guard; this RX thread is the only writer of the range now.
+    let mine = op
+        .device
+        .is_none()
+        .then(|| unsafe { op.original(plan.recv_chunk(t), j) });
     // SAFETY: inside a busy guard; this RX thread is the only writer of receive `m`'s range, and
     // the TX thread reads it only after the flag set below.
     let out = unsafe { op.dst.slice_mut(range.clone()) };
@@ -484,8 +491,7 @@ fn recv_one(
     } else {
         stream.read_staged(staging, range.len()).map_err(io)?;
         let staged = &staging[..range.len()];
-        // SAFETY: inside a busy guard; nobody writes the input.
-        let mine = unsafe { op.src.slice(range.clone()) };
+        let mine = mine.expect("a host collective");
         let reduce = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             if injected_panic_tag() == Some(op.tag) {
                 panic!("injected fault: CONCORD_FAULT_PANIC_TAG={}", op.tag);

@@ -72,6 +72,12 @@ pub(crate) struct Op {
     /// Device buffers: `src` and `dst` are then both the pinned mirror, and the device side
     /// does the reductions (see `crate::gpu`).
     pub(crate) device: Option<Arc<DeviceOp>>,
+    /// In place (`src` is `dst`): each range's original goes here before its first write.
+    pub(crate) backup: Option<RawBuf>,
+    /// Per (chunk, sub-chunk) range: its original is in `backup`.
+    saved: Box<[AtomicBool]>,
+    /// Ranges before chunk `c`, to index `saved`.
+    chunk_prefix: Vec<usize>,
     send_prefix: Vec<usize>,
     pub(crate) recv_prefix: Vec<usize>,
     pub(crate) recv_done: Box<[AtomicBool]>,
@@ -136,6 +142,11 @@ impl Op {
             src,
             dst,
             device: None,
+            backup: None,
+            saved: Box::new([]),
+            chunk_prefix: (0..=plan.world)
+                .map(|c| (0..c).map(|d| plan.subs(d)).sum())
+                .collect(),
             recv_done: (0..recvs).map(|_| AtomicBool::new(false)).collect(),
             recv_claimed: (0..recvs).map(|_| AtomicBool::new(false)).collect(),
             send_next: AtomicUsize::new(0),
@@ -156,6 +167,70 @@ impl Op {
     pub(crate) fn with_device(mut self, device: Option<Arc<DeviceOp>>) -> Self {
         self.device = device;
         self
+    }
+
+    /// In place: `backup` (as long as `dst`) receives each range's original before the range
+    /// is first written, and [`Op::restore_saved`] puts the saved ranges back.
+    pub(crate) fn with_backup(mut self, backup: Option<RawBuf>) -> Self {
+        if let Some(b) = backup {
+            assert_eq!(b.len, self.dst.len);
+            assert_eq!(
+                self.src.ptr, self.dst.ptr,
+                "an in-place collective reads its output"
+            );
+            let ranges = *self.chunk_prefix.last().expect("non-empty");
+            self.saved = (0..ranges).map(|_| AtomicBool::new(false)).collect();
+            self.backup = Some(b);
+        }
+        self
+    }
+
+    /// In place: copies the original of sub-chunk `j` of chunk `c` to the backup unless that
+    /// was done already. Returns the range's original bytes (the backup's copy, or the input
+    /// itself out of place).
+    ///
+    /// # Safety
+    /// Inside a busy guard, by the one thread about to write that range; nobody writes it
+    /// meanwhile (the ring schedule hands each range to one receive at a time).
+    pub(crate) unsafe fn original(&self, c: usize, j: usize) -> &[u8] {
+        let range = self.plan.sub_bytes(c, j);
+        let Some(backup) = &self.backup else {
+            // SAFETY: out of place, nobody writes the input.
+            return unsafe { self.src.slice(range) };
+        };
+        let i = self.chunk_prefix[c] + j;
+        if !self.saved[i].swap(true, Ordering::AcqRel) {
+            // SAFETY: the caller's contract: the range is not written by anyone else now, and
+            // this is its first write (the flag was clear).
+            unsafe {
+                backup
+                    .slice_mut(range.clone())
+                    .copy_from_slice(self.dst.slice(range.clone()))
+            };
+        }
+        // SAFETY: saved above or by an earlier writer of this range; never written again.
+        unsafe { backup.slice(range) }
+    }
+
+    /// After a failure: puts every saved range back. Ranges never saved were never written.
+    ///
+    /// # Safety
+    /// The operation is retired and idle (no thread touches its buffers), and they are alive.
+    pub(crate) unsafe fn restore_saved(&self) {
+        let Some(backup) = &self.backup else { return };
+        for c in 0..self.plan.world {
+            for j in 0..self.plan.subs(c) {
+                if self.saved[self.chunk_prefix[c] + j].load(Ordering::Acquire) {
+                    let range = self.plan.sub_bytes(c, j);
+                    // SAFETY: the caller's contract; backup and dst are distinct buffers.
+                    unsafe {
+                        self.dst
+                            .slice_mut(range.clone())
+                            .copy_from_slice(backup.slice(range))
+                    };
+                }
+            }
+        }
     }
 
     /// How many receives are all-gather copies (steps `world - 1` and later).
