@@ -333,7 +333,7 @@ impl Communicator {
 
     /// Whether peers are waiting to join: a cheap unanimous vote, so that every member gets the
     /// same answer and calls [`Communicator::update_topology`] together. It may run while async
-    /// collectives are in flight (see [`PeerProbe`]).
+    /// collectives are in flight (see [`PeerProbe`](crate::PeerProbe)).
     pub fn are_new_peers_pending(&self) -> Result<bool, Error> {
         pending_vote(&self.inner)
     }
@@ -890,9 +890,9 @@ impl Communicator {
         Err((give_back(&order, done, todo), e))
     }
 
-    /// Splits the communicator for async collectives: a [`Collectives`] that may move to
-    /// another thread to launch and await them, and a [`PeerProbe`] that stays on this thread and
-    /// may only ask [`PeerProbe::are_new_peers_pending`]. Both borrow the communicator, so
+    /// Splits the communicator for async collectives: a [`Collectives`](crate::Collectives) that may move to
+    /// another thread to launch and await them, and a [`PeerProbe`](crate::PeerProbe) that stays on this thread and
+    /// may only ask [`PeerProbe::are_new_peers_pending`](crate::PeerProbe::are_new_peers_pending). Both borrow the communicator, so
     /// `update_topology` (which takes `&mut self`) waits until they, and every handle, are gone.
     ///
     /// ```compile_fail
