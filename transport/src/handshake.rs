@@ -2,8 +2,9 @@
 //!
 //! The connecting side (a peer dialling its ring successor) sends a [`DataHello`]; the accepting
 //! side checks the version, the ring epoch, who is calling and the per-epoch ring secret that the
-//! master handed to the members of the ring, then answers with a 16-byte reply (magic, version, [`HelloStatus`]; see [`write_reply`]). A
-//! connection that fails any check is answered with the reason code and closed, so an
+//! master handed to the members of the ring, then answers with a 16-byte reply (magic,
+//! version, [`HelloStatus`]; see [`write_reply`]). A connection that fails any check is
+//! answered with the reason code and closed, so an
 //! unauthorised or stale dialler can never feed data into a collective.
 //!
 //! Hello layout (little endian, 48 bytes):
