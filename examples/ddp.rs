@@ -4,7 +4,12 @@
 //! ```text
 //! cargo run --release --example ddp -- --local 3           # master + 3 peer processes
 //! cargo run --release --example ddp -- --master HOST:PORT   # one peer of a running master
+//! cargo run --release --example ddp -- --local 2 --device cuda   # gradients all-reduced in GPU memory
 //! ```
+//!
+//! With `--device cuda` each step's gradients go to a `cudarc` device buffer and are averaged
+//! there with `all_reduce_device_in_place` (in a real trainer they would already be on the GPU);
+//! without CUDA it stops with the reason.
 //!
 //! Each peer draws its own batch (its data shard), computes gradients, and all-reduces them with
 //! `avg` together with its loss; every peer applies the same update, so every peer prints the same
@@ -23,7 +28,16 @@ use mlp::{Mlp, Rng};
 
 const LR: f32 = 0.05;
 
-fn peer(master: &str, world: usize, steps: usize) -> Result<(), String> {
+fn peer(master: &str, world: usize, steps: usize, cuda: bool) -> Result<(), String> {
+    let gpu = if cuda {
+        concord::cuda_status()
+            .map_err(|why| format!("--device cuda: CUDA is not available: {why}"))?;
+        let ctx = concord::gpu::cudarc::driver::CudaContext::new(0)
+            .map_err(|e| format!("opening CUDA device 0: {e}"))?;
+        Some(ctx.default_stream())
+    } else {
+        None
+    };
     let mut comm = Communicator::builder(master)
         .connect()
         .map_err(|e| e.to_string())?;
@@ -50,8 +64,18 @@ fn peer(master: &str, world: usize, steps: usize) -> Result<(), String> {
         let (xs, ys) = rng.batch();
         let loss = model.loss_grad(&xs, &ys, &mut buf[..Mlp::LEN]);
         buf[Mlp::LEN] = loss;
-        comm.all_reduce_in_place(&mut buf, ReduceOp::Avg, step as u64)
-            .map_err(|e| e.to_string())?;
+        match &gpu {
+            None => comm
+                .all_reduce_in_place(&mut buf, ReduceOp::Avg, step as u64)
+                .map(drop)
+                .map_err(|e| e.to_string())?,
+            Some(stream) => {
+                let mut grads = stream.clone_htod(&buf).map_err(|e| e.to_string())?;
+                comm.all_reduce_device_in_place(&mut grads, ReduceOp::Avg, step as u64)
+                    .map_err(|e| e.to_string())?;
+                buf = stream.clone_dtoh(&grads).map_err(|e| e.to_string())?;
+            }
+        }
         for (p, g) in model.p.iter_mut().zip(&buf[..Mlp::LEN]) {
             *p -= LR * g;
         }
@@ -61,7 +85,11 @@ fn peer(master: &str, world: usize, steps: usize) -> Result<(), String> {
     Ok(())
 }
 
-fn launch_local(n: usize, steps: usize) -> Result<(), String> {
+fn launch_local(n: usize, steps: usize, cuda: bool) -> Result<(), String> {
+    if cuda {
+        concord::cuda_status()
+            .map_err(|why| format!("--device cuda: CUDA is not available: {why}"))?;
+    }
     let server =
         concord_master::server::Server::bind("127.0.0.1:0".parse().unwrap(), Default::default())
             .map_err(|e| e.to_string())?;
@@ -78,6 +106,8 @@ fn launch_local(n: usize, steps: usize) -> Result<(), String> {
                     &n.to_string(),
                     "--steps",
                     &steps.to_string(),
+                    "--device",
+                    if cuda { "cuda" } else { "cpu" },
                 ])
                 .stdout(Stdio::piped())
                 .spawn()
@@ -120,18 +150,30 @@ fn main() -> ExitCode {
     let steps = get("--steps").map_or(Ok(200), |s| {
         s.parse::<usize>().map_err(|e| format!("--steps {s}: {e}"))
     });
-    let result = steps.and_then(|steps| match (get("--local"), get("--master")) {
-        (Some(n), None) => n
-            .parse::<usize>()
-            .map_err(|e| format!("--local {n}: {e}"))
-            .and_then(|n| launch_local(n, steps)),
-        (None, Some(m)) => {
-            let world = get("--world").map_or(Ok(1), |w| {
-                w.parse::<usize>().map_err(|e| format!("--world {w}: {e}"))
-            });
-            world.and_then(|w| peer(&m, w, steps))
+    let cuda = match get("--device").as_deref() {
+        None | Some("cpu") => Ok(false),
+        Some("cuda") => Ok(true),
+        Some(other) => Err(format!("--device {other}: give cpu or cuda")),
+    };
+    let result = steps.and_then(|steps| {
+        let cuda = cuda?;
+        match (get("--local"), get("--master")) {
+            (Some(n), None) => n
+                .parse::<usize>()
+                .map_err(|e| format!("--local {n}: {e}"))
+                .and_then(|n| launch_local(n, steps, cuda)),
+            (None, Some(m)) => {
+                let world = get("--world").map_or(Ok(1), |w| {
+                    w.parse::<usize>().map_err(|e| format!("--world {w}: {e}"))
+                });
+                world.and_then(|w| peer(&m, w, steps, cuda))
+            }
+            _ => Err(
+                "usage: ddp --local N | --master HOST:PORT [--world N] [--steps S] \
+                 [--device cpu|cuda]"
+                    .into(),
+            ),
         }
-        _ => Err("usage: ddp --local N | --master HOST:PORT [--world N] [--steps S]".into()),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
