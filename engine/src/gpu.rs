@@ -222,7 +222,10 @@ impl Queue {
 /// One connection's device resources: a stream, a pinned receive buffer and device scratch.
 struct Lane {
     queue: Queue,
-    host: HostMem,
+    /// Two receive buffers: the next frame is read into one while the GPU copies the other.
+    host: [HostMem; 2],
+    /// Which of `host` the next frame goes to.
+    slot: usize,
     scratch: DevMem,
 }
 
@@ -318,13 +321,21 @@ impl Gpu {
                         .map_err(cuda("allocating device scratch"))?;
                     Lane {
                         queue: Queue(Some(stream)),
-                        host: HostMem::new(Some(ctx), self.lane_bytes)?,
+                        host: [
+                            HostMem::new(Some(ctx), self.lane_bytes)?,
+                            HostMem::new(Some(ctx), self.lane_bytes)?,
+                        ],
+                        slot: 0,
                         scratch: DevMem::Cuda(scratch),
                     }
                 }
                 None => Lane {
                     queue: Queue(None),
-                    host: HostMem::new(None, self.lane_bytes)?,
+                    host: [
+                        HostMem::new(None, self.lane_bytes)?,
+                        HostMem::new(None, self.lane_bytes)?,
+                    ],
+                    slot: 0,
                     scratch: DevMem::Emulated(vec![0; self.lane_bytes.max(1)]),
                 },
             };
@@ -686,39 +697,58 @@ impl DeviceOp {
         Ok(())
     }
 
-    /// Reduce-scatter: the frame is in the lane's host buffer (`range.len()` bytes); computes
-    /// `dst[range] = src[range] op frame` on the GPU (divided by `finish` for Avg when given) and
-    /// copies the result into `mirror[range]`. Returns once the mirror holds it.
-    pub(crate) fn reduce(
+    /// Reduce-scatter: the frame was just received into the lane's current host buffer
+    /// (`range.len()` bytes); queues host → device, `dst[range] = src[range] op frame` (divided
+    /// by `finish` for Avg when given) and device → `mirror[range]` on the lane's stream, and
+    /// switches the lane to its other host buffer. The returned frame is done (the mirror holds
+    /// the result, the host buffer is free) once [`DeviceOp::reduce_done`] returned for it; the
+    /// caller must do that before receiving the lane's next-but-one frame.
+    pub(crate) fn reduce_async(
         &self,
         lane: &LaneGuard,
         range: Range<usize>,
         finish: Option<usize>,
-    ) -> Result<(), String> {
+    ) -> Result<DeviceFrame, String> {
         let start = Instant::now();
-        let r = self.reduce_timed(lane, range, finish);
+        let r = self.enqueue_reduce(lane, range, finish);
         add_ns(&self.reduce_ns, start);
         self.reduce_frames.fetch_add(1, Ordering::Relaxed);
+        r.map(|event| DeviceFrame { event })
+    }
+
+    /// Waits for a frame queued by [`DeviceOp::reduce_async`].
+    pub(crate) fn reduce_done(&self, frame: DeviceFrame) -> Result<(), String> {
+        let start = Instant::now();
+        let r = match &frame.event {
+            Some(ev) => ev
+                .synchronize()
+                .map_err(cuda("reducing a received chunk on the GPU")),
+            None => Ok(()),
+        };
+        add_ns(&self.reduce_ns, start);
         r
     }
 
-    fn reduce_timed(
+    fn enqueue_reduce(
         &self,
         lane: &LaneGuard,
         range: Range<usize>,
         finish: Option<usize>,
-    ) -> Result<(), String> {
+    ) -> Result<Option<CudaEvent>, String> {
         let mut guard = lane.lock();
         let lane = &mut *guard;
         let len = range.len();
-        assert!(len <= lane.host.len, "a sub-chunk fits the lane buffer");
+        let host = &lane.host[lane.slot];
+        assert!(len <= host.len, "a sub-chunk fits the lane buffer");
         self.gpu.bind()?;
         self.after_ready(&lane.queue)?;
         let scratch = lane.scratch.ptr(&lane.queue);
-        // SAFETY: the lane's host buffer holds `len` received bytes and is not touched until the
-        // synchronisation below (the lane is locked); scratch holds at least `len` bytes.
+        // SAFETY: the host buffer holds `len` received bytes and is not written again until this
+        // frame is done (the next frame goes to the other buffer, and the caller finishes this
+        // one before the one after); scratch holds at least `len` bytes and the stream orders
+        // this copy after the previous frame's kernel.
         unsafe {
-            let frame = std::slice::from_raw_parts(lane.host.ptr, len);
+            let frame = std::slice::from_raw_parts(host.ptr, len);
             lane.queue
                 .h2d(scratch, frame, "copying a received chunk to the device")?;
         }
@@ -741,14 +771,17 @@ impl DeviceOp {
         };
         let mirror = self.mirror();
         // SAFETY: in bounds; this RX thread is the only writer of the range, and TX reads it
-        // only after the flag set once this returns.
+        // only after the flag the caller sets once the frame is done.
         let out = unsafe { mirror.slice_mut(range) };
-        // SAFETY: `dst + off` holds `len` bytes; the queue is synchronised before returning.
+        // SAFETY: `dst + off` holds `len` bytes; the mirror outlives the copy (the frame is
+        // waited for before the collective can end, and a failure waits for the whole context).
         unsafe {
             lane.queue
                 .d2h(out, self.dst + off, "copying a reduced chunk to the host")?
         };
-        lane.queue.sync("reducing a received chunk on the GPU")
+        let event = lane.queue.record()?;
+        lane.slot ^= 1;
+        Ok(event)
     }
 
     /// One peer, or nothing to move: `dst = src` on the device.
@@ -805,6 +838,13 @@ impl Drop for DeviceOp {
     }
 }
 
+/// A reduce-scatter frame whose GPU work is queued (see [`DeviceOp::reduce_async`]).
+#[derive(Debug)]
+pub(crate) struct DeviceFrame {
+    /// Recorded after the copy back to the mirror; `None` on the emulated device (done at once).
+    event: Option<CudaEvent>,
+}
+
 /// A connection's lane, reserved for one received frame.
 pub(crate) struct LaneGuard {
     lane: Arc<Mutex<Lane>>,
@@ -822,10 +862,11 @@ impl LaneGuard {
         read: impl FnOnce(&mut [u8]) -> Result<(), E>,
     ) -> Result<(), E> {
         let lane = self.lock();
-        assert!(len <= lane.host.len, "a sub-chunk fits the lane buffer");
-        // SAFETY: the lane is locked, and its previous copy finished (every use synchronises
-        // its stream before unlocking, except all-gather copies, which read the mirror).
-        let buf = unsafe { std::slice::from_raw_parts_mut(lane.host.ptr, len) };
+        let host = &lane.host[lane.slot];
+        assert!(len <= host.len, "a sub-chunk fits the lane buffer");
+        // SAFETY: the lane is locked, and the last frame received into this buffer is done
+        // (the caller finishes each frame before receiving the lane's next-but-one).
+        let buf = unsafe { std::slice::from_raw_parts_mut(host.ptr, len) };
         read(buf)
     }
 }

@@ -4,6 +4,7 @@
 mod op;
 mod stream;
 
+use op::BusyOwned;
 pub(crate) use op::{Op, RawBuf};
 use stream::{DataStream, Stopper};
 
@@ -19,6 +20,7 @@ use concord_transport::{BackendKind, PinnedBuf, PinnedPool};
 
 use crate::collective::ring::RecvKind;
 use crate::collective::Traffic;
+use crate::gpu::DeviceFrame;
 use crate::links::Links;
 
 /// How many finished (tag, seq) pairs are remembered, to drop their leftover frames.
@@ -388,11 +390,62 @@ fn lookup(s: &Shared, tag: u64, seq: u64) -> Result<Option<Arc<Op>>, String> {
     }
 }
 
+/// A device reduce-scatter frame whose GPU work is still running. Its RX thread receives the
+/// next frame meanwhile (the GPU and the socket overlap), and finishes this one (publishes the
+/// result for TX, counts it) right after, or before it would block on an empty socket: a frame
+/// whose result is unpublished may be what the rest of the ring waits for.
+struct Pending {
+    op: Arc<Op>,
+    busy: BusyOwned,
+    m: usize,
+    bytes: u64,
+    frame: DeviceFrame,
+}
+
+fn finish_pending(s: &Shared, p: Pending) {
+    let Pending {
+        op,
+        busy,
+        m,
+        bytes,
+        frame,
+    } = p;
+    let result = op
+        .device
+        .as_ref()
+        .expect("a device collective")
+        .reduce_done(frame);
+    drop(busy);
+    match result {
+        Err(why) => {
+            op.failed.store(true, Ordering::Release);
+            s.report(&op, Err(why), true);
+        }
+        Ok(()) => {
+            let done = op.received(m, bytes);
+            s.wake_tx_for(&op);
+            if done {
+                s.finish(&op, Ok(op.traffic()));
+            }
+        }
+    }
+}
+
 fn rx_loop(s: &Shared, conn: usize, mut stream: DataStream, mut staging: PinnedBuf) {
+    let mut pending: Option<Pending> = None;
     while !s.failed.load(Ordering::Acquire) {
-        if let Err(e) = recv_one(s, conn, &mut stream, &mut staging) {
+        if pending.is_some() && !stream.readable_now() {
+            finish_pending(s, pending.take().expect("checked"));
+        }
+        if let Err(e) = recv_one(s, conn, &mut stream, &mut staging, &mut pending) {
+            if let Some(p) = pending.take() {
+                finish_pending(s, p);
+            }
             return s.fail(e);
         }
+    }
+    if let Some(p) = pending.take() {
+        finish_pending(s, p);
     }
 }
 
@@ -401,6 +454,7 @@ fn recv_one(
     conn: usize,
     stream: &mut DataStream,
     staging: &mut PinnedBuf,
+    pending: &mut Option<Pending>,
 ) -> Result<(), String> {
     let from = s.prev_id;
     let io = |e: std::io::Error| format!("receiving from ring predecessor {from}: {e}");
@@ -461,6 +515,12 @@ fn recv_one(
         };
         crate::fault::kill_point(phase, Some(op.tag));
     }
+    // Only a device reduce-scatter frame may overtake the pending one.
+    if op.device.is_none() || kind == RecvKind::Copy {
+        if let Some(p) = pending.take() {
+            finish_pending(s, p);
+        }
+    }
     if let Some(device) = &op.device {
         let len = range.len();
         let finish = (kind == RecvKind::ReduceFinish).then_some(plan.world);
@@ -476,7 +536,24 @@ fn recv_one(
             Ok(lane) => {
                 lane.receive(len, |buf| stream.read_exact(buf))
                     .map_err(io)?;
-                device.reduce(&lane, range.clone(), finish)
+                match device.reduce_async(&lane, range.clone(), finish) {
+                    Ok(frame) => {
+                        // The previous frame's host buffer takes the lane's next frame: finish
+                        // it now, while this one's copies and kernel run.
+                        if let Some(p) = pending.take() {
+                            finish_pending(s, p);
+                        }
+                        *pending = Some(Pending {
+                            busy: busy.into_owned(&op),
+                            op: Arc::clone(&op),
+                            m,
+                            bytes: (HEADER_BYTES + len) as u64,
+                            frame,
+                        });
+                        return Ok(());
+                    }
+                    Err(why) => Err(why),
+                }
             }
         };
         if let Err(why) = outcome {

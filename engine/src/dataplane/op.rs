@@ -103,11 +103,27 @@ pub(crate) struct Busy<'a>(&'a Op);
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
-        let mut g = self.0.gate.lock().unwrap_or_else(|p| p.into_inner());
-        g.busy -= 1;
-        if g.busy == 0 {
-            self.0.gate_cv.notify_all();
-        }
+        self.0.leave();
+    }
+}
+
+impl Busy<'_> {
+    /// The same guard, owning its operation (an RX thread keeps it across frames while the
+    /// GPU finishes one).
+    pub(crate) fn into_owned(self, op: &Arc<Op>) -> BusyOwned {
+        assert!(std::ptr::eq(self.0, &**op), "a guard of this operation");
+        std::mem::forget(self);
+        BusyOwned(Arc::clone(op))
+    }
+}
+
+/// A busy guard that owns its operation.
+#[derive(Debug)]
+pub(crate) struct BusyOwned(Arc<Op>);
+
+impl Drop for BusyOwned {
+    fn drop(&mut self) {
+        self.0.leave();
     }
 }
 
@@ -242,6 +258,14 @@ impl Op {
     /// Whether there is nothing to move (one peer, or no elements).
     pub(crate) fn is_empty(&self) -> bool {
         self.left.load(Ordering::Acquire) == 0
+    }
+
+    fn leave(&self) {
+        let mut g = self.gate.lock().unwrap_or_else(|p| p.into_inner());
+        g.busy -= 1;
+        if g.busy == 0 {
+            self.gate_cv.notify_all();
+        }
     }
 
     /// Takes a busy guard unless the operation is retired or failed.

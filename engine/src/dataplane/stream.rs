@@ -102,6 +102,19 @@ impl DataStream {
         }
     }
 
+    /// Whether bytes are waiting in the socket's receive queue (a read would not block).
+    pub(crate) fn readable_now(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            DataStream::Socket(s) => s.as_raw_fd(),
+            DataStream::Uring(u) => u.as_tcp().as_raw_fd(),
+        };
+        let mut queued: libc::c_int = 0;
+        // SAFETY: FIONREAD stores one int for the socket `fd`, which this stream owns.
+        let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut queued) };
+        r == 0 && queued > 0
+    }
+
     /// Registers `pool` as fixed buffers (io_uring); returns why not, if it could not.
     pub(crate) fn register(&mut self, pool: &PinnedPool) -> Option<String> {
         match self {
