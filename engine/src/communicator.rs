@@ -177,6 +177,18 @@ pub struct ReduceInfo {
     pub device: Option<crate::gpu::DeviceStages>,
 }
 
+/// The untyped entry points' check: `dst_len` bytes (and `src_len`, when out of place) hold
+/// whole, equal numbers of `dtype` elements.
+fn check_raw(src_len: Option<usize>, dst_len: usize, dtype: DType) -> Result<(), Error> {
+    if dst_len.is_multiple_of(dtype.size_bytes()) && src_len.is_none_or(|s| s == dst_len) {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument(format!(
+        "buffers of {} and {dst_len} bytes do not hold whole, equal numbers of {dtype} elements",
+        src_len.unwrap_or(dst_len)
+    )))
+}
+
 /// Tagged buffers, as [`Communicator::all_reduce_many_with_retry`] takes and gives back.
 pub type Batch<T> = Vec<(u64, Vec<T>)>;
 
@@ -536,15 +548,7 @@ impl Communicator {
         tag: u64,
         timeout: Option<Duration>,
     ) -> Result<ReduceInfo, Error> {
-        if !dst.len().is_multiple_of(dtype.size_bytes())
-            || src.is_some_and(|s| s.len() != dst.len())
-        {
-            return Err(Error::InvalidArgument(format!(
-                "buffers of {} and {} bytes do not hold whole, equal numbers of {dtype} elements",
-                src.map_or(dst.len(), <[u8]>::len),
-                dst.len()
-            )));
-        }
+        check_raw(src.map(<[u8]>::len), dst.len(), dtype)?;
         self.blocking(src, dst, dtype, op, tag, timeout)
     }
 
@@ -596,15 +600,7 @@ impl Communicator {
         op: ReduceOp,
         tag: u64,
     ) -> Result<ReduceInfo, Error> {
-        if !dst.len().is_multiple_of(dtype.size_bytes())
-            || src.is_some_and(|s| s.len() != dst.len())
-        {
-            return Err(Error::InvalidArgument(format!(
-                "device buffers of {} and {} bytes do not hold whole, equal numbers of {dtype} elements",
-                src.map_or(dst.len(), CudaSlice::len),
-                dst.len()
-            )));
-        }
+        check_raw(src.map(CudaSlice::len), dst.len(), dtype)?;
         let gpu = self.inner.gpu(dst.context())?;
         let s = src
             .map(|s| gpu::device_ptr(&gpu, s))
@@ -628,15 +624,7 @@ impl Communicator {
         op: ReduceOp,
         tag: u64,
     ) -> Result<ReduceInfo, Error> {
-        if !dst.len().is_multiple_of(dtype.size_bytes())
-            || src.is_some_and(|s| s.len() != dst.len())
-        {
-            return Err(Error::InvalidArgument(format!(
-                "buffers of {} and {} bytes do not hold whole, equal numbers of {dtype} elements",
-                src.map_or(dst.len(), <[u8]>::len),
-                dst.len()
-            )));
-        }
+        check_raw(src.map(<[u8]>::len), dst.len(), dtype)?;
         let gpu = self.inner.emulated_gpu();
         let s = src.map(|s| s.as_ptr() as u64);
         let len = dst.len();

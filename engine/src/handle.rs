@@ -355,20 +355,14 @@ impl<T: Element> Handle<'_, T> {
 
     /// Blocks until the collective is over; gives the output buffer back with the outcome.
     pub fn wait(mut self) -> Completion<T> {
-        let result = match self.launch_error.take() {
-            Some(e) => Err(e),
-            None => self.inner.complete(self.tag),
-        };
+        let result = self.outcome().wait();
         self.finish(result)
     }
 
     /// The outcome if the collective is over, or the handle back if not.
     #[allow(clippy::result_large_err)] // Giving the handle back is the point.
     pub fn try_wait(mut self) -> Result<Completion<T>, Self> {
-        if let Some(e) = self.launch_error.take() {
-            return Ok(self.finish(Err(e)));
-        }
-        match self.inner.try_complete(self.tag) {
+        match self.outcome().try_wait() {
             Some(result) => Ok(self.finish(result)),
             None => Err(self),
         }
@@ -378,9 +372,15 @@ impl<T: Element> Handle<'_, T> {
     /// in-place inputs are restored, and the ring stays usable.
     pub fn cancel(&self) {
         if self.launch_error.is_none() {
-            let me = self.inner.lock().proto.peer_id().unwrap_or(0);
-            self.inner
-                .cancel(self.tag, format!("{CANCEL_MARK} by peer {me}"));
+            request_cancel(&self.inner, self.tag);
+        }
+    }
+
+    fn outcome(&mut self) -> Outcome<'_> {
+        Outcome {
+            inner: &self.inner,
+            tag: self.tag,
+            launch_error: &mut self.launch_error,
         }
     }
 
@@ -411,21 +411,10 @@ impl<T: Element> Future for Handle<'_, T> {
     type Output = Completion<T>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if let Some(e) = self.launch_error.take() {
-            return Poll::Ready(self.finish(Err(e)));
-        }
         if self.buffers.is_none() {
             panic!("a concord Handle polled after it completed");
         }
-        if let Some(result) = self.inner.try_complete(self.tag) {
-            return Poll::Ready(self.finish(result));
-        }
-        self.inner.register_waker(self.tag, cx.waker());
-        // The outcome may have landed between the check and the registration: check again.
-        match self.inner.try_complete(self.tag) {
-            Some(result) => Poll::Ready(self.finish(result)),
-            None => Poll::Pending,
-        }
+        self.outcome().poll(cx).map(|result| self.finish(result))
     }
 }
 
@@ -465,20 +454,14 @@ impl<T: DeviceElement> DeviceHandle<'_, T> {
 
     /// Blocks until the collective is over; gives the buffer back with the outcome.
     pub fn wait(mut self) -> DeviceCompletion<T> {
-        let result = match self.launch_error.take() {
-            Some(e) => Err(e),
-            None => self.inner.complete(self.tag),
-        };
+        let result = self.outcome().wait();
         self.finish(result)
     }
 
     /// The outcome if the collective is over, or the handle back if not.
     #[allow(clippy::result_large_err)] // Giving the handle back is the point.
     pub fn try_wait(mut self) -> Result<DeviceCompletion<T>, Self> {
-        if let Some(e) = self.launch_error.take() {
-            return Ok(self.finish(Err(e)));
-        }
-        match self.inner.try_complete(self.tag) {
+        match self.outcome().try_wait() {
             Some(result) => Ok(self.finish(result)),
             None => Err(self),
         }
@@ -487,9 +470,15 @@ impl<T: DeviceElement> DeviceHandle<'_, T> {
     /// Asks every peer to abort this collective (see [`Handle::cancel`]).
     pub fn cancel(&self) {
         if self.launch_error.is_none() {
-            let me = self.inner.lock().proto.peer_id().unwrap_or(0);
-            self.inner
-                .cancel(self.tag, format!("{CANCEL_MARK} by peer {me}"));
+            request_cancel(&self.inner, self.tag);
+        }
+    }
+
+    fn outcome(&mut self) -> Outcome<'_> {
+        Outcome {
+            inner: &self.inner,
+            tag: self.tag,
+            launch_error: &mut self.launch_error,
         }
     }
 
@@ -519,21 +508,56 @@ impl<T: DeviceElement> Future for DeviceHandle<'_, T> {
     type Output = DeviceCompletion<T>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if let Some(e) = self.launch_error.take() {
-            return Poll::Ready(self.finish(Err(e)));
-        }
         if self.buf.is_none() {
             panic!("a concord DeviceHandle polled after it completed");
         }
+        self.outcome().poll(cx).map(|result| self.finish(result))
+    }
+}
+
+impl<T: DeviceElement> Unpin for DeviceHandle<'_, T> {}
+
+/// What both handle kinds share: the collective's outcome, blocking, non-blocking or polled.
+/// `launch_error` is the launch's own failure (taken once).
+struct Outcome<'a> {
+    inner: &'a Inner,
+    tag: u64,
+    launch_error: &'a mut Option<Error>,
+}
+
+impl Outcome<'_> {
+    fn wait(self) -> Result<ReduceInfo, Error> {
+        match self.launch_error.take() {
+            Some(e) => Err(e),
+            None => self.inner.complete(self.tag),
+        }
+    }
+
+    fn try_wait(self) -> Option<Result<ReduceInfo, Error>> {
+        match self.launch_error.take() {
+            Some(e) => Some(Err(e)),
+            None => self.inner.try_complete(self.tag),
+        }
+    }
+
+    fn poll(self, cx: &mut Context<'_>) -> Poll<Result<ReduceInfo, Error>> {
+        if let Some(e) = self.launch_error.take() {
+            return Poll::Ready(Err(e));
+        }
         if let Some(result) = self.inner.try_complete(self.tag) {
-            return Poll::Ready(self.finish(result));
+            return Poll::Ready(result);
         }
         self.inner.register_waker(self.tag, cx.waker());
+        // The outcome may have landed between the check and the registration: check again.
         match self.inner.try_complete(self.tag) {
-            Some(result) => Poll::Ready(self.finish(result)),
+            Some(result) => Poll::Ready(result),
             None => Poll::Pending,
         }
     }
 }
 
-impl<T: DeviceElement> Unpin for DeviceHandle<'_, T> {}
+/// Asks the master to abort `tag` everywhere, naming this peer.
+fn request_cancel(inner: &Inner, tag: u64) {
+    let me = inner.lock().proto.peer_id().unwrap_or(0);
+    inner.cancel(tag, format!("{CANCEL_MARK} by peer {me}"));
+}

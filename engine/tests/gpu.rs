@@ -9,7 +9,9 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{is_peer, join_world, lines_with, spawn_peer, wait_output, MasterProcess};
+use common::{
+    assert_survivors, is_peer, join_world, lines_with, spawn_peer, wait_output, MasterProcess,
+};
 use concord::gpu::cudarc::driver::{CudaContext, CudaSlice};
 use concord::ReduceOp;
 
@@ -180,17 +182,7 @@ fn emulated_device_a_peer_killed_mid_operation_leaves_survivors_buffers_restored
     if is_peer() {
         return;
     }
-    let results = run_peers(3, "kill-emulated", Some(1));
-    for (i, (ok, out)) in results.into_iter().enumerate() {
-        if i == 1 {
-            assert!(!ok, "the killed peer died");
-            continue;
-        }
-        assert!(
-            ok && !lines_with(&out, "RESTORED").is_empty(),
-            "survivor {i}:\n{out}"
-        );
-    }
+    assert_survivors(run_peers(3, "kill-emulated", Some(1)), 1, "RESTORED");
 }
 
 /// A peer process: device all-reduces (blocking, async, shared state), or the kill scenario.
@@ -335,15 +327,5 @@ fn a_peer_killed_mid_operation_leaves_survivors_device_buffers_restored() {
     {
         return;
     }
-    let results = run_peers(3, "kill", Some(1));
-    for (i, (ok, out)) in results.into_iter().enumerate() {
-        if i == 1 {
-            assert!(!ok, "the killed peer died");
-            continue;
-        }
-        assert!(
-            ok && !lines_with(&out, "RESTORED").is_empty(),
-            "survivor {i}:\n{out}"
-        );
-    }
+    assert_survivors(run_peers(3, "kill", Some(1)), 1, "RESTORED");
 }

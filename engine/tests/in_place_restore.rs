@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{is_peer, join_world, lines_with, spawn_peer, wait_output, MasterProcess};
+use common::{assert_survivors, is_peer, join_world, spawn_peer, wait_output, MasterProcess};
 use concord::{DType, ReduceOp};
 
 /// A peer process: one in-place all-reduce of ~4 MB that a killed peer interrupts.
@@ -51,17 +51,11 @@ fn killed_in(phase: &str) {
             spawn_peer("restore_peer", &env)
         })
         .collect();
-    for (i, p) in peers.into_iter().enumerate() {
-        let (ok, out) = wait_output(p, Duration::from_secs(120));
-        if i == 2 {
-            assert!(!ok, "the killed peer died");
-        } else {
-            assert!(
-                ok && !lines_with(&out, "RESTORED").is_empty(),
-                "survivor {i}:\n{out}"
-            );
-        }
-    }
+    let results = peers
+        .into_iter()
+        .map(|p| wait_output(p, Duration::from_secs(120)))
+        .collect();
+    assert_survivors(results, 2, "RESTORED");
 }
 
 #[test]

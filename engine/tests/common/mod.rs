@@ -133,6 +133,21 @@ pub fn thread_count(pid: u32) -> usize {
         .count()
 }
 
+/// Checks peers of which `killed` died on purpose: it failed, every other one succeeded and
+/// printed `marker`.
+pub fn assert_survivors(results: Vec<(bool, String)>, killed: usize, marker: &str) {
+    for (i, (ok, out)) in results.into_iter().enumerate() {
+        if i == killed {
+            assert!(!ok, "the killed peer died");
+        } else {
+            assert!(
+                ok && !lines_with(&out, marker).is_empty(),
+                "survivor {i}:\n{out}"
+            );
+        }
+    }
+}
+
 /// Joins the group at `addr` and waits until `world` peers are in it.
 pub fn join_world(addr: &str, world: usize) -> concord::Communicator {
     let mut comm = concord::Communicator::builder(addr)

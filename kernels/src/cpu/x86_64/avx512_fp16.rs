@@ -79,35 +79,31 @@ unsafe fn run<const OP: u8>(job: &Job) {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512fp16,f16c")]
 fn apply<const OP: u8>(a: __m512i, b: __m512i, nan: __m512i) -> __m512i {
-    let r: __m512i;
-    // SAFETY: register-only instructions of AVX512-FP16 and AVX512-BW, which this function's
-    // target features guarantee; `r` is an early-clobber output distinct from every input.
-    unsafe {
-        if OP == SUM {
-            asm!(
-                "vaddph {r}, {a}, {b}",
-                "vcmpph {k}, {r}, {r}, 3",
-                "vmovdqu16 {r}{{{k}}}, {nan}",
-                r = out(zmm_reg) r,
-                a = in(zmm_reg) a,
-                b = in(zmm_reg) b,
-                nan = in(zmm_reg) nan,
-                k = out(kreg) _,
-                options(pure, nomem, nostack),
-            );
-        } else {
-            asm!(
-                "vmulph {r}, {a}, {b}",
-                "vcmpph {k}, {r}, {r}, 3",
-                "vmovdqu16 {r}{{{k}}}, {nan}",
-                r = out(zmm_reg) r,
-                a = in(zmm_reg) a,
-                b = in(zmm_reg) b,
-                nan = in(zmm_reg) nan,
-                k = out(kreg) _,
-                options(pure, nomem, nostack),
-            );
-        }
+    /// The op, then `vcmpph` (unordered: a NaN lane) and a masked move of the canonical NaN.
+    macro_rules! op_then_canonical_nan {
+        ($op:literal) => {{
+            let r: __m512i;
+            // SAFETY: register-only instructions of AVX512-FP16 and AVX512-BW, which this
+            // function's target features guarantee; `r` is an output distinct from every input.
+            unsafe {
+                asm!(
+                    concat!($op, " {r}, {a}, {b}"),
+                    "vcmpph {k}, {r}, {r}, 3",
+                    "vmovdqu16 {r}{{{k}}}, {nan}",
+                    r = out(zmm_reg) r,
+                    a = in(zmm_reg) a,
+                    b = in(zmm_reg) b,
+                    nan = in(zmm_reg) nan,
+                    k = out(kreg) _,
+                    options(pure, nomem, nostack),
+                )
+            };
+            r
+        }};
     }
-    r
+    if OP == SUM {
+        op_then_canonical_nan!("vaddph")
+    } else {
+        op_then_canonical_nan!("vmulph")
+    }
 }
