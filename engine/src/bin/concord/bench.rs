@@ -90,9 +90,10 @@ pub(crate) struct BenchArgs {
     /// host-memory stand-in for a GPU: for tests, its figures mean nothing.)
     #[arg(long, default_value = "cpu")]
     pub(crate) device: BenchDevice,
-    /// With `--device cuda`: the GPU's ordinal.
-    #[arg(long, default_value_t = 0)]
-    pub(crate) cuda_device: usize,
+    /// With `--device cuda`: the GPU's ordinal. Default: the launcher's local rank
+    /// (`LOCAL_RANK`, else `SLURM_LOCALID`) modulo the GPUs present, else 0.
+    #[arg(long)]
+    pub(crate) cuda_device: Option<usize>,
 }
 
 /// Where `concord bench` keeps its buffers.
@@ -230,12 +231,10 @@ impl BenchArgs {
             a.extend(["--device".into(), "emulated".into()]);
         }
         if self.device == BenchDevice::Cuda {
-            a.extend([
-                "--device".into(),
-                "cuda".into(),
-                "--cuda-device".into(),
-                self.cuda_device.to_string(),
-            ]);
+            a.extend(["--device".into(), "cuda".into()]);
+            if let Some(d) = self.cuda_device {
+                a.extend(["--cuda-device".into(), d.to_string()]);
+            }
         }
         if self.state {
             a.push("--state".into());

@@ -6,9 +6,20 @@ use std::time::Duration;
 use concord::gpu::cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use concord::{Communicator, DType, ReduceInfo, ReduceOp};
 
-/// Opens GPU `ordinal` (after `concord::cuda_status` said CUDA is there).
-pub(crate) fn open(ordinal: usize) -> Result<Arc<CudaContext>, String> {
+/// Opens GPU `ordinal`, or when none is given the one of this process's local rank
+/// (`LOCAL_RANK` from torchrun-style launchers, else Slurm's `SLURM_LOCALID`) modulo the GPUs
+/// present, else GPU 0. Called after `concord::cuda_status` said CUDA is there.
+pub(crate) fn open(ordinal: Option<usize>) -> Result<Arc<CudaContext>, String> {
     let count = CudaContext::device_count().map_err(|e| format!("cuDeviceGetCount: {e}"))?;
+    let local_rank = || {
+        ["LOCAL_RANK", "SLURM_LOCALID"]
+            .iter()
+            .find_map(|v| std::env::var(v).ok()?.trim().parse::<usize>().ok())
+    };
+    let ordinal = match ordinal {
+        Some(o) => o,
+        None => local_rank().map_or(0, |r| r % count.max(1) as usize),
+    };
     if ordinal >= count.max(0) as usize {
         return Err(format!(
             "--cuda-device {ordinal}: this host has {count} CUDA device(s)"
