@@ -40,6 +40,11 @@ pub(crate) struct Launch {
     /// (seq, world, epoch, op) once the master let it go.
     running: Option<(u64, usize, u64, Arc<Op>)>,
     traffic: Traffic,
+    /// When it was launched, let go by the master, and finished by the data plane here (for
+    /// the debug log of where a collective's time went).
+    launched_at: Instant,
+    commenced_at: Option<Instant>,
+    moved_at: Option<Instant>,
 }
 
 pub(crate) struct Shared {
@@ -192,6 +197,9 @@ impl Inner {
             cancelled_at: None,
             running: None,
             traffic: Traffic::default(),
+            launched_at: Instant::now(),
+            commenced_at: None,
+            moved_at: None,
         };
         g.launched.insert(tag, launch);
         flush(&mut g);
@@ -273,6 +281,21 @@ impl Inner {
 
     /// Waits until no thread touches the launch's buffers, then turns the outcome into a result.
     fn release(&self, launch: Launch, outcome: Result<(), Error>) -> Result<ReduceInfo, Error> {
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let us = |a: Instant, b: Option<Instant>| {
+                b.map_or(-1.0, |b| b.saturating_duration_since(a).as_secs_f64() * 1e6)
+            };
+            let c = launch.commenced_at;
+            tracing::debug!(
+                "collective {}: start vote {:.1} us, data {:.1} us, completion vote {:.1} us",
+                launch.count,
+                us(launch.launched_at, c),
+                c.map_or(-1.0, |c| us(c, launch.moved_at)),
+                launch
+                    .moved_at
+                    .map_or(-1.0, |m| us(m, Some(Instant::now()))),
+            );
+        }
         let (seq, world, epoch) = launch
             .running
             .as_ref()
@@ -311,6 +334,7 @@ impl Inner {
         let Some(l) = g.launched.get_mut(&tag) else {
             return;
         };
+        l.commenced_at = Some(Instant::now());
         let plan = RingPlan::new(
             world,
             rank,
@@ -396,6 +420,7 @@ impl Inner {
         let mut g = self.lock();
         if let (Ok(t), Some(l)) = (&result, g.launched.get_mut(&tag)) {
             l.traffic = *t;
+            l.moved_at = Some(Instant::now());
         }
         // Success only moves the collective to its completion vote: nobody waits for that, so
         // nobody is woken (on two cores every spurious wake-up shows in small-message latency).
