@@ -3,6 +3,9 @@
 //! place. Every peer checks against the reference it computes alone, and prints a digest of its
 //! results so that the parent can check all peers hold the same bits.
 
+// Skips are written straight to stderr, past the test harness's capture, so they show.
+use std::io::Write as _;
+
 mod common;
 
 use std::time::Duration;
@@ -79,7 +82,8 @@ fn run_matrix(world: usize, backend: &str) {
     }
     if backend == "uring" {
         if let Err(why) = concord_transport::uring::probe() {
-            eprintln!(
+            let _ =
+                writeln!(std::io::stderr(),
                 "SKIPPED: io_uring unavailable here ({why}); the socket run covers the data path"
             );
             return;

@@ -1,6 +1,9 @@
 //! The `concord` command line: bad input gets a clear error and a non-zero exit, never a panic
 //! or a hang; `info` describes the host; a small `bench --local` runs and checks itself.
 
+// Skips are written straight to stderr, past the test harness's capture, so they show.
+use std::io::Write as _;
+
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -150,7 +153,10 @@ fn striping_over_several_connections_per_neighbour_is_exact() {
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         if transport == "uring" && !out.status.success() && stderr.contains("io_uring") {
-            eprintln!("SKIPPED: io_uring unavailable here: {stderr}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: io_uring unavailable here: {stderr}"
+            );
             continue;
         }
         assert!(out.status.success(), "{transport}: {stdout}\n{stderr}");

@@ -1,6 +1,9 @@
 //! Runs the loom models of the data plane's synchronisation (`dataplane/op.rs`) as part of the
 //! suite: a separate build with `--cfg loom`, in its own target directory.
 
+// Skips are written straight to stderr, past the test harness's capture, so they show.
+use std::io::Write as _;
+
 use std::process::Command;
 
 #[test]
@@ -24,7 +27,10 @@ fn loom_models_of_the_data_plane_hand_offs() {
     let out = match out {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("SKIPPED: cannot run cargo for the loom build ({e})");
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: cannot run cargo for the loom build ({e})"
+            );
             return;
         }
     };

@@ -4,6 +4,9 @@
 //! the lost peer, and they carry on without it. Needs root and iproute2: elsewhere it skips,
 //! saying why.
 
+// Skips are written straight to stderr, past the test harness's capture, so they show.
+use std::io::Write as _;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -112,7 +115,8 @@ fn a_cut_link_is_detected_and_the_survivors_carry_on() {
     let cluster = match Cluster::up(4) {
         Ok(c) => c,
         Err(why) => {
-            eprintln!(
+            let _ = writeln!(
+                std::io::stderr(),
                 "SKIPPED: network namespaces unavailable here (needs root and iproute2): {why}"
             );
             return;

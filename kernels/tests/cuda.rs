@@ -2,6 +2,9 @@
 //! where a GPU is present, every kernel gives the scalar path's bits. Whatever cannot run here
 //! is reported on stderr as "SKIPPED: reason".
 
+// Skips are written straight to stderr, past the test harness's capture, so they show.
+use std::io::Write as _;
+
 mod common;
 
 use std::path::PathBuf;
@@ -21,14 +24,19 @@ fn kernels_compile_with_nvrtc_and_ptxas() {
     {
         Ok(out) => out,
         Err(e) => {
-            eprintln!("SKIPPED: cannot run bash for {}: {e}", script.display());
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: cannot run bash for {}: {e}",
+                script.display()
+            );
             return;
         }
     };
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     if let Some(line) = stdout.lines().find(|l| l.starts_with("SKIP:")) {
-        eprintln!(
+        let _ = writeln!(
+            std::io::stderr(),
             "SKIPPED: CUDA compile check: {}",
             line.trim_start_matches("SKIP:").trim()
         );
@@ -48,6 +56,7 @@ mod gpu {
     use super::common::*;
     use concord_kernels::cuda::CudaKernels;
     use concord_kernels::{CpuPath, DType, Kernels, ReduceOp};
+    use std::io::Write as _;
 
     fn gpu() -> Option<CudaKernels> {
         match CudaKernels::new(0) {
@@ -56,7 +65,7 @@ mod gpu {
                 Some(k)
             }
             Err(e) => {
-                eprintln!("SKIPPED: GPU parity: {e}");
+                let _ = writeln!(std::io::stderr(), "SKIPPED: GPU parity: {e}");
                 None
             }
         }
@@ -136,6 +145,9 @@ mod gpu {
 #[cfg(not(feature = "cuda"))]
 #[test]
 fn gpu_parity_needs_the_cuda_feature() {
-    eprintln!("SKIPPED: GPU parity tests: built without the `cuda` feature (use --features cuda)");
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED: GPU parity tests: built without the `cuda` feature (use --features cuda)"
+    );
     assert!(concord_kernels::cuda::probe().is_err());
 }

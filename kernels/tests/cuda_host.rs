@@ -4,6 +4,9 @@
 //! rules, wrapping, integer division) on machines without a GPU; `tests/cuda.rs` checks the
 //! real thing where a GPU exists. Skips loudly without a C++ compiler.
 
+// Skips are written straight to stderr, past the test harness's capture, so they show.
+use std::io::Write as _;
+
 mod common;
 
 use std::fmt::Write as _;
@@ -134,7 +137,10 @@ fn cuda_source_on_the_host_matches_scalar() {
     let exe = match compile(&dir) {
         Ok(exe) => exe,
         Err(reason) => {
-            eprintln!("SKIPPED: host check of the CUDA source: {reason}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: host check of the CUDA source: {reason}"
+            );
             return;
         }
     };

@@ -2,6 +2,9 @@
 //! a path the CPU lacks, or an unknown name, is refused with a clear error on every call.
 //! Each case runs in a child process, since the choice is cached per process.
 
+// Skips are written straight to stderr, past the test harness's capture, so they show.
+use std::io::Write as _;
+
 use std::process::Command;
 
 use concord_kernels::{cpu_path, reduce_into, CpuPath, DType, Kernels, ReduceOp, PATH_ENV};
@@ -51,7 +54,10 @@ fn every_path_can_be_forced_or_is_refused() {
             );
             assert!(out.contains("RESULT=ok 3"), "{path}: {out}");
         } else {
-            eprintln!("SKIPPED: forcing {path}: not supported on this CPU (checked the refusal)");
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: forcing {path}: not supported on this CPU (checked the refusal)"
+            );
             assert!(out.contains("PATH=refused"), "{path}: {out}");
             assert!(out.contains("not supported on this CPU"), "{path}: {out}");
         }

@@ -1,6 +1,9 @@
 //! Test helpers: a deterministic generator, element codecs and the f64-accumulating oracle.
 #![allow(dead_code, unreachable_pub)]
 
+// Skips are written straight to stderr, past the test harness's capture, so they show.
+use std::io::Write as _;
+
 use concord_kernels::{CpuPath, DType, Kernels, ReduceOp};
 use half::{bf16, f16};
 
@@ -11,7 +14,7 @@ pub fn paths() -> Vec<Kernels> {
         .filter_map(|p| match Kernels::new(p) {
             Ok(k) => Some(k),
             Err(e) => {
-                eprintln!("SKIPPED: path {p}: {e}");
+                let _ = writeln!(std::io::stderr(), "SKIPPED: path {p}: {e}");
                 None
             }
         })

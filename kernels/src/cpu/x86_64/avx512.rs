@@ -302,7 +302,11 @@ mod tests {
     #[ignore = "2^32 inputs; run on purpose in release mode"]
     fn exhaustive_narrowing_matches_scalar() {
         if !crate::CpuPath::Avx512.is_supported() {
-            eprintln!("SKIPPED: exhaustive AVX-512 narrowing: CPU lacks AVX-512");
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: exhaustive AVX-512 narrowing: CPU lacks AVX-512"
+            );
             return;
         }
         // SAFETY: the CPU supports AVX-512 F/BW/VL and F16C (checked above).
