@@ -428,8 +428,8 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
             let iter_id = ((size_index as u64) << 32) | it as u64;
             let timed = it >= args.warmup;
             let checked = timed && args.check == 1;
-            // CPU time of the collective only (the check's reference is not counted).
-            let cpu_before = timed.then(cpu_seconds);
+            // CPU time of the collective only (filling, resetting and checking are not counted).
+            let cpu_used: f64;
             let elapsed = if let Some(gpu) = &mut gpu {
                 let (src, dst) = (&mut src[..bytes], &mut dst[..bytes]);
                 if checked || it == 0 {
@@ -441,9 +441,11 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
                     gpu.copy_src_to_dst()?;
                 }
                 tag += 1;
+                let cpu0 = cpu_seconds();
                 let start = Instant::now();
                 let r = gpu.all_reduce(&comm, args.in_place, dtype, op, tag);
                 let elapsed = start.elapsed();
+                cpu_used = cpu_seconds() - cpu0;
                 let info =
                     r.map_err(|e| format!("all-reduce of {bytes} bytes in device memory: {e}"))?;
                 if timed {
@@ -456,10 +458,11 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
                 }
                 elapsed
             } else if args.ops.is_some() {
-                let (t, w) = iterate_async(
+                let (t, w, c) = iterate_async(
                     &mut comm, args, &mut pool, bytes, iter_id, checked, &mut tag,
                 )?;
                 wrong += w;
+                cpu_used = c;
                 t
             } else {
                 let (src, dst) = (&mut src[..bytes], &mut dst[..bytes]);
@@ -471,6 +474,7 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
                     dst.copy_from_slice(src);
                 }
                 tag += 1;
+                let cpu0 = cpu_seconds();
                 let start = Instant::now();
                 let emulated = args.device == BenchDevice::Emulated;
                 let r = match (args.in_place, emulated) {
@@ -482,6 +486,7 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
                     }
                 };
                 let elapsed = start.elapsed();
+                cpu_used = cpu_seconds() - cpu0;
                 let info = r.map_err(|e| format!("all-reduce of {bytes} bytes: {e}"))?;
                 if timed && emulated {
                     stages.add(elapsed, info.device);
@@ -494,7 +499,7 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
             };
             if timed {
                 times.push(elapsed.as_secs_f64() * 1e6);
-                cpu_s += cpu_before.map_or(0.0, |b| cpu_seconds() - b);
+                cpu_s += cpu_used;
             }
         }
         times.sort_by(f64::total_cmp);
@@ -663,7 +668,7 @@ fn iterate_async(
     iter_id: u64,
     checked: bool,
     tag: &mut u64,
-) -> Result<(Duration, u64), String> {
+) -> Result<(Duration, u64, f64), String> {
     let (dtype, op, rank, world) = (args.dtype, args.op, comm.rank(), comm.world_size());
     pool.resize_with(args.ops_in_flight(), Vec::new);
     for (i, buf) in pool.iter_mut().enumerate() {
@@ -673,6 +678,7 @@ fn iterate_async(
         }
     }
     let (collectives, _probe) = comm.split();
+    let cpu0 = cpu_seconds();
     let start = Instant::now();
     let handles: Vec<_> = pool
         .drain(..)
@@ -690,6 +696,7 @@ fn iterate_async(
         pool.push(buf);
     }
     let elapsed = start.elapsed();
+    let cpu = cpu_seconds() - cpu0;
     if let Some(e) = first_error {
         return Err(e);
     }
@@ -701,7 +708,7 @@ fn iterate_async(
             wrong += check::count_wrong(dtype, buf, &want);
         }
     }
-    Ok((elapsed, wrong))
+    Ok((elapsed, wrong, cpu))
 }
 
 /// User + system CPU seconds of this process so far.
