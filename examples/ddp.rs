@@ -17,7 +17,7 @@
 //! and exits non-zero if any two differ.
 
 use std::process::{Command, ExitCode, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use concord::{Communicator, ReduceOp};
 
@@ -41,20 +41,8 @@ fn peer(master: &str, world: usize, steps: usize, cuda: bool) -> Result<(), Stri
     let mut comm = Communicator::builder(master)
         .connect()
         .map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while comm.world_size() < world {
-        if Instant::now() > deadline {
-            return Err(format!(
-                "only {} of {world} peers joined",
-                comm.world_size()
-            ));
-        }
-        if comm.are_new_peers_pending().map_err(|e| e.to_string())? {
-            comm.update_topology().map_err(|e| e.to_string())?;
-        } else {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
+    comm.wait_for_world(world, Duration::from_secs(60))
+        .map_err(|e| e.to_string())?;
     let rank = comm.rank();
     let mut model = Mlp::new();
     // Gradients and the loss travel in one buffer: one all-reduce per step.

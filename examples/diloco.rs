@@ -38,13 +38,8 @@ fn peer(master: &str, outer_steps: u64, world: usize) -> Result<(), String> {
     let e = |e: concord::Error| e.to_string();
     let mut comm = Communicator::builder(master).connect().map_err(e)?;
     // The founding members wait for each other; a late joiner goes straight in.
-    while comm.world_size() < world {
-        if comm.are_new_peers_pending().map_err(e)? {
-            comm.update_topology().map_err(e)?;
-        } else {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
+    comm.wait_for_world(world, Duration::from_secs(120))
+        .map_err(e)?;
     let me = comm.peer_id();
     let joined_late = comm.world_size() > 1 && std::env::var_os("DILOCO_LATE").is_some();
     let mut shared = Shared {

@@ -350,6 +350,28 @@ impl Communicator {
         pending_vote(&self.inner)
     }
 
+    /// Startup: admits pending peers (voting with every member) until the group has at least
+    /// `min_world` peers, or fails with [`Error::Timeout`] after `timeout`. Returns the world
+    /// size reached. Every member that is already in must call it too (the votes are unanimous).
+    pub fn wait_for_world(&mut self, min_world: usize, timeout: Duration) -> Result<usize, Error> {
+        let deadline = Instant::now() + timeout;
+        while self.world_size() < min_world {
+            if Instant::now() > deadline {
+                return Err(Error::Timeout(format!(
+                    "only {} of {min_world} peers joined within {} ms",
+                    self.world_size(),
+                    timeout.as_millis()
+                )));
+            }
+            if self.are_new_peers_pending()? {
+                self.update_topology()?;
+            } else {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        Ok(self.world_size())
+    }
+
     /// Admits pending peers and (re)builds the ring; retries a connection round that a dropped
     /// peer spoiled. Every member must call it (the vote is unanimous). Takes `&mut self`: it
     /// cannot run while async collectives borrow the communicator.

@@ -254,3 +254,28 @@ fn mismatched_counts_fail_on_every_peer_naming_the_mismatch() {
         );
     }
 }
+
+/// Waiting for a group that never forms ends at the deadline with a timeout naming the count.
+#[test]
+fn waiting_for_missing_peers_times_out_clearly() {
+    if is_peer() {
+        return;
+    }
+    let master = MasterProcess::start();
+    let mut comm = concord::Communicator::builder(master.addr.as_str())
+        .connect()
+        .expect("connect");
+    let start = Instant::now();
+    let err = comm
+        .wait_for_world(2, Duration::from_millis(300))
+        .expect_err("nobody else joins");
+    assert!(
+        matches!(&err, Error::Timeout(m) if m.contains("only 1 of 2 peers joined")),
+        "{err}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(10), "bounded wait");
+    assert_eq!(
+        comm.wait_for_world(1, Duration::from_millis(300)).unwrap(),
+        1
+    );
+}

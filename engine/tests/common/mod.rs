@@ -154,18 +154,8 @@ pub fn join_world(addr: &str, world: usize) -> concord::Communicator {
         .op_timeout(Duration::from_secs(60))
         .connect()
         .expect("connect to the master");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while comm.world_size() < world {
-        assert!(
-            Instant::now() < deadline,
-            "group never reached {world} peers"
-        );
-        if comm.are_new_peers_pending().expect("pending vote") {
-            comm.update_topology().expect("update topology");
-        } else {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
+    comm.wait_for_world(world, Duration::from_secs(60))
+        .expect("the group forms");
     assert_eq!(comm.world_size(), world);
     comm
 }

@@ -360,21 +360,8 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
         })
         .connect()
         .map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + timeout;
-    while comm.world_size() < world {
-        if Instant::now() > deadline {
-            return Err(format!(
-                "only {} of {world} peers joined within {} s",
-                comm.world_size(),
-                args.timeout_s
-            ));
-        }
-        if comm.are_new_peers_pending().map_err(|e| e.to_string())? {
-            comm.update_topology().map_err(|e| e.to_string())?;
-        } else {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+    comm.wait_for_world(world, timeout)
+        .map_err(|e| e.to_string())?;
     if comm.world_size() != world {
         return Err(format!(
             "{} peers joined, more than --world {world}",

@@ -35,20 +35,8 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
         .connect()
         .map_err(|e| e.to_string())?;
     let me = comm.peer_id();
-    let deadline = Instant::now() + Duration::from_secs(args.timeout_s);
-    while comm.world_size() < min_world {
-        if Instant::now() > deadline {
-            return Err(format!(
-                "only {} of {min_world} peers joined",
-                comm.world_size()
-            ));
-        }
-        if comm.are_new_peers_pending().map_err(|e| e.to_string())? {
-            comm.update_topology().map_err(|e| e.to_string())?;
-        } else {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
+    comm.wait_for_world(min_world, Duration::from_secs(args.timeout_s))
+        .map_err(|e| e.to_string())?;
     let elems = (args.minbytes / 4).max(1);
     let batch = args.ops_in_flight();
     let mut out = std::io::stdout().lock();

@@ -19,13 +19,8 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
         .op_timeout(Duration::from_secs(args.timeout_s))
         .connect()
         .map_err(e)?;
-    while comm.world_size() < world {
-        if comm.are_new_peers_pending().map_err(e)? {
-            comm.update_topology().map_err(e)?;
-        } else {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
+    comm.wait_for_world(world, Duration::from_secs(args.timeout_s))
+        .map_err(e)?;
     let rank = comm.rank();
     let bytes = args.maxbytes / 4 * 4;
     let mut data = vec![0f32; bytes / 4];
