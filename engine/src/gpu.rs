@@ -497,6 +497,8 @@ pub(crate) struct DeviceOp {
     /// All-gather frames still to copy to the device; the one that brings it to zero waits for
     /// every lane's stream (frames go to whichever connection is free, so to any lane).
     copies_left: AtomicUsize,
+    /// Lanes (bit = connection index) whose stream already waits for `ready`.
+    lanes_ordered: AtomicU64,
     /// Every copy this collective queued has completed (nothing may touch the mirror).
     settled: AtomicBool,
     /// Per-stage time, summed over the threads (see [`DeviceStages`]).
@@ -577,6 +579,7 @@ impl DeviceOp {
             mirror: Some(mirror),
             ready: OnceLock::new(),
             copies_left: AtomicUsize::new(usize::MAX),
+            lanes_ordered: AtomicU64::new(0),
             settled: AtomicBool::new(false),
             input_wait_ns: AtomicU64::new(0),
             reduce_ns: AtomicU64::new(0),
@@ -649,7 +652,13 @@ impl DeviceOp {
         }
     }
 
-    fn after_ready(&self, queue: &Queue) -> Result<(), String> {
+    /// Orders the lane's stream after the staged input and the in-place backup: once per lane
+    /// and collective (the stream keeps that order for everything queued later).
+    fn after_ready(&self, lane: &LaneGuard, queue: &Queue) -> Result<(), String> {
+        let bit = 1u64 << (lane.index % 64);
+        if self.lanes_ordered.fetch_or(bit, Ordering::AcqRel) & bit != 0 {
+            return Ok(());
+        }
         queue.wait(self.ready.get().and_then(Option::as_ref))
     }
 
@@ -657,6 +666,7 @@ impl DeviceOp {
     pub(crate) fn lane(&self, conn: usize) -> Result<LaneGuard, String> {
         Ok(LaneGuard {
             lane: self.gpu.lane(conn)?,
+            index: conn,
         })
     }
 
@@ -671,11 +681,11 @@ impl DeviceOp {
         r
     }
 
-    fn copy_in_timed(&self, lane: &LaneGuard, range: Range<usize>) -> Result<(), String> {
-        let lane = lane.lock();
+    fn copy_in_timed(&self, guard: &LaneGuard, range: Range<usize>) -> Result<(), String> {
+        let lane = guard.lock();
         self.gpu.bind()?;
         // An in-place destination is written only after its backup was taken.
-        self.after_ready(&lane.queue)?;
+        self.after_ready(guard, &lane.queue)?;
         let mirror = self.mirror();
         // SAFETY: in bounds; RX wrote this range and nobody writes it again during the
         // collective (TX only reads it).
@@ -735,13 +745,14 @@ impl DeviceOp {
         range: Range<usize>,
         finish: Option<usize>,
     ) -> Result<Option<CudaEvent>, String> {
-        let mut guard = lane.lock();
+        let lane_guard = lane;
+        let mut guard = lane_guard.lock();
         let lane = &mut *guard;
         let len = range.len();
         let host = &lane.host[lane.slot];
         assert!(len <= host.len, "a sub-chunk fits the lane buffer");
         self.gpu.bind()?;
-        self.after_ready(&lane.queue)?;
+        self.after_ready(lane_guard, &lane.queue)?;
         let scratch = lane.scratch.ptr(&lane.queue);
         // SAFETY: the host buffer holds `len` received bytes and is not written again until this
         // frame is done (the next frame goes to the other buffer, and the caller finishes this
@@ -848,6 +859,8 @@ pub(crate) struct DeviceFrame {
 /// A connection's lane, reserved for one received frame.
 pub(crate) struct LaneGuard {
     lane: Arc<Mutex<Lane>>,
+    /// The connection index it serves.
+    index: usize,
 }
 
 impl LaneGuard {
