@@ -8,7 +8,9 @@
 use std::arch::x86_64::*;
 use std::num::NonZeroUsize;
 
-use super::common::{op_code, scalar_part, BF16, F16, F32, KEEP, MAX, MIN, PROD, SUM};
+use super::common::{
+    entry_points, op_code, scalar_part, BF16, F16, F32, KEEP, MAX, MIN, PROD, SUM,
+};
 use crate::cpu::scalar::{self, by_dtype, Elem};
 use crate::dispatch::{Job, PathFns};
 use crate::DType;
@@ -19,77 +21,7 @@ pub(crate) static FNS: PathFns = PathFns { combine, finish };
 /// Elements per loop step: two vectors of 8 f32 lanes.
 const BLOCK: usize = 16;
 
-/// # Safety
-/// The [`Job`] contract holds and the CPU supports AVX2 and F16C (checked by
-/// `Kernels::new` before this table can be reached).
-unsafe fn combine(job: &Job) {
-    let op = op_code(job.op);
-    // SAFETY: forwarded from our caller (job contract, CPU features).
-    unsafe { dispatch(job, op) }
-}
-
-/// # Safety
-/// `dst` is valid for reads and writes of `len` elements of `dtype`; CPU features as above.
-unsafe fn finish(dst: *mut u8, len: usize, dtype: DType, world: NonZeroUsize) {
-    let job = Job {
-        dst,
-        a: dst.cast_const(),
-        b: dst.cast_const(),
-        len,
-        dtype,
-        op: crate::ReduceOp::Avg,
-        divisor: Some(world),
-    };
-    // SAFETY: a == b == dst, all valid for `len` elements; CPU features as above.
-    unsafe { dispatch(&job, KEEP) }
-}
-
-/// # Safety
-/// As [`combine`]; with `op == KEEP` only `a` is read.
-unsafe fn dispatch(job: &Job, op: u8) {
-    macro_rules! go {
-        ($kind:expr) => {
-            match (op, job.divisor.is_some()) {
-                (SUM, false) => run::<$kind, SUM, false>(job),
-                (SUM, true) => run::<$kind, SUM, true>(job),
-                (PROD, false) => run::<$kind, PROD, false>(job),
-                (PROD, true) => run::<$kind, PROD, true>(job),
-                (MAX, false) => run::<$kind, MAX, false>(job),
-                (MAX, true) => run::<$kind, MAX, true>(job),
-                (MIN, false) => run::<$kind, MIN, false>(job),
-                (MIN, true) => run::<$kind, MIN, true>(job),
-                _ => run::<$kind, KEEP, true>(job),
-            }
-        };
-    }
-    // SAFETY: every arm forwards our caller's guarantees.
-    unsafe {
-        match job.dtype {
-            DType::F32 => go!(F32),
-            DType::F16 => go!(F16),
-            DType::BF16 => go!(BF16),
-            other if op == KEEP => by_dtype!(other, generic_finish(job)),
-            other => by_dtype!(other, generic_combine(job)),
-        }
-    }
-}
-
-/// # Safety
-/// The [`Job`] contract holds; CPU features as above.
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn generic_combine<E: Elem>(job: &Job) {
-    // SAFETY: forwarded from our caller.
-    unsafe { scalar::combine_elems::<E>(job, 0) }
-}
-
-/// # Safety
-/// `job.dst` is valid for `job.len` elements and `job.divisor` is set; CPU features as above.
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn generic_finish<E: Elem>(job: &Job) {
-    let world = job.divisor.map_or(1, NonZeroUsize::get);
-    // SAFETY: forwarded from our caller.
-    unsafe { scalar::finish_elems::<E>(job.dst, job.len, world) }
-}
+entry_points!("avx2,f16c");
 
 /// Two vectors of f32 lanes holding one block of 16 elements. For f32 and f16 the first holds
 /// elements 0..8; for bf16 it holds the even elements and the second the odd ones (widening and

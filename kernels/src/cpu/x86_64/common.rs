@@ -43,3 +43,88 @@ pub(crate) unsafe fn scalar_part<const OP: u8>(job: &Job, start: usize) {
         }
     }
 }
+
+/// The entry points an x86-64 path shares with the others, for the target features
+/// `$features`: `combine` and `finish` (the path's [`crate::dispatch::PathFns`]), the dispatch
+/// of f32/f16/bf16 jobs to the path's own `run::<KIND, OP, DIV>`, and the scalar code compiled
+/// with the path's features for every other dtype (LLVM vectorises it; same code, same bits).
+/// The expanding module must import `Job`, `DType`, `NonZeroUsize`, `op_code`, the kind and op
+/// codes, `scalar`, `by_dtype` and `Elem`, and define `run`.
+macro_rules! entry_points {
+    ($features:literal) => {
+        /// # Safety
+        /// The [`Job`] contract holds and the CPU has this path's features (checked by
+        /// `Kernels::new` before the path's table can be reached).
+        pub(super) unsafe fn combine(job: &Job) {
+            let op = op_code(job.op);
+            // SAFETY: forwarded from our caller (job contract, CPU features).
+            unsafe { dispatch(job, op) }
+        }
+
+        /// # Safety
+        /// `dst` is valid for reads and writes of `len` elements of `dtype`; CPU features as
+        /// for [`combine`].
+        pub(super) unsafe fn finish(dst: *mut u8, len: usize, dtype: DType, world: NonZeroUsize) {
+            let job = Job {
+                dst,
+                a: dst.cast_const(),
+                b: dst.cast_const(),
+                len,
+                dtype,
+                op: crate::ReduceOp::Avg,
+                divisor: Some(world),
+            };
+            // SAFETY: a == b == dst, all valid for `len` elements; CPU features as above.
+            unsafe { dispatch(&job, KEEP) }
+        }
+
+        /// # Safety
+        /// As [`combine`]; with `op == KEEP` only `a` is read.
+        unsafe fn dispatch(job: &Job, op: u8) {
+            macro_rules! go {
+                ($kind:expr) => {
+                    match (op, job.divisor.is_some()) {
+                        (SUM, false) => run::<$kind, SUM, false>(job),
+                        (SUM, true) => run::<$kind, SUM, true>(job),
+                        (PROD, false) => run::<$kind, PROD, false>(job),
+                        (PROD, true) => run::<$kind, PROD, true>(job),
+                        (MAX, false) => run::<$kind, MAX, false>(job),
+                        (MAX, true) => run::<$kind, MAX, true>(job),
+                        (MIN, false) => run::<$kind, MIN, false>(job),
+                        (MIN, true) => run::<$kind, MIN, true>(job),
+                        _ => run::<$kind, KEEP, true>(job),
+                    }
+                };
+            }
+            // SAFETY: every arm forwards our caller's guarantees.
+            unsafe {
+                match job.dtype {
+                    DType::F32 => go!(F32),
+                    DType::F16 => go!(F16),
+                    DType::BF16 => go!(BF16),
+                    other if op == KEEP => by_dtype!(other, generic_finish(job)),
+                    other => by_dtype!(other, generic_combine(job)),
+                }
+            }
+        }
+
+        /// # Safety
+        /// The [`Job`] contract holds; CPU features as for [`combine`].
+        #[target_feature(enable = $features)]
+        unsafe fn generic_combine<E: Elem>(job: &Job) {
+            // SAFETY: forwarded from our caller.
+            unsafe { scalar::combine_elems::<E>(job, 0) }
+        }
+
+        /// # Safety
+        /// `job.dst` is valid for `job.len` elements and `job.divisor` is set; CPU features as
+        /// for [`combine`].
+        #[target_feature(enable = $features)]
+        unsafe fn generic_finish<E: Elem>(job: &Job) {
+            let world = job.divisor.map_or(1, NonZeroUsize::get);
+            // SAFETY: forwarded from our caller.
+            unsafe { scalar::finish_elems::<E>(job.dst, job.len, world) }
+        }
+    };
+}
+pub(crate) use entry_points;
