@@ -353,7 +353,7 @@ impl Inner {
                 device.copy_all()
             } else {
                 // Step 0 sends this peer's own chunk: only that one needs the host.
-                let c = plan_chunk_bytes(&op.plan, op.plan.send_chunk(0));
+                let c = op.plan.chunk_bytes(op.plan.send_chunk(0));
                 device.stage_input(c, op.copy_recvs())
             };
             if let Err(e) = staged {
@@ -646,10 +646,4 @@ pub(crate) fn watchdog(inner: Weak<Inner>) {
             None => drop(cond.wait(g).unwrap_or_else(|p| p.into_inner())),
         }
     }
-}
-
-/// Byte range of chunk `c` of `plan`.
-fn plan_chunk_bytes(plan: &RingPlan, c: usize) -> std::ops::Range<usize> {
-    let elems = plan.chunk(c);
-    elems.start * plan.elem_bytes..elems.end * plan.elem_bytes
 }

@@ -76,6 +76,12 @@ impl RingPlan {
         x.rem_euclid(self.world as isize) as usize
     }
 
+    /// Byte range in the buffer of chunk `c`.
+    pub fn chunk_bytes(&self, c: usize) -> Range<usize> {
+        let elems = self.chunk(c);
+        elems.start * self.elem_bytes..elems.end * self.elem_bytes
+    }
+
     /// Chunk sent at step `t`.
     pub fn send_chunk(&self, t: usize) -> usize {
         self.wrap(self.rank as isize - t as isize)
