@@ -64,6 +64,10 @@ pub struct Config {
     /// Data-plane backend: `Auto` (io_uring where the kernel and sandbox allow it, else plain
     /// sockets, saying why once), `Uring` or `Socket`. `None`: `CONCORD_TRANSPORT`, else `Auto`.
     pub transport: Option<BackendChoice>,
+    /// How long a thread polls before it blocks, on the waits whose answer should be
+    /// microseconds away (a vote's answer, the frames of a small collective); zero: never poll.
+    /// See [`concord_transport::spin`].
+    pub spin: Duration,
 }
 
 impl Config {
@@ -82,6 +86,7 @@ impl Config {
             max_in_flight: 256,
             transport: None,
             group: 0,
+            spin: concord_transport::spin::spin_from_env(),
         }
     }
 }
@@ -145,6 +150,16 @@ impl CommunicatorBuilder {
     /// Data-plane backend (default: `CONCORD_TRANSPORT`, else auto).
     pub fn transport(mut self, choice: BackendChoice) -> Self {
         self.config.transport = Some(choice);
+        self
+    }
+    /// How long a thread polls before it blocks where an answer is microseconds away: the
+    /// master's answer to a vote, the frames of collectives of at most
+    /// [`SPIN_MAX_COLLECTIVE_BYTES`](crate::SPIN_MAX_COLLECTIVE_BYTES) (default
+    /// `CONCORD_SPIN_US`, else 100 us; zero never polls). Polling trades a little CPU for
+    /// latency: blocking wake-ups cost tens of microseconds each on virtual machines. An idle
+    /// communicator never polls.
+    pub fn spin(mut self, window: Duration) -> Self {
+        self.config.spin = window;
         self
     }
     /// Most collectives in flight at once (default 256, at most 65536).
@@ -519,6 +534,7 @@ impl Communicator {
             self.inner.backend,
             config.sub_chunk_bytes,
             config.op_timeout,
+            Arc::clone(&self.inner.pace),
             events,
         )
     }

@@ -71,6 +71,10 @@ pub(crate) struct Inner {
     gpu: Mutex<Option<Arc<Gpu>>>,
     /// The emulated device of the tests' hidden entry point.
     emulated: Mutex<Option<Arc<Gpu>>>,
+    /// Whether threads waiting on this peer's collectives poll before they block.
+    pub(crate) pace: Arc<Pace>,
+    /// Bumped by every [`Inner::notify`]: what a polling caller watches.
+    notified: std::sync::atomic::AtomicU64,
 }
 
 /// Most bytes of idle in-place backups a communicator keeps for reuse.
@@ -87,6 +91,11 @@ impl Inner {
         config: Config,
         backend: concord_transport::BackendKind,
     ) -> Self {
+        let pace = Arc::new(Pace {
+            large_in_flight: Default::default(),
+            activity: Default::default(),
+            spin: config.spin,
+        });
         Inner {
             state: Mutex::new(Shared {
                 proto,
@@ -104,6 +113,8 @@ impl Inner {
             backups: Mutex::new(Vec::new()),
             gpu: Mutex::new(None),
             emulated: Mutex::new(None),
+            pace,
+            notified: Default::default(),
         }
     }
 
@@ -113,6 +124,8 @@ impl Inner {
 
     /// Wakes blocked callers, the watchdog and pending futures.
     pub(crate) fn notify(&self, g: &mut Shared) {
+        self.notified
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         for (_, w) in g.wakers.drain(..) {
             w.wake();
         }
@@ -201,6 +214,7 @@ impl Inner {
             commenced_at: None,
             moved_at: None,
         };
+        self.pace.launched(launch.dst.len);
         g.launched.insert(tag, launch);
         flush(&mut g);
         crate::fault::kill_point("vote", Some(tag));
@@ -224,6 +238,7 @@ impl Inner {
             .launched
             .remove(&tag)
             .expect("a launched tag has a launch");
+        self.pace.completed(launch.dst.len);
         if let (Some((seq, _, _, _)), Some(plane)) = (&launch.running, &g.plane) {
             plane.retire(tag, *seq);
         }
@@ -236,14 +251,30 @@ impl Inner {
 
     /// Blocks until `tag` has its outcome (the watchdog bounds the wait by the deadline).
     pub(crate) fn complete(&self, tag: u64) -> Result<ReduceInfo, Error> {
-        {
-            let mut g = self.lock();
-            while g
-                .proto
+        use std::sync::atomic::Ordering;
+        let pending = |g: &Shared| {
+            g.proto
                 .collective(tag)
                 .is_some_and(|p| !matches!(p, CollPhase::Done | CollPhase::Failed(_)))
                 && g.proto.fatal().is_none()
-            {
+        };
+        {
+            let mut g = self.lock();
+            while pending(&g) {
+                // Poll while collectives are moving: the outcome is likely microseconds away,
+                // and a blocking wake-up would cost more than the rest of a small collective.
+                let seen = self.notified.load(Ordering::Acquire);
+                if self.pace.polling() {
+                    drop(g);
+                    // Each poll re-reads the window: every event of the collective extends it.
+                    concord_transport::spin::spin_until(Duration::MAX, || {
+                        self.notified.load(Ordering::Acquire) != seen || !self.pace.polling()
+                    });
+                    g = self.lock();
+                    if self.notified.load(Ordering::Acquire) != seen || self.pace.polling() {
+                        continue;
+                    }
+                }
                 g = self.cond.wait(g).unwrap_or_else(|p| p.into_inner());
             }
         }
@@ -422,6 +453,7 @@ impl Inner {
             l.traffic = *t;
             l.moved_at = Some(Instant::now());
         }
+        self.pace.moved();
         // Success only moves the collective to its completion vote: nobody waits for that, so
         // nobody is woken (on two cores every spurious wake-up shows in small-message latency).
         let wake = result.is_err();
@@ -495,6 +527,58 @@ impl Inner {
     }
 }
 
+/// When the threads waiting on a peer's collectives poll before they block.
+///
+/// Small collectives are chains of events (the master's answer to a vote, frames, the outcome)
+/// each microseconds after the last, and a blocking wake-up costs tens of microseconds on a
+/// virtual machine. So for `spin` after any event of this peer's collectives (one launched, a
+/// master message, a frame, one finished here) the master reader, a waiting caller and the
+/// data plane's first connection poll before they block (see [`concord_transport::spin`]); the
+/// window covers the gap to the next collective of a loop too. Never while a collective larger
+/// than [`SPIN_MAX_COLLECTIVE_BYTES`](crate::SPIN_MAX_COLLECTIVE_BYTES) is in flight: its
+/// events are far apart and every core is busy moving its bytes.
+#[derive(Debug)]
+pub(crate) struct Pace {
+    large_in_flight: std::sync::atomic::AtomicUsize,
+    activity: concord_transport::spin::Stamp,
+    spin: Duration,
+}
+
+impl Pace {
+    fn launched(&self, bytes: usize) {
+        if bytes > crate::SPIN_MAX_COLLECTIVE_BYTES {
+            self.large_in_flight
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.moved();
+    }
+
+    fn completed(&self, bytes: usize) {
+        if bytes > crate::SPIN_MAX_COLLECTIVE_BYTES {
+            self.large_in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.moved();
+    }
+
+    /// A collective moved: the polling window starts again.
+    pub(crate) fn moved(&self) {
+        if !self.spin.is_zero() {
+            self.activity.touch();
+        }
+    }
+
+    /// Whether a waiting thread should poll rather than block now.
+    pub(crate) fn polling(&self) -> bool {
+        !self.spin.is_zero()
+            && self
+                .large_in_flight
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == 0
+            && !self.activity.left(self.spin).is_zero()
+    }
+}
+
 /// Sends what the protocol queued for the master. A write error means the master is gone.
 pub(crate) fn flush(g: &mut Shared) {
     while let Some(msg) = g.proto.poll_transmit() {
@@ -512,10 +596,21 @@ pub(crate) fn flush(g: &mut Shared) {
 
 /// The reader thread: master messages into the protocol, until the connection ends.
 pub(crate) fn read_master(stream: TcpStream, inner: Arc<Inner>) {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
     let mut reader = BufReader::new(stream);
     let error = loop {
+        if reader.buffer().is_empty() && inner.pace.polling() {
+            // A vote's answer is likely on its way: poll rather than pay a blocking wake-up.
+            concord_transport::spin::spin_until(Duration::MAX, || {
+                concord_transport::spin::readable(fd) || !inner.pace.polling()
+            });
+        }
         match read_message(&mut reader) {
             Ok(msg) => {
+                if !matches!(msg, MasterMsg::Ping) {
+                    inner.pace.moved();
+                }
                 // A go-ahead (unless the collective ended at once) and a ping change nothing
                 // a caller waits for: wake nobody.
                 let quiet = match &msg {

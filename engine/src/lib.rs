@@ -35,6 +35,7 @@ pub mod verify;
 pub use communicator::{Batch, Communicator, CommunicatorBuilder, Config, ReduceInfo, RetryReport};
 pub use concord_kernels::{DType, ReduceOp};
 pub use concord_transport::{BackendChoice, BackendKind};
+pub use dataplane::SPIN_MAX_COLLECTIVE_BYTES;
 pub use element::Element;
 pub use error::Error;
 pub use gpu::{cuda_status, DeviceElement};

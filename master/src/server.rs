@@ -55,6 +55,7 @@ pub struct Server {
     listener: TcpListener,
     local_addr: SocketAddr,
     config: CoordinatorConfig,
+    spin: Duration,
 }
 
 impl std::fmt::Debug for Connection {
@@ -90,7 +91,17 @@ impl Server {
             listener: TcpListener::from_std(std_listener),
             local_addr,
             config,
+            spin: concord_transport::spin::spin_from_env(),
         })
+    }
+
+    /// How long the loop polls for the next message after one arrived, before it sleeps (default `CONCORD_SPIN_US`, else 100 us; zero never polls).
+    /// A vote completes when the last peer's message arrives, usually microseconds after the
+    /// others, and a sleeping thread's wake-up costs tens of microseconds on a virtual machine
+    /// (see [`concord_transport::spin`]). An idle master never polls.
+    pub fn with_spin(mut self, window: Duration) -> Self {
+        self.spin = window;
+        self
     }
 
     /// The bound address.
@@ -114,6 +125,8 @@ impl Server {
         let mut conns: HashMap<ConnId, Connection> = HashMap::new();
         let mut next_conn: ConnId = 1;
         tracing::info!(addr = %self.local_addr, "master listening");
+        // When the last message arrived: the polling window's start.
+        let mut last_message = Instant::now();
         loop {
             if stop() {
                 return Ok(());
@@ -122,7 +135,9 @@ impl Server {
             let deadline = coord
                 .poll_timeout()
                 .map(|d| d.saturating_duration_since(now));
+            let polling = now.saturating_duration_since(last_message) < self.spin;
             let timeout = match (deadline, check_every) {
+                _ if polling => Some(Duration::ZERO),
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
@@ -133,6 +148,13 @@ impl Server {
                 return Err(io_err("waiting for events")(e));
             }
             let now = Instant::now();
+            if events.is_empty() {
+                if polling {
+                    std::thread::yield_now();
+                }
+            } else {
+                last_message = now;
+            }
             for event in events.iter() {
                 if event.token() == LISTENER {
                     accept_all(

@@ -8,7 +8,8 @@
 //! - [`uring`]: the io_uring backend (one ring per connection, linked timeouts, cross-thread
 //!   shutdown), its probe, and the choice between it and sockets;
 //! - [`buffers`]: a bounded pool of page-aligned staging buffers, locked in memory when
-//!   `RLIMIT_MEMLOCK` allows.
+//!   `RLIMIT_MEMLOCK` allows;
+//! - [`spin`]: bounded polling before a blocking wait, where an answer is microseconds away.
 //!
 //! Every wire structure starts with a magic number and the protocol version, so that a peer of
 //! another version is refused with a message naming both versions.
@@ -17,6 +18,7 @@ pub mod buffers;
 pub mod frame;
 pub mod handshake;
 pub mod socket;
+pub mod spin;
 pub mod uring;
 
 pub use buffers::{PinnedBuf, PinnedPool, PoolConfig};

@@ -9,7 +9,7 @@ pub(crate) use op::{Op, RawBuf};
 use stream::{DataStream, Stopper};
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
@@ -20,11 +20,22 @@ use concord_transport::{BackendKind, PinnedBuf, PinnedPool};
 
 use crate::collective::ring::RecvKind;
 use crate::collective::Traffic;
+use crate::core::Pace;
 use crate::gpu::DeviceFrame;
 use crate::links::Links;
 
 /// How many finished (tag, seq) pairs are remembered, to drop their leftover frames.
 const RETIRED_MEMORY: usize = 4096;
+
+/// Data-plane threads poll (for at most the communicator's spin window) before they block only
+/// while every collective in flight here is at most this large: there an answer is microseconds
+/// away and a blocking wake-up would be most of the collective's time; larger ones keep every
+/// core for moving bytes.
+pub const SPIN_MAX_COLLECTIVE_BYTES: usize = 4 << 20;
+
+const POLL_NONE: u8 = 0;
+const POLL_FIRST: u8 = 1;
+const POLL_ALL: u8 = 2;
 
 /// What the plane tells its owner.
 #[derive(Debug)]
@@ -65,11 +76,41 @@ struct Shared {
     events: Events,
     /// How long an RX thread waits for the operation of a frame to be registered here.
     register_timeout: Duration,
+    /// Whether the communicator's small collectives are under way (see [`Shared::polling`]).
+    pace: Arc<Pace>,
+    /// Which threads may poll: [`POLL_FIRST`] (the collectives here are all small enough and
+    /// unstriped, or there are none: only the first connection carries them), [`POLL_ALL`]
+    /// (small, some striped) or [`POLL_NONE`] (a large one is here).
+    small: AtomicU8,
 }
 
 impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the thread of connection `conn` should poll rather than block now.
+    fn polling(&self, conn: usize) -> bool {
+        let poll = match self.small.load(Ordering::Relaxed) {
+            POLL_ALL => true,
+            POLL_FIRST => conn == 0,
+            _ => false,
+        };
+        poll && !self.failed.load(Ordering::Relaxed) && self.pace.polling()
+    }
+
+    /// Recomputes [`Shared::small`] after the set of operations changed (registry lock held).
+    fn update_small(&self, r: &Registry) {
+        let small = r
+            .ops
+            .iter()
+            .all(|op| op.plan.count * op.plan.elem_bytes <= SPIN_MAX_COLLECTIVE_BYTES);
+        let state = match (small, r.ops.iter().any(|op| op.striped)) {
+            (false, _) => POLL_NONE,
+            (true, false) => POLL_FIRST,
+            (true, true) => POLL_ALL,
+        };
+        self.small.store(state, Ordering::Relaxed);
     }
 
     fn stop_all(&self) {
@@ -117,7 +158,9 @@ impl Shared {
         let ops = {
             let mut r = self.lock();
             r.failure = Some(why.clone());
-            std::mem::take(&mut r.ops)
+            let ops = std::mem::take(&mut r.ops);
+            self.update_small(&r);
+            ops
         };
         // A neighbour leaving between collectives is ordinary; losing one mid-collective is not.
         // (A collective finished here but not yet retired does not count.)
@@ -159,6 +202,7 @@ impl DataPlane {
         backend: BackendKind,
         sub_bytes: usize,
         register_timeout: Duration,
+        pace: Arc<Pace>,
         events: Events,
     ) -> Result<Self, String> {
         let mut stoppers = Vec::new();
@@ -183,6 +227,8 @@ impl DataPlane {
             failed: AtomicBool::new(false),
             events,
             register_timeout,
+            pace,
+            small: AtomicU8::new(POLL_FIRST),
         });
         let mut threads = Vec::new();
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
@@ -225,6 +271,7 @@ impl DataPlane {
             }
             r.ops.push(Arc::clone(&op));
             r.generation += 1;
+            self.shared.update_small(&r);
         }
         self.shared.registry_cv.notify_all();
         self.shared.wake_tx_for(&op);
@@ -245,6 +292,7 @@ impl DataPlane {
             let op = r.ops.swap_remove(i);
             op.retire();
             r.generation += 1;
+            self.shared.update_small(&r);
         }
         if r.retired.len() == RETIRED_MEMORY {
             r.retired.pop_front();
@@ -296,9 +344,15 @@ fn tx_loop(s: &Shared, conn: usize, mut stream: DataStream) {
                 Err(e) => return s.fail(e),
             }
         }
-        if !progressed {
-            std::thread::park();
+        if progressed {
+            continue;
         }
+        if s.polling(conn) {
+            // A small collective is under way: its next sub-chunk is microseconds away.
+            std::thread::yield_now();
+            continue;
+        }
+        std::thread::park();
     }
 }
 
@@ -382,6 +436,13 @@ fn lookup(s: &Shared, tag: u64, seq: u64) -> Result<Option<Arc<Op>>, String> {
                 s.prev_id
             ));
         }
+        if s.pace.polling() {
+            // The master's go-ahead is usually microseconds behind the frame.
+            drop(r);
+            std::thread::yield_now();
+            r = s.lock();
+            continue;
+        }
         r = s
             .registry_cv
             .wait_timeout(r, left)
@@ -459,9 +520,16 @@ fn recv_one(
     let from = s.prev_id;
     let io = |e: std::io::Error| format!("receiving from ring predecessor {from}: {e}");
     let idle = || s.lock().ops.is_empty();
+    if s.polling(conn) {
+        // A small collective is under way: its next frame is microseconds away.
+        concord_transport::spin::spin_until(Duration::MAX, || {
+            stream.readable_now() || !s.polling(conn)
+        });
+    }
     let h = stream
         .read_header(idle)
         .map_err(|e| format!("receiving from ring predecessor {from}: {e}"))?;
+    s.pace.moved();
     let op = match lookup(s, h.tag, h.seq)? {
         // Failed here (its abort is on its way) or retired: drop what is still in flight.
         Some(op) if !op.failed.load(Ordering::Acquire) => op,

@@ -109,10 +109,7 @@ impl DataStream {
             DataStream::Socket(s) => s.as_raw_fd(),
             DataStream::Uring(u) => u.as_tcp().as_raw_fd(),
         };
-        let mut queued: libc::c_int = 0;
-        // SAFETY: FIONREAD stores one int for the socket `fd`, which this stream owns.
-        let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut queued) };
-        r == 0 && queued > 0
+        concord_transport::spin::readable(fd)
     }
 
     /// Registers `pool` as fixed buffers (io_uring); returns why not, if it could not.

@@ -39,6 +39,11 @@ enum Command {
         /// Kick a peer that answers nothing for this long (stalled, hung or cut off).
         #[arg(long, default_value_t = 3000)]
         heartbeat_timeout_ms: u64,
+        /// Poll this long for the next message after one arrived before sleeping (latency of
+        /// votes on hosts where waking a thread is slow; 0: never poll). Default:
+        /// CONCORD_SPIN_US, else 100.
+        #[arg(long)]
+        spin_us: Option<u64>,
     },
     /// Measure all-reduce bandwidth (nccl-tests conventions).
     Bench(bench::BenchArgs),
@@ -64,12 +69,14 @@ fn main() -> ExitCode {
             max_peers,
             heartbeat_interval_ms,
             heartbeat_timeout_ms,
+            spin_us,
         } => run_master(
             &listen,
             hello_timeout_ms,
             max_peers,
             heartbeat_interval_ms,
             heartbeat_timeout_ms,
+            spin_us,
         ),
         Command::Bench(args) => bench::run(args),
         Command::Simulate(args) => simulate::run(args),
@@ -93,6 +100,7 @@ fn run_master(
     max_peers: usize,
     heartbeat_interval_ms: u64,
     heartbeat_timeout_ms: u64,
+    spin_us: Option<u64>,
 ) -> Result<(), String> {
     if heartbeat_interval_ms == 0 || heartbeat_timeout_ms < heartbeat_interval_ms {
         return Err(
@@ -105,7 +113,11 @@ fn run_master(
     config.max_peers = max_peers;
     config.heartbeat_interval = std::time::Duration::from_millis(heartbeat_interval_ms);
     config.heartbeat_timeout = std::time::Duration::from_millis(heartbeat_timeout_ms);
-    let server = concord_master::server::Server::bind(addr, config).map_err(|e| e.to_string())?;
+    let mut server =
+        concord_master::server::Server::bind(addr, config).map_err(|e| e.to_string())?;
+    if let Some(us) = spin_us {
+        server = server.with_spin(std::time::Duration::from_micros(us));
+    }
     eprintln!("concord master listening on {}", server.local_addr());
     server.run(None, || false).map_err(|e| e.to_string())
 }
