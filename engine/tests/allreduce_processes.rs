@@ -76,7 +76,9 @@ fn peer_matrix() {
     println!("DONE");
 }
 
-fn run_matrix(world: usize, backend: &str) {
+/// `spin_us`: the peers' polling window (`CONCORD_SPIN_US`; `None`: the default). The socket run
+/// of world 3 turns polling off, so that every wait of the data path also runs blocking.
+fn run_matrix(world: usize, backend: &str, spin_us: Option<u32>) {
     if is_peer() {
         return;
     }
@@ -90,11 +92,14 @@ fn run_matrix(world: usize, backend: &str) {
         }
     }
     let master = MasterProcess::start();
-    let env = [
+    let mut env = vec![
         ("MASTER", master.addr.clone()),
         ("WORLD", world.to_string()),
         ("CONCORD_TRANSPORT", backend.to_string()),
     ];
+    if let Some(us) = spin_us {
+        env.push(("CONCORD_SPIN_US", us.to_string()));
+    }
     let peers: Vec<_> = (0..world)
         .map(|_| spawn_peer("peer_matrix", &env))
         .collect();
@@ -165,30 +170,30 @@ fn run_matrix(world: usize, backend: &str) {
 
 #[test]
 fn allreduce_matrix_world_2_uring() {
-    run_matrix(2, "uring");
+    run_matrix(2, "uring", None);
 }
 
 #[test]
 fn allreduce_matrix_world_2_socket() {
-    run_matrix(2, "socket");
+    run_matrix(2, "socket", None);
 }
 
 #[test]
 fn allreduce_matrix_world_3_uring() {
-    run_matrix(3, "uring");
+    run_matrix(3, "uring", None);
 }
 
 #[test]
 fn allreduce_matrix_world_3_socket() {
-    run_matrix(3, "socket");
+    run_matrix(3, "socket", Some(0));
 }
 
 #[test]
 fn allreduce_matrix_world_4_uring() {
-    run_matrix(4, "uring");
+    run_matrix(4, "uring", None);
 }
 
 #[test]
 fn allreduce_matrix_world_4_socket() {
-    run_matrix(4, "socket");
+    run_matrix(4, "socket", None);
 }
