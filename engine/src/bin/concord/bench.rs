@@ -82,6 +82,10 @@ pub(crate) struct BenchArgs {
     /// Sub-chunk size (the unit of pipelining).
     #[arg(long, default_value = "512K", value_parser = parse_size)]
     pub(crate) sub_chunk: usize,
+    /// How long small collectives poll before blocking, in microseconds (peers and, with
+    /// `--local`, the embedded master; 0: never poll). Default: CONCORD_SPIN_US, else 100.
+    #[arg(long)]
+    pub(crate) spin_us: Option<u64>,
     /// SO_SNDBUF/SO_RCVBUF of data sockets (default: kernel autotuning).
     #[arg(long, value_parser = parse_size)]
     pub(crate) socket_buffer: Option<usize>,
@@ -117,6 +121,14 @@ impl std::str::FromStr for BenchDevice {
 }
 
 impl BenchArgs {
+    /// The polling window: `--spin-us`, else `CONCORD_SPIN_US`, else the default.
+    fn spin(&self) -> Duration {
+        self.spin_us.map_or_else(
+            concord_transport::spin::spin_from_env,
+            Duration::from_micros,
+        )
+    }
+
     fn validate(&self) -> Result<(), String> {
         if self.local.is_none() && self.master.is_none() {
             return Err(
@@ -216,6 +228,7 @@ impl BenchArgs {
             ("-T", self.timeout_s.to_string()),
             ("--conns", self.conns.to_string()),
             ("--sub-chunk", self.sub_chunk.to_string()),
+            ("--spin-us", self.spin().as_micros().to_string()),
         ] {
             a.push(flag.into());
             a.push(v);
@@ -277,7 +290,8 @@ fn run_local(args: &BenchArgs, n: usize) -> Result<(), String> {
     let config = concord_master::coordinator::CoordinatorConfig::default();
     let server =
         concord_master::server::Server::bind("127.0.0.1:0".parse().expect("valid"), config)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .with_spin(args.spin());
     let addr = server.local_addr().to_string();
     let stop = Arc::new(AtomicBool::new(false));
     let stop_master = Arc::clone(&stop);
@@ -353,6 +367,7 @@ fn run_peer(args: &BenchArgs) -> Result<(), String> {
         .op_timeout(timeout)
         .conns_per_neighbour(args.conns)
         .sub_chunk_bytes(args.sub_chunk)
+        .spin(args.spin())
         .socket_buffer_bytes(args.socket_buffer)
         .transport(match args.transport {
             Some(t) => t,
@@ -581,7 +596,7 @@ fn print_banner(
 ) {
     let _ = writeln!(
         out,
-        "# concord bench {}: all_reduce, {world} peers, {} {}, {}, kernels {}, transport {transport}, {} conn(s)/neighbour, sub-chunk {} B",
+        "# concord bench {}: all_reduce, {world} peers, {} {}, {}, kernels {}, transport {transport}, {} conn(s)/neighbour, sub-chunk {} B, polling {} us",
         env!("CARGO_PKG_VERSION"),
         args.dtype,
         args.op,
@@ -589,6 +604,7 @@ fn print_banner(
         concord_kernels::cpu_path(),
         args.conns,
         args.sub_chunk,
+        args.spin().as_micros(),
     );
     let _ = writeln!(
         out,
@@ -638,6 +654,7 @@ fn write_json(
         "transport": transport.name(),
         "conns_per_neighbour": args.conns,
         "sub_chunk_bytes": args.sub_chunk,
+        "spin_us": args.spin().as_micros() as u64,
         "results": rows,
         "avg_busbw_gbps": avg_busbw,
     });
