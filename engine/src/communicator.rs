@@ -157,7 +157,9 @@ impl CommunicatorBuilder {
     /// [`SPIN_MAX_COLLECTIVE_BYTES`](crate::SPIN_MAX_COLLECTIVE_BYTES) (default
     /// `CONCORD_SPIN_US`, else 100 us; zero never polls). Polling trades a little CPU for
     /// latency: blocking wake-ups cost tens of microseconds each on virtual machines. An idle
-    /// communicator never polls.
+    /// communicator never polls. While polling, a caller blocked in a collective of at most
+    /// 64 KiB in host memory runs it on its own thread (reads the master and the first ring
+    /// connection itself); zero turns that off too.
     pub fn spin(mut self, window: Duration) -> Self {
         self.config.spin = window;
         self
@@ -281,13 +283,15 @@ impl Communicator {
             config.advertise_ip.clone().unwrap_or_default(),
             config.group,
         );
-        let inner = Arc::new(Inner::new(proto, stream, listener, config, backend));
+        let inner = Arc::new(Inner::new(
+            proto, stream, read_half, listener, config, backend,
+        ));
         let mut threads = Vec::new();
         let reader_inner = Arc::clone(&inner);
         threads.push(
             std::thread::Builder::new()
                 .name("concord-master-rx".into())
-                .spawn(move || read_master(read_half, reader_inner))
+                .spawn(move || read_master(reader_inner))
                 .map_err(|e| Error::Io(format!("spawning the master reader: {e}")))?,
         );
         let weak = Arc::downgrade(&inner);

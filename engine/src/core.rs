@@ -16,7 +16,7 @@ use concord_master::proto::{
 use crate::collective::ring::RingPlan;
 use crate::collective::Traffic;
 use crate::communicator::{Config, ReduceInfo};
-use crate::dataplane::{DataPlane, Op, PlaneEvent, RawBuf};
+use crate::dataplane::{DataPlane, FirstSends, Op, PlaneEvent, RawBuf};
 use crate::gpu::{DeviceOp, Gpu};
 use crate::protocol::{CollPhase, Effect, PeerProto, TIMEOUT_MARK};
 use crate::Error;
@@ -53,6 +53,12 @@ pub(crate) struct Shared {
     pub(crate) master: TcpStream,
     launched: HashMap<u64, Launch>,
     wakers: Vec<(u64, Waker)>,
+    /// When the watchdog wakes next (`None`: only when told): a launch whose deadline is later
+    /// need not wake it (a thread wake-up per collective costs on small machines).
+    watch_at: Option<Instant>,
+    /// First frames of collectives registered under the lock, sent by whoever releases it
+    /// (see [`crate::dataplane::FirstSends`]).
+    first_sends: Vec<FirstSends>,
 }
 
 pub(crate) struct Inner {
@@ -73,6 +79,8 @@ pub(crate) struct Inner {
     emulated: Mutex<Option<Arc<Gpu>>>,
     /// Whether threads waiting on this peer's collectives poll before they block.
     pub(crate) pace: Arc<Pace>,
+    /// The master connection's read side (reader thread, or a driving caller).
+    master_in: MasterIn,
     /// Bumped by every [`Inner::notify`]: what a polling caller watches.
     notified: std::sync::atomic::AtomicU64,
 }
@@ -87,6 +95,7 @@ impl Inner {
     pub(crate) fn new(
         proto: PeerProto,
         master: TcpStream,
+        master_read: TcpStream,
         listener: TcpListener,
         config: Config,
         backend: concord_transport::BackendKind,
@@ -103,6 +112,8 @@ impl Inner {
                 master,
                 launched: HashMap::new(),
                 wakers: Vec::new(),
+                first_sends: Vec::new(),
+                watch_at: None,
             }),
             cond: Condvar::new(),
             watch: Condvar::new(),
@@ -114,6 +125,7 @@ impl Inner {
             gpu: Mutex::new(None),
             emulated: Mutex::new(None),
             pace,
+            master_in: MasterIn::new(master_read),
             notified: Default::default(),
         }
     }
@@ -218,7 +230,9 @@ impl Inner {
         g.launched.insert(tag, launch);
         flush(&mut g);
         crate::fault::kill_point("vote", Some(tag));
-        self.watch.notify_all(); // The watchdog learns the new deadline.
+        if g.watch_at.is_none_or(|at| deadline < at) {
+            self.watch.notify_all(); // The watchdog learns the earlier deadline.
+        }
         Ok(())
     }
 
@@ -265,11 +279,29 @@ impl Inner {
                 // and a blocking wake-up would cost more than the rest of a small collective.
                 let seen = self.notified.load(Ordering::Acquire);
                 if self.pace.polling() {
+                    // A small host collective: this thread reads the master connection and the
+                    // first ring connection itself (see `MasterIn`).
+                    let drive = g.launched.get(&tag).is_some_and(|l| {
+                        l.device.is_none() && l.dst.len <= crate::dataplane::INLINE_MAX_TOTAL_BYTES
+                    });
+                    let plane = g.plane.as_ref().filter(|_| drive).map(DataPlane::driver);
                     drop(g);
+                    let master = drive.then(|| MasterDriver::start(self));
                     // Each poll re-reads the window: every event of the collective extends it.
                     concord_transport::spin::spin_until(Duration::MAX, || {
-                        self.notified.load(Ordering::Acquire) != seen || !self.pace.polling()
+                        if self.notified.load(Ordering::Acquire) != seen || !self.pace.polling() {
+                            return true;
+                        }
+                        if let Some(m) = &master {
+                            m.step();
+                        }
+                        if let Some(p) = &plane {
+                            p.step();
+                        }
+                        self.notified.load(Ordering::Acquire) != seen
                     });
+                    drop(master);
+                    drop(plane);
                     g = self.lock();
                     if self.notified.load(Ordering::Acquire) != seen || self.pace.polling() {
                         continue;
@@ -422,8 +454,9 @@ impl Inner {
             Some(plane) => plane.register(op),
             None => Err("this peer has no ring connections; call update_topology()".into()),
         };
-        if let Err(e) = registered {
-            g.proto.collective_finished(tag, seq, Err(e));
+        match registered {
+            Ok(first) => g.first_sends.push(first),
+            Err(e) => g.proto.collective_finished(tag, seq, Err(e)),
         }
     }
 
@@ -623,53 +656,150 @@ pub(crate) fn flush(g: &mut Shared) {
     }
 }
 
-/// The reader thread: master messages into the protocol, until the connection ends.
-pub(crate) fn read_master(stream: TcpStream, inner: Arc<Inner>) {
-    use std::os::fd::AsRawFd;
-    let fd = stream.as_raw_fd();
-    let mut reader = BufReader::new(stream);
-    let error = loop {
-        if reader.buffer().is_empty() && inner.pace.polling() {
-            // A vote's answer is likely on its way: poll rather than pay a blocking wake-up.
-            concord_transport::spin::spin_until(Duration::MAX, || {
-                concord_transport::spin::readable(fd) || !inner.pace.polling()
-            });
+/// The read side of the master connection.
+///
+/// The reader thread (`concord-master-rx`) reads it, except while a caller waits for a small
+/// blocking collective with polling on: then the caller reads it itself ("drives", together
+/// with the first ring connection, see [`crate::dataplane::Driver`]) and the reader thread
+/// steps aside, so that the go-ahead, the frames and the outcome reach the caller without a
+/// hand-off between threads. Whoever holds `reader` reads one whole message and handles it as
+/// the reader thread would ([`handle_master`]).
+pub(crate) struct MasterIn {
+    fd: std::os::fd::RawFd,
+    reader: Mutex<BufReader<TcpStream>>,
+    /// Callers driving now; the reader thread stays aside while there are any.
+    drivers: std::sync::atomic::AtomicUsize,
+    aside: Mutex<()>,
+    aside_cv: Condvar,
+    /// The connection ended (or broke the protocol) and the protocol was told: read no more.
+    ended: std::sync::atomic::AtomicBool,
+}
+
+/// How often a reader thread that stepped aside looks again (a driver that got its outcome
+/// does not wake it, to keep a thread wake-up off every collective; one that gave up does).
+const ASIDE_RECHECK: Duration = Duration::from_millis(1);
+
+impl MasterIn {
+    pub(crate) fn new(stream: TcpStream) -> Self {
+        use std::os::fd::AsRawFd;
+        MasterIn {
+            fd: stream.as_raw_fd(),
+            reader: Mutex::new(BufReader::new(stream)),
+            drivers: Default::default(),
+            aside: Mutex::new(()),
+            aside_cv: Condvar::new(),
+            ended: Default::default(),
         }
-        match read_message(&mut reader) {
-            Ok(msg) => {
-                if !matches!(msg, MasterMsg::Ping) {
-                    inner.pace.moved();
-                }
-                // A go-ahead (unless the collective ended at once) and a ping change nothing
-                // a caller waits for: wake nobody.
-                let quiet = match &msg {
-                    MasterMsg::Ping => Some(None),
-                    MasterMsg::CollCommence { tag, .. } => Some(Some(*tag)),
-                    _ => None,
-                };
-                let mut g = inner.lock();
-                match g.proto.handle(msg) {
-                    Ok(effects) => inner.apply(&mut g, effects),
-                    Err(e) => break e,
-                }
-                flush(&mut g);
-                let quiet = match quiet {
-                    Some(None) => true,
-                    Some(Some(tag)) => {
-                        matches!(
-                            g.proto.collective(tag),
-                            Some(CollPhase::Run { .. } | CollPhase::Voting)
-                        ) && g.proto.fatal().is_none()
-                    }
-                    None => false,
-                };
-                if !quiet {
-                    inner.notify(&mut g);
-                }
-            }
-            Err(e) => break e,
+    }
+
+    fn reader(&self) -> MutexGuard<'_, BufReader<TcpStream>> {
+        self.reader.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn driving(&self) -> bool {
+        self.drivers.load(std::sync::atomic::Ordering::Acquire) > 0
+    }
+}
+
+impl std::fmt::Debug for MasterIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MasterIn").finish_non_exhaustive()
+    }
+}
+
+/// A caller driving the master connection (see [`MasterIn`]); dropping it stops.
+struct MasterDriver<'a> {
+    inner: &'a Inner,
+}
+
+impl<'a> MasterDriver<'a> {
+    fn start(inner: &'a Inner) -> Self {
+        inner
+            .master_in
+            .drivers
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        MasterDriver { inner }
+    }
+
+    /// Reads and handles one message if one is waiting and nobody else is reading.
+    fn step(&self) {
+        let mi = &self.inner.master_in;
+        if mi.ended.load(std::sync::atomic::Ordering::Acquire) {
+            return;
         }
+        let Ok(mut r) = mi.reader.try_lock() else {
+            return;
+        };
+        if r.buffer().is_empty() && !concord_transport::spin::readable(mi.fd) {
+            return;
+        }
+        let msg = read_message(&mut *r);
+        drop(r);
+        if let Err(e) = msg.and_then(|m| handle_master(self.inner, m)) {
+            master_ended(self.inner, e);
+        }
+    }
+}
+
+impl Drop for MasterDriver<'_> {
+    fn drop(&mut self) {
+        let mi = &self.inner.master_in;
+        let last = mi.drivers.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1;
+        if last && !self.inner.pace.polling() {
+            // Gave up (nothing moved for a whole window): the reader thread takes over now.
+            let _g = mi.aside.lock().unwrap_or_else(|p| p.into_inner());
+            mi.aside_cv.notify_all();
+        }
+    }
+}
+
+/// One master message into the protocol (reader thread or driving caller; no lock held).
+/// `Err`: the connection is unusable (the master broke the protocol).
+fn handle_master(inner: &Inner, msg: MasterMsg) -> Result<(), Error> {
+    if !matches!(msg, MasterMsg::Ping) {
+        inner.pace.moved();
+    }
+    // A go-ahead (unless the collective ended at once) and a ping change nothing a caller
+    // waits for: wake nobody.
+    let quiet = match &msg {
+        MasterMsg::Ping => Some(None),
+        MasterMsg::CollCommence { tag, .. } => Some(Some(*tag)),
+        _ => None,
     };
+    let mut g = inner.lock();
+    let effects = g.proto.handle(msg)?;
+    inner.apply(&mut g, effects);
+    flush(&mut g);
+    let quiet = match quiet {
+        Some(None) => true,
+        Some(Some(tag)) => {
+            matches!(
+                g.proto.collective(tag),
+                Some(CollPhase::Run { .. } | CollPhase::Voting)
+            ) && g.proto.fatal().is_none()
+        }
+        None => false,
+    };
+    if !quiet {
+        inner.notify(&mut g);
+    }
+    let first = std::mem::take(&mut g.first_sends);
+    drop(g);
+    for f in first {
+        f.send();
+    }
+    Ok(())
+}
+
+/// The master connection ended (or broke the protocol): every wait ends with why. Once.
+fn master_ended(inner: &Inner, error: Error) {
+    if inner
+        .master_in
+        .ended
+        .swap(true, std::sync::atomic::Ordering::AcqRel)
+    {
+        return;
+    }
     let mut g = inner.lock();
     let error = if inner.shutting_down() {
         Error::MasterLost("the communicator was dropped".into())
@@ -679,6 +809,66 @@ pub(crate) fn read_master(stream: TcpStream, inner: Arc<Inner>) {
     let effects = g.proto.master_lost(error);
     inner.apply(&mut g, effects);
     inner.notify(&mut g);
+    let first = std::mem::take(&mut g.first_sends);
+    drop(g);
+    drop(first); // Unsent: wakes the TX threads, which find the plane failed.
+}
+
+/// Blocks until `fd` is readable, hung up or failed.
+fn wait_readable(fd: std::os::fd::RawFd) {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd for the length given; `fd` stays open while the reader
+        // (which owns it) lives, and a closed fd only makes poll report POLLNVAL.
+        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if r >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return;
+        }
+    }
+}
+
+/// The reader thread: master messages into the protocol, until the connection ends.
+pub(crate) fn read_master(inner: Arc<Inner>) {
+    let mi = &inner.master_in;
+    loop {
+        if mi.ended.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        if mi.driving() && !inner.shutting_down() {
+            let g = mi.aside.lock().unwrap_or_else(|p| p.into_inner());
+            if mi.driving() {
+                drop(mi.aside_cv.wait_timeout(g, ASIDE_RECHECK));
+            }
+            continue;
+        }
+        if mi.reader().buffer().is_empty() {
+            if inner.pace.polling() {
+                // A vote's answer is likely on its way: poll rather than pay a wake-up.
+                concord_transport::spin::spin_until(Duration::MAX, || {
+                    concord_transport::spin::readable(mi.fd)
+                        || !inner.pace.polling()
+                        || mi.driving()
+                });
+                if mi.driving() {
+                    continue;
+                }
+            }
+            wait_readable(mi.fd);
+            if mi.driving() && !inner.shutting_down() {
+                continue; // The driver reads what came.
+            }
+        }
+        // May block (holding the reader) if a driver took the bytes meanwhile: then this
+        // thread handles the next message, and the driver sees it through `notified`.
+        let msg = read_message(&mut *mi.reader());
+        if let Err(e) = msg.and_then(|m| handle_master(&inner, m)) {
+            return master_ended(&inner, e);
+        }
+    }
 }
 
 fn read_message(r: &mut impl Read) -> Result<MasterMsg, Error> {
@@ -757,6 +947,7 @@ pub(crate) fn watchdog(inner: Weak<Inner>) {
             inner.notify(&mut g);
         }
         let cond = &inner.watch;
+        g.watch_at = next;
         match next {
             Some(at) => {
                 let wait = at

@@ -33,6 +33,20 @@ const RETIRED_MEMORY: usize = 4096;
 /// core for moving bytes.
 pub const SPIN_MAX_COLLECTIVE_BYTES: usize = 4 << 20;
 
+/// While the collectives here total at most this many bytes (host memory, one connection),
+/// the thread that makes a frame ready (the one that registered the collective, or the one that
+/// reduced a sub-chunk) sends it itself on the first connection when that connection is free,
+/// instead of handing it to the TX thread, and a caller waiting for a blocking collective may
+/// receive on the first connection itself ([`DataPlane::driver`]): on a small machine every
+/// hand-off between threads is a scheduling delay of tens of microseconds. The bound keeps such
+/// writes from blocking: every frame in flight on a connection then fits in the receiver's
+/// initial socket buffer (128 KiB by default on Linux) at once, so no two threads can wait on
+/// each other's full buffers.
+pub(crate) const INLINE_MAX_TOTAL_BYTES: usize = 64 << 10;
+
+/// How often an RX thread that stepped aside for a driving caller looks again.
+const ASIDE_RECHECK: Duration = Duration::from_millis(1);
+
 const POLL_NONE: u8 = 0;
 const POLL_FIRST: u8 = 1;
 const POLL_ALL: u8 = 2;
@@ -67,6 +81,21 @@ struct Registry {
 struct Shared {
     /// One per connection, to wake its owner thread from another.
     stoppers: Vec<Stopper>,
+    /// The successor connections. Each TX thread locks its own to send; inline senders (see
+    /// [`INLINE_MAX_TOTAL_BYTES`]) only ever `try_lock` the first.
+    tx: Vec<Mutex<DataStream>>,
+    /// The predecessor connections with their receive state. Each RX thread locks its own to
+    /// receive; a driving caller only ever `try_lock`s the first.
+    rx: Vec<Mutex<RxConn>>,
+    /// Raw descriptors of `rx`, to wait for bytes without holding the lock.
+    rx_fds: Vec<std::os::fd::RawFd>,
+    /// Whether frames may be sent inline now: the collectives here are small enough, unstriped
+    /// and in host memory (the first TX thread then need not poll for them).
+    inline: AtomicBool,
+    /// Callers receiving on the first connection now; its RX thread stays aside meanwhile.
+    drivers: std::sync::atomic::AtomicUsize,
+    aside: Mutex<()>,
+    aside_cv: Condvar,
     next_id: PeerId,
     prev_id: PeerId,
     registry: Mutex<Registry>,
@@ -105,6 +134,14 @@ impl Shared {
             .ops
             .iter()
             .all(|op| op.plan.count * op.plan.elem_bytes <= SPIN_MAX_COLLECTIVE_BYTES);
+        let total: usize = r
+            .ops
+            .iter()
+            .map(|op| op.plan.count * op.plan.elem_bytes)
+            .sum();
+        let inline = total <= INLINE_MAX_TOTAL_BYTES
+            && r.ops.iter().all(|op| !op.striped && op.device.is_none());
+        self.inline.store(inline, Ordering::Relaxed);
         let state = match (small, r.ops.iter().any(|op| op.striped)) {
             (false, _) => POLL_NONE,
             (true, false) => POLL_FIRST,
@@ -122,6 +159,29 @@ impl Shared {
     fn wake_tx(&self) {
         for t in self.tx_threads.get().into_iter().flatten() {
             t.unpark();
+        }
+    }
+
+    /// Sends `op`'s ready frames now, from this thread, if they may go inline (see
+    /// [`INLINE_MAX_TOTAL_BYTES`]) and the first connection is free; else wakes the TX threads.
+    /// Never call it holding the communicator's lock: a send may finish the operation.
+    fn send_ready(&self, op: &Op) {
+        if op.striped || op.device.is_some() || !self.inline.load(Ordering::Relaxed) {
+            return self.wake_tx_for(op);
+        }
+        let Ok(mut stream) = self.tx[0].try_lock() else {
+            // Its TX thread is sending: it may be about to park without seeing this frame.
+            return self.wake_tx_for(op);
+        };
+        loop {
+            match send_one(self, op, 0, &mut stream) {
+                Ok(TrySend::Sent) => {}
+                Ok(TrySend::Idle) => return,
+                Err(e) => {
+                    drop(stream);
+                    return self.fail(e);
+                }
+            }
         }
     }
 
@@ -180,6 +240,86 @@ impl Shared {
     }
 }
 
+/// The first frames of a just-registered operation, to send (inline, or by waking a TX thread)
+/// once no lock is held. Dropping it unsent wakes the TX threads instead.
+#[must_use = "send() the first frames once the communicator's lock is released"]
+pub(crate) struct FirstSends(Option<(Arc<Shared>, Arc<Op>)>);
+
+impl FirstSends {
+    pub(crate) fn send(mut self) {
+        if let Some((shared, op)) = self.0.take() {
+            shared.send_ready(&op);
+        }
+    }
+}
+
+impl Drop for FirstSends {
+    fn drop(&mut self) {
+        if let Some((shared, op)) = self.0.take() {
+            shared.wake_tx_for(&op);
+        }
+    }
+}
+
+impl std::fmt::Debug for FirstSends {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FirstSends").finish_non_exhaustive()
+    }
+}
+
+/// A caller receiving on the first connection while it waits for a small blocking collective:
+/// the frame goes from the socket through the reduction to the next send on one thread, and the
+/// RX thread stays aside. Dropping it hands the connection back.
+pub(crate) struct Driver(Arc<Shared>);
+
+impl Driver {
+    /// Receives one frame if one is waiting, the collectives here are small enough and nobody
+    /// else is receiving.
+    pub(crate) fn step(&self) {
+        let s = &*self.0;
+        if !s.inline.load(Ordering::Relaxed) || s.failed.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(mut c) = s.rx[0].try_lock() else {
+            return;
+        };
+        if c.held.is_none() && !c.stream.readable_now() {
+            return;
+        }
+        if let Err(e) = recv_one(s, 0, &mut c, false) {
+            drop(c);
+            s.fail(e);
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let s = &*self.0;
+        if s.drivers.fetch_sub(1, Ordering::AcqRel) == 1 && !s.pace.polling() {
+            // Gave up (nothing moved for a whole window): the RX thread takes over now.
+            let _g = s.aside.lock().unwrap_or_else(|p| p.into_inner());
+            s.aside_cv.notify_all();
+        }
+    }
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver").finish_non_exhaustive()
+    }
+}
+
+/// A predecessor connection with what its receiver keeps between frames.
+struct RxConn {
+    stream: DataStream,
+    staging: PinnedBuf,
+    /// A device frame whose GPU work is still running.
+    pending: Option<Pending>,
+    /// A header read by a driving caller before its collective was registered here.
+    held: Option<DataHeader>,
+}
+
 /// The connections and threads of one ring epoch.
 pub(crate) struct DataPlane {
     shared: Arc<Shared>,
@@ -217,7 +357,27 @@ impl DataPlane {
         };
         let next = wrap(std::mem::take(&mut links.next))?;
         let prev = wrap(std::mem::take(&mut links.prev))?;
+        let rx_fds = prev.iter().map(DataStream::raw_fd).collect();
+        let rx = prev
+            .into_iter()
+            .map(|mut stream| {
+                let staging = staging_for(&mut stream, sub_bytes);
+                Mutex::new(RxConn {
+                    stream,
+                    staging,
+                    pending: None,
+                    held: None,
+                })
+            })
+            .collect();
         let shared = Arc::new(Shared {
+            tx: next.into_iter().map(Mutex::new).collect(),
+            rx,
+            rx_fds,
+            inline: AtomicBool::new(true),
+            drivers: Default::default(),
+            aside: Mutex::new(()),
+            aside_cv: Condvar::new(),
             stoppers,
             next_id: links.next_id,
             prev_id: links.prev_id,
@@ -237,32 +397,33 @@ impl DataPlane {
                 .spawn(f)
                 .map_err(|e| format!("spawning a data thread: {e}"))
         };
-        for (i, stream) in next.into_iter().enumerate() {
+        for i in 0..shared.tx.len() {
             let s = Arc::clone(&shared);
             threads.push(spawn(
                 format!("concord-tx-{i}"),
-                Box::new(move || tx_loop(&s, i, stream)),
+                Box::new(move || tx_loop(&s, i)),
             )?);
         }
         let _ = shared
             .tx_threads
             .set(threads.iter().map(|t| t.thread().clone()).collect());
-        for (i, mut stream) in prev.into_iter().enumerate() {
-            let staging = staging_for(&mut stream, sub_bytes);
+        for i in 0..shared.rx.len() {
             let s = Arc::clone(&shared);
             threads.push(spawn(
                 format!("concord-rx-{i}"),
-                Box::new(move || rx_loop(&s, i, stream, staging)),
+                Box::new(move || rx_loop(&s, i)),
             )?);
         }
         Ok(DataPlane { shared, threads })
     }
 
-    /// Adds an operation; the TX threads start sending it at once.
-    pub(crate) fn register(&self, op: Arc<Op>) -> Result<(), String> {
+    /// Adds an operation. Its first frames go out when the returned [`FirstSends`] is sent,
+    /// which the caller does once it no longer holds the communicator's lock (sending may
+    /// finish the operation, whose report takes that lock).
+    pub(crate) fn register(&self, op: Arc<Op>) -> Result<FirstSends, String> {
         if op.is_empty() {
             self.shared.finish(&op, Ok(Traffic::default()));
-            return Ok(());
+            return Ok(FirstSends(None));
         }
         {
             let mut r = self.shared.lock();
@@ -274,8 +435,15 @@ impl DataPlane {
             self.shared.update_small(&r);
         }
         self.shared.registry_cv.notify_all();
-        self.shared.wake_tx_for(&op);
-        Ok(())
+        Ok(FirstSends(Some((Arc::clone(&self.shared), op))))
+    }
+
+    /// What a caller needs to receive on this plane while it waits (see [`Driver`]).
+    pub(crate) fn driver(&self) -> Driver {
+        self.shared
+            .drivers
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Driver(Arc::clone(&self.shared))
     }
 
     /// Shuts the connections down without waiting: every thread blocked on them returns, and
@@ -299,8 +467,9 @@ impl DataPlane {
         }
         r.retired.push_back((tag, seq));
         drop(r);
+        // RX threads waiting for a registration learn it is retired. TX threads need no wake-up:
+        // a parked one holds no operation, and a busy one skips a retired operation's frames.
         self.shared.registry_cv.notify_all();
-        self.shared.wake_tx();
     }
 }
 
@@ -318,7 +487,7 @@ enum TrySend {
     Idle,
 }
 
-fn tx_loop(s: &Shared, conn: usize, mut stream: DataStream) {
+fn tx_loop(s: &Shared, conn: usize) {
     let mut cache: Vec<Arc<Op>> = Vec::new();
     let mut cache_gen = u64::MAX;
     let mut turn = 0usize;
@@ -332,6 +501,7 @@ fn tx_loop(s: &Shared, conn: usize, mut stream: DataStream) {
         }
         let n = cache.len();
         let mut progressed = false;
+        let mut stream = s.tx[conn].lock().unwrap_or_else(|p| p.into_inner());
         for off in 0..n {
             let op = &cache[(turn + off) % n];
             match send_one(s, op, conn, &mut stream) {
@@ -341,17 +511,25 @@ fn tx_loop(s: &Shared, conn: usize, mut stream: DataStream) {
                     break;
                 }
                 Ok(TrySend::Idle) => {}
-                Err(e) => return s.fail(e),
+                Err(e) => {
+                    drop(stream);
+                    return s.fail(e);
+                }
             }
         }
+        drop(stream);
         if progressed {
             continue;
         }
-        if s.polling(conn) {
+        // Inline sends carry small collectives: no need to poll for them here.
+        if s.polling(conn) && !(conn == 0 && s.inline.load(Ordering::Relaxed)) {
             // A small collective is under way: its next sub-chunk is microseconds away.
             std::thread::yield_now();
             continue;
         }
+        // Hold no operation while parked (a retired one's memory goes back at once).
+        cache.clear();
+        cache_gen = u64::MAX;
         std::thread::park();
     }
 }
@@ -412,6 +590,22 @@ fn send_one(s: &Shared, op: &Op, conn: usize, stream: &mut DataStream) -> Result
         s.finish(op, Ok(op.traffic()));
     }
     Ok(TrySend::Sent)
+}
+
+/// The operation of a frame if it is registered (`Some(Some)`) or retired (`Some(None)`: drop
+/// the frame); `None`: not yet registered.
+fn lookup_now(s: &Shared, tag: u64, seq: u64) -> Result<Option<Option<Arc<Op>>>, String> {
+    let r = s.lock();
+    if let Some(op) = r.ops.iter().find(|o| o.tag == tag && o.seq == seq) {
+        return Ok(Some(Some(Arc::clone(op))));
+    }
+    if r.retired.contains(&(tag, seq)) {
+        return Ok(Some(None));
+    }
+    match &r.failure {
+        Some(why) => Err(why.clone()),
+        None => Ok(None),
+    }
 }
 
 /// Finds the operation of a frame, waiting a bounded time for its registration (the frame may
@@ -492,45 +686,120 @@ fn finish_pending(s: &Shared, p: Pending) {
     }
 }
 
-fn rx_loop(s: &Shared, conn: usize, mut stream: DataStream, mut staging: PinnedBuf) {
-    let mut pending: Option<Pending> = None;
+fn rx_loop(s: &Shared, conn: usize) {
+    // Since when the first connection has been quiet while waiting without its lock: after a
+    // whole `register_timeout` with collectives expecting data, the blocking read below (with
+    // its timeout) takes over, so a silent predecessor is still an error, as on the others.
+    let mut quiet_since: Option<Instant> = None;
     while !s.failed.load(Ordering::Acquire) {
-        if pending.is_some() && !stream.readable_now() {
-            finish_pending(s, pending.take().expect("checked"));
+        if conn == 0 && s.drivers.load(Ordering::Acquire) > 0 {
+            // A caller receives here itself for now.
+            quiet_since = None;
+            let g = s.aside.lock().unwrap_or_else(|p| p.into_inner());
+            if s.drivers.load(Ordering::Acquire) > 0 {
+                drop(s.aside_cv.wait_timeout(g, ASIDE_RECHECK));
+            }
+            continue;
         }
-        if let Err(e) = recv_one(s, conn, &mut stream, &mut staging, &mut pending) {
-            if let Some(p) = pending.take() {
+        let mut c = s.rx[conn].lock().unwrap_or_else(|p| p.into_inner());
+        if c.pending.is_some() && !c.stream.readable_now() {
+            let p = c.pending.take().expect("checked");
+            finish_pending(s, p);
+        }
+        let silent_too_long = quiet_since
+            .is_some_and(|q| q.elapsed() >= s.register_timeout && !s.lock().ops.is_empty());
+        if conn == 0 && c.held.is_none() && !c.stream.readable_now() && !silent_too_long {
+            // Wait for bytes without the lock, so that a driving caller can take them.
+            drop(c);
+            quiet_since.get_or_insert_with(Instant::now);
+            if s.polling(conn) {
+                // A small collective is under way: its next frame is microseconds away.
+                concord_transport::spin::spin_until(Duration::MAX, || {
+                    concord_transport::spin::readable(s.rx_fds[0])
+                        || !s.polling(conn)
+                        || s.drivers.load(Ordering::Acquire) > 0
+                });
+                continue;
+            }
+            if !wait_readable(s.rx_fds[0], ASIDE_RECHECK * 100) {
+                continue;
+            }
+            if s.drivers.load(Ordering::Acquire) > 0 {
+                continue;
+            }
+            c = s.rx[conn].lock().unwrap_or_else(|p| p.into_inner());
+        }
+        quiet_since = None;
+        if let Err(e) = recv_one(s, conn, &mut c, true) {
+            if let Some(p) = c.pending.take() {
                 finish_pending(s, p);
             }
+            drop(c);
             return s.fail(e);
         }
     }
-    if let Some(p) = pending.take() {
+    let mut c = s.rx[conn].lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = c.pending.take() {
         finish_pending(s, p);
     }
 }
 
-fn recv_one(
-    s: &Shared,
-    conn: usize,
-    stream: &mut DataStream,
-    staging: &mut PinnedBuf,
-    pending: &mut Option<Pending>,
-) -> Result<(), String> {
+/// Waits until `fd` is readable or hung up (true), or `timeout` passed (false).
+fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the length given; `fd` belongs to a connection that lives as
+    // long as the plane, and a closed fd only makes poll report POLLNVAL.
+    let r = unsafe {
+        libc::poll(
+            &mut pfd,
+            1,
+            timeout.as_millis().min(i32::MAX as u128) as i32,
+        )
+    };
+    r != 0
+}
+
+/// Receives one frame on `conn`. `may_wait`: wait for the frame's collective to be registered
+/// here; else (a driving caller, who registers collectives itself) keep the header for later.
+fn recv_one(s: &Shared, conn: usize, c: &mut RxConn, may_wait: bool) -> Result<(), String> {
+    let RxConn {
+        stream,
+        staging,
+        pending,
+        held,
+    } = c;
     let from = s.prev_id;
     let io = |e: std::io::Error| format!("receiving from ring predecessor {from}: {e}");
     let idle = || s.lock().ops.is_empty();
-    if s.polling(conn) {
+    if conn > 0 && s.polling(conn) {
         // A small collective is under way: its next frame is microseconds away.
         concord_transport::spin::spin_until(Duration::MAX, || {
             stream.readable_now() || !s.polling(conn)
         });
     }
-    let h = stream
-        .read_header(idle)
-        .map_err(|e| format!("receiving from ring predecessor {from}: {e}"))?;
+    let h = match held.take() {
+        Some(h) => h,
+        None => stream
+            .read_header(idle)
+            .map_err(|e| format!("receiving from ring predecessor {from}: {e}"))?,
+    };
     s.pace.moved();
-    let op = match lookup(s, h.tag, h.seq)? {
+    let found = if may_wait {
+        lookup(s, h.tag, h.seq)?
+    } else {
+        match lookup_now(s, h.tag, h.seq)? {
+            Some(found) => found,
+            None => {
+                *held = Some(h);
+                return Ok(());
+            }
+        }
+    };
+    let op = match found {
         // Failed here (its abort is on its way) or retired: drop what is still in flight.
         Some(op) if !op.failed.load(Ordering::Acquire) => op,
         _ => return stream.discard(h.len as usize).map_err(io),
@@ -662,7 +931,7 @@ fn recv_one(
     }
     drop(busy);
     let done = op.received(m, (HEADER_BYTES + range.len()) as u64);
-    s.wake_tx_for(&op);
+    s.send_ready(&op);
     if done {
         s.finish(&op, Ok(op.traffic()));
     }

@@ -102,6 +102,15 @@ impl DataStream {
         }
     }
 
+    /// The socket's descriptor (to wait on it without the stream).
+    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match self {
+            DataStream::Socket(s) => s.as_raw_fd(),
+            DataStream::Uring(u) => u.as_tcp().as_raw_fd(),
+        }
+    }
+
     /// Whether bytes are waiting in the socket's receive queue (a read would not block).
     pub(crate) fn readable_now(&self) -> bool {
         use std::os::fd::AsRawFd;
