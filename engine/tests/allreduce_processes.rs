@@ -197,3 +197,29 @@ fn allreduce_matrix_world_4_uring() {
 fn allreduce_matrix_world_4_socket() {
     run_matrix(4, "socket", None);
 }
+
+/// A ring of one has no connections: a small blocking collective, which a caller otherwise
+/// runs on its own thread through the first ring connection, must still complete (the result
+/// is the input), as must larger ones and every op.
+#[test]
+fn a_world_of_one_reduces_small_and_large_buffers() {
+    if is_peer() {
+        return;
+    }
+    let master = MasterProcess::start();
+    let comm = join_world(&master.addr, 1);
+    for (tag, n) in [(1u64, 1024usize), (2, 16 << 10), (3, 1 << 20)] {
+        let src: Vec<f32> = (0..n).map(|i| (i % 113) as f32 - 7.0).collect();
+        let mut dst = vec![0f32; n];
+        for (k, op) in [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max]
+            .into_iter()
+            .enumerate()
+        {
+            let info = comm
+                .all_reduce(&src, &mut dst, op, tag * 10 + k as u64)
+                .expect("a world of one reduces");
+            assert_eq!(info.world, 1);
+            assert_eq!(dst, src, "{op:?} over one peer is the input ({n} elements)");
+        }
+    }
+}

@@ -169,7 +169,7 @@ impl Shared {
         if op.striped || op.device.is_some() || !self.inline.load(Ordering::Relaxed) {
             return self.wake_tx_for(op);
         }
-        let Ok(mut stream) = self.tx[0].try_lock() else {
+        let Some(Ok(mut stream)) = self.tx.first().map(Mutex::try_lock) else {
             // Its TX thread is sending: it may be about to park without seeing this frame.
             return self.wake_tx_for(op);
         };
@@ -280,7 +280,8 @@ impl Driver {
         if !s.inline.load(Ordering::Relaxed) || s.failed.load(Ordering::Acquire) {
             return;
         }
-        let Ok(mut c) = s.rx[0].try_lock() else {
+        // A ring of one has no connections.
+        let Some(Ok(mut c)) = s.rx.first().map(Mutex::try_lock) else {
             return;
         };
         if c.held.is_none() && !c.stream.readable_now() {
