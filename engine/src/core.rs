@@ -668,16 +668,10 @@ pub(crate) struct MasterIn {
     fd: std::os::fd::RawFd,
     reader: Mutex<BufReader<TcpStream>>,
     /// Callers driving now; the reader thread stays aside while there are any.
-    drivers: std::sync::atomic::AtomicUsize,
-    aside: Mutex<()>,
-    aside_cv: Condvar,
+    aside: crate::aside::Aside,
     /// The connection ended (or broke the protocol) and the protocol was told: read no more.
     ended: std::sync::atomic::AtomicBool,
 }
-
-/// How often a reader thread that stepped aside looks again (a driver that got its outcome
-/// does not wake it, to keep a thread wake-up off every collective; one that gave up does).
-const ASIDE_RECHECK: Duration = Duration::from_millis(1);
 
 impl MasterIn {
     pub(crate) fn new(stream: TcpStream) -> Self {
@@ -685,19 +679,13 @@ impl MasterIn {
         MasterIn {
             fd: stream.as_raw_fd(),
             reader: Mutex::new(BufReader::new(stream)),
-            drivers: Default::default(),
-            aside: Mutex::new(()),
-            aside_cv: Condvar::new(),
+            aside: Default::default(),
             ended: Default::default(),
         }
     }
 
     fn reader(&self) -> MutexGuard<'_, BufReader<TcpStream>> {
         self.reader.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn driving(&self) -> bool {
-        self.drivers.load(std::sync::atomic::Ordering::Acquire) > 0
     }
 }
 
@@ -714,10 +702,7 @@ struct MasterDriver<'a> {
 
 impl<'a> MasterDriver<'a> {
     fn start(inner: &'a Inner) -> Self {
-        inner
-            .master_in
-            .drivers
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        inner.master_in.aside.enter();
         MasterDriver { inner }
     }
 
@@ -743,13 +728,8 @@ impl<'a> MasterDriver<'a> {
 
 impl Drop for MasterDriver<'_> {
     fn drop(&mut self) {
-        let mi = &self.inner.master_in;
-        let last = mi.drivers.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1;
-        if last && !self.inner.pace.polling() {
-            // Gave up (nothing moved for a whole window): the reader thread takes over now.
-            let _g = mi.aside.lock().unwrap_or_else(|p| p.into_inner());
-            mi.aside_cv.notify_all();
-        }
+        let gave_up = !self.inner.pace.polling();
+        self.inner.master_in.aside.leave(gave_up);
     }
 }
 
@@ -814,23 +794,6 @@ fn master_ended(inner: &Inner, error: Error) {
     drop(first); // Unsent: wakes the TX threads, which find the plane failed.
 }
 
-/// Blocks until `fd` is readable, hung up or failed.
-fn wait_readable(fd: std::os::fd::RawFd) {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    loop {
-        // SAFETY: one valid pollfd for the length given; `fd` stays open while the reader
-        // (which owns it) lives, and a closed fd only makes poll report POLLNVAL.
-        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
-        if r >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            return;
-        }
-    }
-}
-
 /// The reader thread: master messages into the protocol, until the connection ends.
 pub(crate) fn read_master(inner: Arc<Inner>) {
     let mi = &inner.master_in;
@@ -838,11 +801,8 @@ pub(crate) fn read_master(inner: Arc<Inner>) {
         if mi.ended.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
-        if mi.driving() && !inner.shutting_down() {
-            let g = mi.aside.lock().unwrap_or_else(|p| p.into_inner());
-            if mi.driving() {
-                drop(mi.aside_cv.wait_timeout(g, ASIDE_RECHECK));
-            }
+        if mi.aside.driving() && !inner.shutting_down() {
+            mi.aside.wait();
             continue;
         }
         if mi.reader().buffer().is_empty() {
@@ -851,14 +811,14 @@ pub(crate) fn read_master(inner: Arc<Inner>) {
                 concord_transport::spin::spin_until(Duration::MAX, || {
                     concord_transport::spin::readable(mi.fd)
                         || !inner.pace.polling()
-                        || mi.driving()
+                        || mi.aside.driving()
                 });
-                if mi.driving() {
+                if mi.aside.driving() {
                     continue;
                 }
             }
-            wait_readable(mi.fd);
-            if mi.driving() && !inner.shutting_down() {
+            concord_transport::spin::wait_readable(mi.fd, None);
+            if mi.aside.driving() && !inner.shutting_down() {
                 continue; // The driver reads what came.
             }
         }

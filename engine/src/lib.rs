@@ -16,6 +16,7 @@
 //! # Ok::<(), concord::Error>(())
 //! ```
 
+mod aside;
 pub mod collective;
 mod communicator;
 mod core;

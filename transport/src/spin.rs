@@ -70,6 +70,29 @@ pub fn readable(fd: std::os::fd::RawFd) -> bool {
     r == 0 && queued > 0
 }
 
+/// Blocks until socket `fd` is readable or hung up (true), or `timeout` passed (false;
+/// `None`: no limit). Interrupted waits resume.
+#[cfg(unix)]
+pub fn wait_readable(fd: std::os::fd::RawFd, timeout: Option<Duration>) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+    loop {
+        // SAFETY: one valid pollfd for the length given; an invalid or closed `fd` only makes
+        // poll report POLLNVAL.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if r >= 0 {
+            return r > 0;
+        }
+        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return true; // Let the caller's read find the error.
+        }
+    }
+}
+
 /// A moment, shared between threads without a lock (nanoseconds since the process's first use).
 #[derive(Debug, Default)]
 pub struct Stamp(AtomicU64);
@@ -154,5 +177,17 @@ mod tests {
         assert!(spin_until(Duration::from_secs(5), || readable(
             b.as_raw_fd()
         )));
+        assert!(wait_readable(b.as_raw_fd(), None));
+        // A hang-up counts as readable (the read then reports it).
+        let (c, _) = {
+            let _gone = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            l.accept().unwrap()
+        };
+        assert!(wait_readable(c.as_raw_fd(), Some(Duration::from_secs(5))));
+        let quiet = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        assert!(!wait_readable(
+            quiet.as_raw_fd(),
+            Some(Duration::from_millis(20))
+        ));
     }
 }

@@ -44,9 +44,6 @@ pub const SPIN_MAX_COLLECTIVE_BYTES: usize = 4 << 20;
 /// each other's full buffers.
 pub(crate) const INLINE_MAX_TOTAL_BYTES: usize = 64 << 10;
 
-/// How often an RX thread that stepped aside for a driving caller looks again.
-const ASIDE_RECHECK: Duration = Duration::from_millis(1);
-
 const POLL_NONE: u8 = 0;
 const POLL_FIRST: u8 = 1;
 const POLL_ALL: u8 = 2;
@@ -93,9 +90,7 @@ struct Shared {
     /// and in host memory (the first TX thread then need not poll for them).
     inline: AtomicBool,
     /// Callers receiving on the first connection now; its RX thread stays aside meanwhile.
-    drivers: std::sync::atomic::AtomicUsize,
-    aside: Mutex<()>,
-    aside_cv: Condvar,
+    aside: crate::aside::Aside,
     next_id: PeerId,
     prev_id: PeerId,
     registry: Mutex<Registry>,
@@ -297,11 +292,7 @@ impl Driver {
 impl Drop for Driver {
     fn drop(&mut self) {
         let s = &*self.0;
-        if s.drivers.fetch_sub(1, Ordering::AcqRel) == 1 && !s.pace.polling() {
-            // Gave up (nothing moved for a whole window): the RX thread takes over now.
-            let _g = s.aside.lock().unwrap_or_else(|p| p.into_inner());
-            s.aside_cv.notify_all();
-        }
+        s.aside.leave(!s.pace.polling());
     }
 }
 
@@ -376,9 +367,7 @@ impl DataPlane {
             rx,
             rx_fds,
             inline: AtomicBool::new(true),
-            drivers: Default::default(),
-            aside: Mutex::new(()),
-            aside_cv: Condvar::new(),
+            aside: Default::default(),
             stoppers,
             next_id: links.next_id,
             prev_id: links.prev_id,
@@ -441,9 +430,7 @@ impl DataPlane {
 
     /// What a caller needs to receive on this plane while it waits (see [`Driver`]).
     pub(crate) fn driver(&self) -> Driver {
-        self.shared
-            .drivers
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.shared.aside.enter();
         Driver(Arc::clone(&self.shared))
     }
 
@@ -693,13 +680,10 @@ fn rx_loop(s: &Shared, conn: usize) {
     // its timeout) takes over, so a silent predecessor is still an error, as on the others.
     let mut quiet_since: Option<Instant> = None;
     while !s.failed.load(Ordering::Acquire) {
-        if conn == 0 && s.drivers.load(Ordering::Acquire) > 0 {
+        if conn == 0 && s.aside.driving() {
             // A caller receives here itself for now.
             quiet_since = None;
-            let g = s.aside.lock().unwrap_or_else(|p| p.into_inner());
-            if s.drivers.load(Ordering::Acquire) > 0 {
-                drop(s.aside_cv.wait_timeout(g, ASIDE_RECHECK));
-            }
+            s.aside.wait();
             continue;
         }
         let mut c = s.rx[conn].lock().unwrap_or_else(|p| p.into_inner());
@@ -707,25 +691,26 @@ fn rx_loop(s: &Shared, conn: usize) {
             let p = c.pending.take().expect("checked");
             finish_pending(s, p);
         }
+        // Only where a caller may drive (small collectives) does this thread wait for bytes
+        // without the lock; otherwise it blocks in the read, one syscall per frame as before.
+        let drivable = conn == 0 && s.inline.load(Ordering::Relaxed);
         let silent_too_long = quiet_since
             .is_some_and(|q| q.elapsed() >= s.register_timeout && !s.lock().ops.is_empty());
-        if conn == 0 && c.held.is_none() && !c.stream.readable_now() && !silent_too_long {
-            // Wait for bytes without the lock, so that a driving caller can take them.
+        if drivable && c.held.is_none() && !c.stream.readable_now() && !silent_too_long {
             drop(c);
             quiet_since.get_or_insert_with(Instant::now);
+            let fd = s.rx_fds[0];
             if s.polling(conn) {
                 // A small collective is under way: its next frame is microseconds away.
                 concord_transport::spin::spin_until(Duration::MAX, || {
-                    concord_transport::spin::readable(s.rx_fds[0])
-                        || !s.polling(conn)
-                        || s.drivers.load(Ordering::Acquire) > 0
+                    concord_transport::spin::readable(fd) || !s.polling(conn) || s.aside.driving()
                 });
                 continue;
             }
-            if !wait_readable(s.rx_fds[0], ASIDE_RECHECK * 100) {
-                continue;
-            }
-            if s.drivers.load(Ordering::Acquire) > 0 {
+            // Bounded, to notice the plane failing, a driver, or a long silence.
+            if !concord_transport::spin::wait_readable(fd, Some(Duration::from_millis(100)))
+                || s.aside.driving()
+            {
                 continue;
             }
             c = s.rx[conn].lock().unwrap_or_else(|p| p.into_inner());
@@ -745,25 +730,6 @@ fn rx_loop(s: &Shared, conn: usize) {
     }
 }
 
-/// Waits until `fd` is readable or hung up (true), or `timeout` passed (false).
-fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the length given; `fd` belongs to a connection that lives as
-    // long as the plane, and a closed fd only makes poll report POLLNVAL.
-    let r = unsafe {
-        libc::poll(
-            &mut pfd,
-            1,
-            timeout.as_millis().min(i32::MAX as u128) as i32,
-        )
-    };
-    r != 0
-}
-
 /// Receives one frame on `conn`. `may_wait`: wait for the frame's collective to be registered
 /// here; else (a driving caller, who registers collectives itself) keep the header for later.
 fn recv_one(s: &Shared, conn: usize, c: &mut RxConn, may_wait: bool) -> Result<(), String> {
@@ -776,7 +742,7 @@ fn recv_one(s: &Shared, conn: usize, c: &mut RxConn, may_wait: bool) -> Result<(
     let from = s.prev_id;
     let io = |e: std::io::Error| format!("receiving from ring predecessor {from}: {e}");
     let idle = || s.lock().ops.is_empty();
-    if conn > 0 && s.polling(conn) {
+    if held.is_none() && s.polling(conn) {
         // A small collective is under way: its next frame is microseconds away.
         concord_transport::spin::spin_until(Duration::MAX, || {
             stream.readable_now() || !s.polling(conn)
