@@ -194,6 +194,16 @@ pub struct ReduceInfo {
     pub device: Option<crate::gpu::DeviceStages>,
 }
 
+/// Out-of-place buffers must have as many elements (`unit`s) each.
+pub(crate) fn check_same_len(src: usize, dst: usize, unit: &str) -> Result<(), Error> {
+    if src == dst {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument(format!(
+        "src has {src} {unit} and dst {dst}: they must match"
+    )))
+}
+
 /// The untyped entry points' check: `dst_len` bytes (and `src_len`, when out of place) hold
 /// whole, equal numbers of `dtype` elements.
 fn check_raw(src_len: Option<usize>, dst_len: usize, dtype: DType) -> Result<(), Error> {
@@ -552,13 +562,7 @@ impl Communicator {
         op: ReduceOp,
         tag: u64,
     ) -> Result<ReduceInfo, Error> {
-        if src.len() != dst.len() {
-            return Err(Error::InvalidArgument(format!(
-                "src has {} elements and dst {}: they must match",
-                src.len(),
-                dst.len()
-            )));
-        }
+        check_same_len(src.len(), dst.len(), "elements")?;
         self.blocking(
             Some(bytemuck::cast_slice(src)),
             bytemuck::cast_slice_mut(dst),
@@ -605,13 +609,7 @@ impl Communicator {
         op: ReduceOp,
         tag: u64,
     ) -> Result<ReduceInfo, Error> {
-        if src.len() != dst.len() {
-            return Err(Error::InvalidArgument(format!(
-                "src has {} elements and dst {}: they must match",
-                src.len(),
-                dst.len()
-            )));
-        }
+        check_same_len(src.len(), dst.len(), "elements")?;
         let gpu = self.inner.gpu(dst.context())?;
         let s = gpu::device_ptr(&gpu, src).map_err(Error::Cuda)?;
         let d = gpu::device_ptr_mut(&gpu, dst).map_err(Error::Cuda)?;

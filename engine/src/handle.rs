@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use concord_kernels::{DType, ReduceOp};
 
-use crate::communicator::{pending_vote, ReduceInfo};
+use crate::communicator::{check_same_len, pending_vote, ReduceInfo};
 use crate::core::Inner;
 use crate::dataplane::RawBuf;
 use crate::gpu::cudarc::driver::CudaSlice;
@@ -226,11 +226,8 @@ impl<'c> Collectives<'c> {
             }
             Buffers::OutOfPlace { src, dst } => (raw(src), raw_mut(dst), None),
         };
-        let launch_error = if src.len != dst.len {
-            Some(Error::InvalidArgument(format!(
-                "src has {} bytes and dst {}: they must match",
-                src.len, dst.len
-            )))
+        let launch_error = if let Err(e) = check_same_len(src.len, dst.len, "bytes") {
+            Some(e)
         } else {
             let timeout = timeout.unwrap_or(self.inner.config.op_timeout);
             // SAFETY: the vectors' heap memory does not move when the handle moves; the handle
