@@ -23,9 +23,8 @@ fn peer_matrix() {
     if !is_peer() {
         return;
     }
-    let addr = std::env::var("MASTER").unwrap();
-    let world: usize = std::env::var("WORLD").unwrap().parse().unwrap();
-    let comm = join_world(&addr, world);
+    let comm = join_from_env();
+    let world = comm.world_size();
     let rank = comm.rank();
     let mut tag = 0u64;
     for dtype in DType::ALL {

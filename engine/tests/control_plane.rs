@@ -17,12 +17,10 @@ fn peer_steady() {
     if !is_peer() {
         return;
     }
-    let addr = std::env::var("MASTER").unwrap();
-    let world: usize = std::env::var("WORLD").unwrap().parse().unwrap();
     let idle_ms: u64 = std::env::var("IDLE_MS")
         .map(|v| v.parse().unwrap())
         .unwrap_or(0);
-    let comm = join_world(&addr, world);
+    let comm = join_from_env();
     println!("JOINED {}", std::process::id());
     let mut buf: Vec<f32> = (0..10_000)
         .map(|i| (i % 97) as f32 + comm.rank() as f32)

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    assert_survivors, is_peer, join_world, lines_with, spawn_peer, wait_output, MasterProcess,
+    assert_survivors, is_peer, join_from_env, lines_with, spawn_peer, wait_output, MasterProcess,
 };
 use concord::gpu::cudarc::driver::{CudaContext, CudaSlice};
 use concord::ReduceOp;
@@ -191,13 +191,9 @@ fn gpu_peer() {
     if !is_peer() {
         return;
     }
-    let master = std::env::var("MASTER").expect("MASTER");
-    let world: usize = std::env::var("WORLD")
-        .expect("WORLD")
-        .parse()
-        .expect("WORLD");
     let scenario = std::env::var("SCENARIO").expect("SCENARIO");
-    let comm = join_world(&master, world);
+    let comm = join_from_env();
+    let world = comm.world_size();
     let rank = comm.rank();
     if scenario == "kill-emulated" {
         let input: Vec<u8> = (0..4_000_012usize).map(|i| (i * 31 + rank) as u8).collect();

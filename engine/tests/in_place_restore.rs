@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_survivors, is_peer, join_world, spawn_peer, wait_output, MasterProcess};
+use common::{assert_survivors, is_peer, join_from_env, spawn_peer, wait_output, MasterProcess};
 use concord::{DType, ReduceOp};
 
 /// A peer process: one in-place all-reduce of `BYTES` (default ~4 MB) that a killed peer
@@ -16,12 +16,7 @@ fn restore_peer() {
     if !is_peer() {
         return;
     }
-    let master = std::env::var("MASTER").expect("MASTER");
-    let world: usize = std::env::var("WORLD")
-        .expect("WORLD")
-        .parse()
-        .expect("WORLD");
-    let comm = join_world(&master, world);
+    let comm = join_from_env();
     let rank = comm.rank();
     let bytes: usize = std::env::var("BYTES").map_or(4_000_037, |b| b.parse().expect("BYTES"));
     let input: Vec<u8> = (0..bytes).map(|i| (i * 31 + rank * 7) as u8).collect();

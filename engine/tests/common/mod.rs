@@ -160,6 +160,16 @@ pub fn join_world(addr: &str, world: usize) -> concord::Communicator {
     comm
 }
 
+/// In a peer process: joins the master of `MASTER` and waits for a group of `WORLD` peers.
+pub fn join_from_env() -> concord::Communicator {
+    let master = std::env::var("MASTER").expect("MASTER");
+    let world: usize = std::env::var("WORLD")
+        .expect("WORLD")
+        .parse()
+        .expect("WORLD");
+    join_world(&master, world)
+}
+
 /// FNV-1a of a byte string, for comparing results across processes.
 pub fn digest(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
