@@ -86,11 +86,12 @@ pub enum CpuPath {
     /// x86-64 AVX-512 F/BW/VL.
     Avx512,
     /// The AVX-512 path narrowing bf16 with AVX512-BF16 (`vcvtne2ps2bf16`; needs AVX512-DQ
-    /// too). Never chosen automatically: on the development machine it was no faster than the
-    /// integer rounding of `avx512`; force it with `CONCORD_KERNELS=avx512bf16`.
+    /// too): bf16 sums 15-20 % faster in L2 than the integer rounding of `avx512` on the
+    /// development machine. Chosen automatically where the CPU has AVX512-BF16 but not FP16.
     Avx512Bf16,
     /// The AVX-512 path computing f16 sums and products natively with AVX512-FP16 (32 lanes per
-    /// instruction, the same bits); chosen automatically where the CPU has it.
+    /// instruction, the same bits), and bf16 as `avx512bf16` where the CPU also has AVX512-BF16;
+    /// chosen automatically where the CPU has AVX512-FP16.
     Avx512Fp16,
 }
 
@@ -139,13 +140,18 @@ impl CpuPath {
             .collect()
     }
 
-    /// The path chosen when none is forced: the widest of `avx512fp16`, `avx512`, `avx2`,
-    /// `scalar` this CPU can run.
+    /// The path chosen when none is forced: the widest of `avx512fp16`, `avx512bf16`, `avx512`,
+    /// `avx2`, `scalar` this CPU can run.
     pub fn best() -> CpuPath {
-        [CpuPath::Avx512Fp16, CpuPath::Avx512, CpuPath::Avx2]
-            .into_iter()
-            .find(|p| p.is_supported())
-            .unwrap_or(CpuPath::Scalar)
+        [
+            CpuPath::Avx512Fp16,
+            CpuPath::Avx512Bf16,
+            CpuPath::Avx512,
+            CpuPath::Avx2,
+        ]
+        .into_iter()
+        .find(|p| p.is_supported())
+        .unwrap_or(CpuPath::Scalar)
     }
 
     fn parse_from(input: &str, source_name: &'static str) -> Result<Self, KernelError> {

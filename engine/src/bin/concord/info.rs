@@ -7,9 +7,14 @@ pub(crate) fn print() {
         concord_transport::PROTOCOL_VERSION
     );
     println!("cpu features: {}", cpu_features());
+    let runnable: Vec<&str> = concord_kernels::CpuPath::available()
+        .into_iter()
+        .map(|p| p.name())
+        .collect();
     println!(
-        "kernels: {} (set CONCORD_KERNELS=scalar|avx2|avx512 to force a path)",
-        concord_kernels::cpu_path()
+        "kernels: {} (paths this CPU runs: {}; force one with CONCORD_KERNELS=NAME)",
+        concord_kernels::cpu_path(),
+        runnable.join(", ")
     );
     let uring = match concord_transport::uring::probe() {
         Ok(info) => format!("available ({info:?})"),

@@ -8,13 +8,16 @@
 //! operands never underflow in f32, and the overflow threshold behaves like any other rounding
 //! boundary. NaN results are replaced by the canonical f16 NaN, as everywhere. The `f16`
 //! intrinsics are not stable Rust yet, so the three instructions are inline assembly.
-//! Everything else (other dtypes, max/min, Avg's division) is the plain AVX-512 path.
+//! bf16 goes to the AVX512-BF16 path where the CPU has it (every CPU with AVX512-FP16 sold as
+//! such does; some Alder Lake parts with AVX-512 unlocked do not). Everything else (other
+//! dtypes, max/min, Avg's division) is the plain AVX-512 path.
 
 use std::arch::asm;
 use std::arch::x86_64::*;
 use std::num::NonZeroUsize;
 
 use super::avx512::{self, PREFETCH_BYTES};
+use super::avx512_bf16;
 use super::common::{op_code, scalar_part, PROD, SUM};
 use crate::convert::F16_NAN;
 use crate::dispatch::{Job, PathFns};
@@ -29,8 +32,12 @@ const BLOCK: usize = 32;
 /// # Safety
 /// The [`Job`] contract holds and the CPU supports AVX-512 F/BW/VL, AVX512-FP16 and F16C.
 unsafe fn combine(job: &Job) {
-    // SAFETY: every arm forwards our caller's guarantees (job contract, CPU features).
+    // SAFETY: every arm forwards our caller's guarantees (job contract, CPU features); the
+    // AVX512-BF16 path's two further features are checked first.
     unsafe {
+        if job.dtype == DType::BF16 && has_bf16() {
+            return avx512_bf16::combine(job);
+        }
         if job.dtype != DType::F16 || job.divisor.is_some() {
             return avx512::combine(job);
         }
@@ -40,6 +47,13 @@ unsafe fn combine(job: &Job) {
             _ => avx512::combine(job),
         }
     }
+}
+
+/// True when the CPU also has what the AVX512-BF16 path needs beyond this path's features
+/// (std caches the detection: two relaxed loads).
+fn has_bf16() -> bool {
+    std::arch::is_x86_feature_detected!("avx512bf16")
+        && std::arch::is_x86_feature_detected!("avx512dq")
 }
 
 /// # Safety
