@@ -3,7 +3,9 @@
 //! hangs (every live peer keeps making progress), no result is ever wrong, and a long-lived
 //! peer's file descriptors and threads stay flat.
 //!
-//! `CONCORD_SOAK_SECS` sets the duration (default 120), `CONCORD_SOAK_SEED` the random choices.
+//! `CONCORD_SOAK_SECS` sets the duration (default 120), `CONCORD_SOAK_SEED` the random choices,
+//! `CONCORD_SOAK_BYTES` the size of each all-reduce (default 2M, four in flight; 16K keeps them
+//! on the small-collective path: inline sends, callers driving their connections).
 
 mod common;
 
@@ -33,12 +35,12 @@ fn churn_soak() {
         seed ^= seed << 17;
         seed % n
     };
+    let bytes = std::env::var("CONCORD_SOAK_BYTES").unwrap_or_else(|_| "2M".to_owned());
+    let start = |master: &str| Peer::start_sized(master, 1, 1_000_000, &bytes, &[]);
     let master = MasterProcess::start();
     // The anchor is never disturbed: its descriptors and threads are watched.
-    let anchor = Peer::start(&master.addr, 1, 1_000_000, &[]);
-    let mut others: Vec<Peer> = (0..2)
-        .map(|_| Peer::start(&master.addr, 1, 1_000_000, &[]))
-        .collect();
+    let anchor = start(&master.addr);
+    let mut others: Vec<Peer> = (0..2).map(|_| start(&master.addr)).collect();
     anchor.wait_until("the group to start", Duration::from_secs(60), |p| {
         p.completed() >= 3
     });
@@ -52,7 +54,7 @@ fn churn_soak() {
         std::thread::sleep(Duration::from_millis(800 + rand(1500)));
         match rand(3) {
             0 if others.len() < 4 => {
-                others.push(Peer::start(&master.addr, 1, 1_000_000, &[]));
+                others.push(start(&master.addr));
                 joins += 1;
             }
             // At least two live peers stay (the anchor and one more): with fewer, retry gives up
@@ -99,7 +101,7 @@ fn churn_soak() {
     std::thread::sleep(Duration::from_secs(2));
     let (fds1, threads1) = (count(pid, "fd"), count(pid, "task"));
     println!(
-        "soak {secs} s: {joins} joins, {kills} kills, {stops} stops; anchor completed {} iterations; fds {fds0} -> {fds1}, threads {threads0} -> {threads1}",
+        "soak {secs} s, {bytes} per all-reduce: {joins} joins, {kills} kills, {stops} stops; anchor completed {} iterations; fds {fds0} -> {fds1}, threads {threads0} -> {threads1}",
         anchor.completed()
     );
     // A ring of up to five peers: two neighbours, a connection each way, plus the master and the

@@ -26,6 +26,17 @@ pub struct Peer {
 
 impl Peer {
     pub fn start(master: &str, min_world: usize, iters: usize, env: &[(&str, &str)]) -> Peer {
+        Peer::start_sized(master, min_world, iters, "2M", env)
+    }
+
+    /// As [`Peer::start`], with `bytes` per all-reduce (`-b`; four in flight).
+    pub fn start_sized(
+        master: &str,
+        min_world: usize,
+        iters: usize,
+        bytes: &str,
+        env: &[(&str, &str)],
+    ) -> Peer {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log_path =
@@ -40,7 +51,7 @@ impl Peer {
             "--world",
             &min_world.to_string(),
         ])
-        .args(["-n", &iters.to_string(), "-b", "2M", "-m", "4", "-T", "30"])
+        .args(["-n", &iters.to_string(), "-b", bytes, "-m", "4", "-T", "30"])
         .stdout(Stdio::piped())
         .env("RUST_LOG", "info")
         .stderr(Stdio::from(log.try_clone().expect("log file")));
