@@ -33,7 +33,7 @@ for r in $(seq "$ROUNDS"); do
     $C bench --local 2 -b 4K -e 1M -f 256 -n 200 -w 20 -c 0 --transport $t | awk -v t=$t '/^ +[0-9]/ {print t "_2_lat_" $1, $5}' >>"$out"
   done
   # The yardstick for the 1 MiB row: the naive ring (no master, no votes) at the same size.
-  $N --peers 2 --bytes 1M --iters 200 --warmup 20 | awk '{print "naive_2_lat_1048576", $6}' >>"$out"
+  $N --peers 2 --bytes 1M --iters 200 --warmup 20 | awk '{print "naive_2_lat_1048576", $7}' >>"$out"
 done
 echo "# median of $ROUNDS rounds; busbw GB/s (and CPU s/GB where given) or time in us (lat rows)"
 for key in $(awk '{print $1}' "$out" | sort -u); do

@@ -1,6 +1,8 @@
 //! The `concord` command line: bad input gets a clear error and a non-zero exit, never a panic
 //! or a hang; `info` describes the host; a small `bench --local` runs and checks itself.
 
+mod common;
+
 // Skips are written straight to stderr, past the test harness's capture, so they show.
 use std::io::Write as _;
 
@@ -8,7 +10,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 fn concord(args: &[&str]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_concord"))
+    let mut child = Command::new(common::concord_bin())
         .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -39,8 +39,8 @@ fn without_cuda_asking_for_device_buffers_is_a_clear_error() {
     if is_peer() {
         return;
     }
-    let bin = env!("CARGO_BIN_EXE_concord");
-    let info = Command::new(bin)
+    let bin = common::concord_bin();
+    let info = Command::new(&bin)
         .arg("info")
         .output()
         .expect("concord info");
@@ -55,7 +55,7 @@ fn without_cuda_asking_for_device_buffers_is_a_clear_error() {
                 info.contains(&format!("cuda: not available: {why}")),
                 "info says why: {info}"
             );
-            let out = Command::new(bin)
+            let out = Command::new(&bin)
                 .args([
                     "bench", "--local", "2", "--device", "cuda", "-b", "1M", "-e", "1M",
                 ])
@@ -80,7 +80,7 @@ fn bench_ok(world: usize, dtype: &str, esize: usize, op: &str, in_place: bool) {
 }
 
 fn bench_on(device: &str, world: usize, dtype: &str, esize: usize, op: &str, in_place: bool) {
-    let bin = env!("CARGO_BIN_EXE_concord");
+    let bin = common::concord_bin();
     // Odd counts: 3, 21, 147, ... elements (and at least one sub-chunk boundary crossed).
     let (b, e) = ((3 * esize).to_string(), (352_947 * esize).to_string());
     let world = world.to_string();
@@ -112,7 +112,7 @@ fn bench_on(device: &str, world: usize, dtype: &str, esize: usize, op: &str, in_
     if in_place {
         args.push("--in-place");
     }
-    let out = Command::new(bin)
+    let out = Command::new(&bin)
         .args(&args)
         .output()
         .expect("concord bench");

@@ -42,7 +42,7 @@ impl Peer {
         let log_path =
             std::env::temp_dir().join(format!("concord-fault-{}-{n}.log", std::process::id()));
         let log = std::fs::File::create(&log_path).expect("log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_concord"));
+        let mut cmd = Command::new(super::concord_bin());
         cmd.args([
             "bench",
             "--elastic",

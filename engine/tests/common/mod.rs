@@ -17,9 +17,15 @@ pub struct MasterProcess {
     log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
+/// The `concord` binary the tests run: `CONCORD_TEST_BIN` where set (test binaries copied to a
+/// machine without a toolchain, e.g. `ci/device-kit.sh`), else the one Cargo built.
+pub fn concord_bin() -> std::ffi::OsString {
+    std::env::var_os("CONCORD_TEST_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_concord").into())
+}
+
 impl MasterProcess {
     pub fn start() -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_concord"))
+        let mut child = Command::new(concord_bin())
             .args(["master", "--listen", "127.0.0.1:0"])
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
