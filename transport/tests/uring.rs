@@ -324,6 +324,9 @@ fn counters_show_that_io_uring_carried_the_data() {
         return;
     };
     let (mut a, mut b) = uring_pair();
+    // Every byte through the ring (the header alone could take the small-transfer syscall).
+    a.set_direct_max(0);
+    b.set_direct_max(0);
     let before = uring_stats();
     one_frame(&mut a, &mut b, 100_000, 1);
     let d = uring_stats().since(&before);
@@ -333,6 +336,75 @@ fn counters_show_that_io_uring_carried_the_data() {
     assert!(
         d.sqes >= 3 && d.enters >= 3,
         "one send, two receives: {d:?}"
+    );
+}
+
+#[test]
+fn small_transfers_skip_the_ring() {
+    let Some(_serial) = uring_or_skip() else {
+        return;
+    };
+    let (mut a, mut b) = uring_pair();
+    let small = pattern(1000, 7);
+    let frame = (HEADER_BYTES + small.len()) as u64;
+
+    // An empty socket buffer takes a small frame at once: one plain sendmsg, no ring.
+    let before = uring_stats();
+    a.write_frame(&header(small.len(), 1, 0), &small).unwrap();
+    let d = uring_stats().since(&before);
+    assert_eq!((d.direct_bytes_sent, d.bytes_sent), (frame, 0), "{d:?}");
+
+    // Already arrived: plain recv calls, no ring.
+    std::thread::sleep(Duration::from_millis(50));
+    let before = uring_stats();
+    let h = b.read_header().unwrap();
+    let mut body = vec![0u8; h.len as usize];
+    b.read_exact(&mut body).unwrap();
+    assert!(body == small);
+    let d = uring_stats().since(&before);
+    assert_eq!(
+        (d.direct_bytes_received, d.bytes_received),
+        (frame, 0),
+        "{d:?}"
+    );
+
+    // Not there yet: the read waits in poll(2) for it, still without the ring.
+    let before = uring_stats();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(100));
+            a.write_frame(&header(small.len(), 2, 0), &small).unwrap();
+        });
+        let h = b.read_header().unwrap();
+        assert_eq!(h.seq, 2);
+        let mut body = vec![0u8; h.len as usize];
+        b.read_exact(&mut body).unwrap();
+        assert!(body == small);
+    });
+    let d = uring_stats().since(&before);
+    assert_eq!(
+        (d.direct_bytes_received, d.bytes_received),
+        (frame, 0),
+        "{d:?}"
+    );
+
+    // Larger than DIRECT_MAX_BYTES: the ring carries all of it.
+    let big = pattern(concord_transport::uring::DIRECT_MAX_BYTES + 1, 9);
+    let before = uring_stats();
+    std::thread::scope(|s| {
+        s.spawn(|| a.write_frame(&header(big.len(), 3, 0), &big).unwrap());
+        let h = b.read_header().unwrap();
+        let mut body = vec![0u8; h.len as usize];
+        b.read_exact(&mut body).unwrap();
+        assert!(body == big);
+    });
+    let d = uring_stats().since(&before);
+    assert_eq!(d.bytes_sent, (HEADER_BYTES + big.len()) as u64, "{d:?}");
+    assert_eq!(d.direct_bytes_sent, 0, "{d:?}");
+    assert_eq!(
+        d.bytes_received,
+        big.len() as u64,
+        "the payload through the ring: {d:?}"
     );
 }
 
@@ -364,6 +436,8 @@ fn fixed_buffer_receives_land_in_the_pool() {
         return;
     };
     let (mut a, mut b) = uring_pair();
+    // Small reads would take a plain recv when their bytes are already there: count the ring's.
+    b.set_direct_max(0);
     let pool = PinnedPool::new(2, 256 * 1024).unwrap();
     if let Some(why) = pool.degraded_reason() {
         eprintln!("note: {why}");

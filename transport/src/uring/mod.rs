@@ -38,7 +38,7 @@ mod stream;
 #[cfg(target_os = "linux")]
 pub use probe::{probe, UringInfo};
 #[cfg(target_os = "linux")]
-pub use stream::{ShutdownHandle, UringStream, DEFAULT_ZERO_COPY};
+pub use stream::{ShutdownHandle, UringStream, DEFAULT_ZERO_COPY, DIRECT_MAX_BYTES};
 
 #[cfg(not(target_os = "linux"))]
 mod shell;

@@ -31,6 +31,12 @@ pub struct UringStats {
     pub fixed_reads: u64,
     /// Waits ended by a linked timeout (`IORING_OP_LINK_TIMEOUT`) with no progress.
     pub timeouts: u64,
+    /// Bytes of small frames sent by a plain non-blocking `sendmsg(2)` instead of the ring
+    /// (see [`DIRECT_MAX_BYTES`](super::DIRECT_MAX_BYTES)); not in `bytes_sent`.
+    pub direct_bytes_sent: u64,
+    /// Bytes of small reads taken by a plain non-blocking `recv(2)` instead of the ring; not in
+    /// `bytes_received`.
+    pub direct_bytes_received: u64,
 }
 
 impl UringStats {
@@ -47,6 +53,8 @@ impl UringStats {
             zc_copied: self.zc_copied - earlier.zc_copied,
             fixed_reads: self.fixed_reads - earlier.fixed_reads,
             timeouts: self.timeouts - earlier.timeouts,
+            direct_bytes_sent: self.direct_bytes_sent - earlier.direct_bytes_sent,
+            direct_bytes_received: self.direct_bytes_received - earlier.direct_bytes_received,
         }
     }
 }
@@ -63,6 +71,8 @@ pub(crate) struct Counters {
     pub(crate) zc_copied: AtomicU64,
     pub(crate) fixed_reads: AtomicU64,
     pub(crate) timeouts: AtomicU64,
+    pub(crate) direct_bytes_sent: AtomicU64,
+    pub(crate) direct_bytes_received: AtomicU64,
 }
 
 pub(crate) static COUNTERS: Counters = Counters {
@@ -76,6 +86,8 @@ pub(crate) static COUNTERS: Counters = Counters {
     zc_copied: AtomicU64::new(0),
     fixed_reads: AtomicU64::new(0),
     timeouts: AtomicU64::new(0),
+    direct_bytes_sent: AtomicU64::new(0),
+    direct_bytes_received: AtomicU64::new(0),
 };
 
 /// Adds `n` to a counter.
@@ -98,5 +110,7 @@ pub fn uring_stats() -> UringStats {
         zc_copied: get(&c.zc_copied),
         fixed_reads: get(&c.fixed_reads),
         timeouts: get(&c.timeouts),
+        direct_bytes_sent: get(&c.direct_bytes_sent),
+        direct_bytes_received: get(&c.direct_bytes_received),
     }
 }
