@@ -357,10 +357,7 @@ fn small_transfers_skip_the_ring() {
     // Already arrived: plain recv calls, no ring.
     std::thread::sleep(Duration::from_millis(50));
     let before = uring_stats();
-    let h = b.read_header().unwrap();
-    let mut body = vec![0u8; h.len as usize];
-    b.read_exact(&mut body).unwrap();
-    assert!(body == small);
+    assert!(read_frame(&mut b).1 == small);
     let d = uring_stats().since(&before);
     assert_eq!(
         (d.direct_bytes_received, d.bytes_received),
@@ -375,11 +372,8 @@ fn small_transfers_skip_the_ring() {
             std::thread::sleep(Duration::from_millis(100));
             a.write_frame(&header(small.len(), 2, 0), &small).unwrap();
         });
-        let h = b.read_header().unwrap();
-        assert_eq!(h.seq, 2);
-        let mut body = vec![0u8; h.len as usize];
-        b.read_exact(&mut body).unwrap();
-        assert!(body == small);
+        let (h, body) = read_frame(&mut b);
+        assert!(h.seq == 2 && body == small);
     });
     let d = uring_stats().since(&before);
     assert_eq!(
@@ -393,10 +387,7 @@ fn small_transfers_skip_the_ring() {
     let before = uring_stats();
     std::thread::scope(|s| {
         s.spawn(|| a.write_frame(&header(big.len(), 3, 0), &big).unwrap());
-        let h = b.read_header().unwrap();
-        let mut body = vec![0u8; h.len as usize];
-        b.read_exact(&mut body).unwrap();
-        assert!(body == big);
+        assert!(read_frame(&mut b).1 == big);
     });
     let d = uring_stats().since(&before);
     assert_eq!(d.bytes_sent, (HEADER_BYTES + big.len()) as u64, "{d:?}");
@@ -406,6 +397,14 @@ fn small_transfers_skip_the_ring() {
         big.len() as u64,
         "the payload through the ring: {d:?}"
     );
+}
+
+/// One frame's header and payload, read with `read_header` and `read_exact`.
+fn read_frame(rx: &mut UringStream) -> (DataHeader, Vec<u8>) {
+    let h = rx.read_header().unwrap();
+    let mut body = vec![0u8; h.len as usize];
+    rx.read_exact(&mut body).unwrap();
+    (h, body)
 }
 
 #[test]
