@@ -81,7 +81,7 @@ pub struct UringStream {
     fixed_reason: Option<String>,
     read_fixed_supported: bool,
     send_waitall: bool,
-    /// Frames and reads up to this size try a plain non-blocking syscall first.
+    /// Frames and reads up to this size skip the ring ([`DIRECT_MAX_BYTES`]).
     direct_max: usize,
 }
 
@@ -274,8 +274,9 @@ impl UringStream {
         self.send_all(&head, payload)
     }
 
-    /// Reads exactly `buf.len()` bytes (`RECV` with `MSG_WAITALL`, looping on short reads).
-    /// End of stream first is `UnexpectedEof`.
+    /// Reads exactly `buf.len()` bytes (`RECV` with `MSG_WAITALL`, looping on short reads; at
+    /// most [`DIRECT_MAX_BYTES`]: plain `recv(2)`, see there). End of stream first is
+    /// `UnexpectedEof`.
     pub fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
         if buf.len() <= self.direct_max {
             return self.read_exact_direct(buf);
@@ -296,8 +297,8 @@ impl UringStream {
     }
 
     /// Reads exactly `len` bytes into the start of `buf`. When `buf`'s pool is registered with
-    /// this stream ([`UringStream::register_pool`]) this uses `IORING_OP_READ_FIXED`; otherwise
-    /// it is [`UringStream::read_exact`].
+    /// this stream ([`UringStream::register_pool`]) and `len` is over [`DIRECT_MAX_BYTES`],
+    /// this uses `IORING_OP_READ_FIXED`; otherwise it is [`UringStream::read_exact`].
     pub fn read_exact_fixed(&mut self, buf: &mut PinnedBuf, len: usize) -> io::Result<()> {
         assert!(
             len <= buf.len(),
