@@ -356,7 +356,16 @@ struct Piece<'b> {
 struct Work<'b> {
     queued: Vec<Piece<'b>>,
     in_flight: Vec<usize>,
+    /// Per worker: connected and asking for pieces, or finished. Until then (or until
+    /// `steal_after`) its home pieces are left to it, so that a worker that connected first does
+    /// not take every piece before the other holders' workers are up.
+    ready: Vec<bool>,
+    steal_after: Instant,
 }
+
+/// How long a worker's home pieces wait for it to connect before others may take them (only a
+/// holder that is slow to answer, or unreachable, costs this).
+const STEAL_GRACE: Duration = Duration::from_secs(1);
 
 /// Pulls every dirty entry from its holders, several at once; verifies the hashes.
 /// Returns the bytes received.
@@ -397,9 +406,17 @@ pub(crate) fn pull_all(
         .flat_map(|s| std::iter::repeat_n(s, streams))
         .collect();
     let mut pieces = Vec::new();
-    for (i, (_, buf)) in dirty.iter_mut().enumerate() {
+    for (i, (pull, buf)) in dirty.iter_mut().enumerate() {
+        // Homes go round the workers whose holder has this entry (anyone's if none of them).
+        let servers: Vec<usize> = (0..workers.len())
+            .filter(|&k| pull.sources.iter().any(|s| s.peer_id == workers[k].0))
+            .collect();
         for (j, chunk) in buf.chunks_mut(PIECE_BYTES).enumerate() {
-            let home = pieces.len() % workers.len();
+            let home = if servers.is_empty() {
+                usize::MAX
+            } else {
+                servers[pieces.len() % servers.len()]
+            };
             pieces.push(Piece {
                 entry: i,
                 offset: j * PIECE_BYTES,
@@ -412,6 +429,8 @@ pub(crate) fn pull_all(
         Mutex::new(Work {
             queued: pieces,
             in_flight: Vec::new(),
+            ready: vec![false; workers.len()],
+            steal_after: Instant::now() + STEAL_GRACE,
         }),
         Condvar::new(),
     );
@@ -433,6 +452,8 @@ pub(crate) fn pull_all(
                 if let Err(e) = pull_from(&job, addr, received) {
                     tracing::info!("stopped pulling shared state from peer {id}: {e}");
                 }
+                // Done or failed: whatever is still homed here is anyone's.
+                job.set_ready();
             });
         }
     });
@@ -493,30 +514,68 @@ impl<'b> Job<'_, 'b> {
 
     /// The next piece for this worker: its own first, then any its holder has; waits while a
     /// piece it could serve is in flight elsewhere. `None`: nothing left for it.
+    ///
+    /// Another worker's home piece is taken only once that worker is up (then it is simply
+    /// faster) or after [`STEAL_GRACE`] (its holder may be unreachable).
     fn next(&self) -> Option<Piece<'b>> {
         let (lock, cv) = self.work;
         let mut w = lock.lock().unwrap_or_else(|p| p.into_inner());
+        if !w.ready[self.worker] {
+            w.ready[self.worker] = true;
+            cv.notify_all();
+        }
         loop {
+            let now = Instant::now();
             let own = w
                 .queued
                 .iter()
                 .position(|p| p.home == self.worker && self.serves(p.entry));
-            let any = || w.queued.iter().position(|p| self.serves(p.entry));
+            let open = |p: &Piece<'_>| {
+                p.home == self.worker
+                    || w.ready.get(p.home).is_none_or(|r| *r)
+                    || now >= w.steal_after
+            };
+            let any = || {
+                w.queued
+                    .iter()
+                    .position(|p| self.serves(p.entry) && open(p))
+            };
             if let Some(i) = own.or_else(any) {
                 let piece = w.queued.swap_remove(i);
                 w.in_flight.push(piece.entry);
                 return Some(piece);
             }
-            let waiting_on = w.in_flight.iter().any(|e| self.serves(*e));
-            let left = self.deadline.saturating_duration_since(Instant::now());
+            let waiting_on = w.in_flight.iter().any(|e| self.serves(*e))
+                || w.queued.iter().any(|p| self.serves(p.entry));
+            let left = self.deadline.saturating_duration_since(now);
             if !waiting_on || left.is_zero() {
                 return None;
             }
+            let until_open = w.steal_after.saturating_duration_since(now);
+            let wait = if until_open.is_zero() {
+                left
+            } else {
+                left.min(until_open)
+            };
             w = cv
-                .wait_timeout(w, left)
+                .wait_timeout(w, wait)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+    }
+
+    /// Whether a piece this worker's holder could serve is still queued or in flight.
+    fn has_work(&self) -> bool {
+        let w = self.work.0.lock().unwrap_or_else(|p| p.into_inner());
+        w.queued.iter().any(|p| self.serves(p.entry)) || w.in_flight.iter().any(|e| self.serves(*e))
+    }
+
+    /// Marks this worker up (or finished), so others may take its home pieces.
+    fn set_ready(&self) {
+        let (lock, cv) = self.work;
+        let mut w = lock.lock().unwrap_or_else(|p| p.into_inner());
+        w.ready[self.worker] = true;
+        cv.notify_all();
     }
 }
 
@@ -528,7 +587,9 @@ fn pull_from(job: &Job<'_, '_>, addr: &str, received: &AtomicU64) -> Result<(), 
         &SocketOptions::default(),
         left.min(Duration::from_secs(10)),
         "a shared-state holder",
-        &|| false,
+        // A holder that does not answer (it died) is retried only while something is left
+        // that it could serve: once the others fetched everything, this worker stops.
+        &|| !job.has_work(),
     )
     .map_err(|e| e.to_string())?;
     stream
