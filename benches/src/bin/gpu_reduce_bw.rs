@@ -63,13 +63,12 @@ fn run() -> Result<ExitCode, String> {
         k.device()
     );
     println!("# row              time(us)  operands GB/s  traffic GB/s  traffic vs copy");
-    let err = |what: &'static str| move |e: String| format!("{what}: {e}");
     let mut dst: CudaSlice<u8> = stream
         .alloc_zeros(bytes)
-        .map_err(|e| err("allocating")(e.to_string()))?;
+        .map_err(|e| format!("allocating: {e}"))?;
     let mut src: CudaSlice<u8> = stream
         .alloc_zeros(bytes)
-        .map_err(|e| err("allocating")(e.to_string()))?;
+        .map_err(|e| format!("allocating: {e}"))?;
 
     // The copy: one read and one write of `bytes`.
     let time = |f: &mut dyn FnMut() -> Result<(), String>| -> Result<f64, String> {
@@ -85,7 +84,7 @@ fn run() -> Result<ExitCode, String> {
     let copy_s = time(&mut || {
         stream
             .memcpy_dtod(&src, &mut dst)
-            .map_err(|e| err("copying")(e.to_string()))
+            .map_err(|e| format!("copying: {e}"))
     })?;
     let copy_traffic = 2.0 * bytes as f64 / copy_s / 1e9;
     println!(
@@ -100,7 +99,7 @@ fn run() -> Result<ExitCode, String> {
         stream
             .memcpy_htod(&a, &mut dst)
             .and_then(|()| stream.memcpy_htod(&b, &mut src))
-            .map_err(|e| err("uploading")(e.to_string()))?;
+            .map_err(|e| format!("uploading: {e}"))?;
         // Sums of 1.0 and 0.25 grow slowly; 50 launches stay far from overflow in every dtype
         // (bf16 and f16 stop growing once 0.25 is under half an ulp, with no NaN or infinity).
         let s = time(&mut || {

@@ -75,6 +75,23 @@ struct Registry {
     failure: Option<String>,
 }
 
+impl Registry {
+    /// The operation of a frame: `Some(Some)` registered, `Some(None)` retired (drop the
+    /// frame), `None` not registered yet; `Err` once the plane failed.
+    fn find(&self, tag: u64, seq: u64) -> Result<Option<Option<Arc<Op>>>, String> {
+        if let Some(op) = self.ops.iter().find(|o| o.tag == tag && o.seq == seq) {
+            return Ok(Some(Some(Arc::clone(op))));
+        }
+        if self.retired.contains(&(tag, seq)) {
+            return Ok(Some(None));
+        }
+        match &self.failure {
+            Some(why) => Err(why.clone()),
+            None => Ok(None),
+        }
+    }
+}
+
 struct Shared {
     /// One per connection, to wake its owner thread from another.
     stoppers: Vec<Stopper>,
@@ -580,36 +597,14 @@ fn send_one(s: &Shared, op: &Op, conn: usize, stream: &mut DataStream) -> Result
     Ok(TrySend::Sent)
 }
 
-/// The operation of a frame if it is registered (`Some(Some)`) or retired (`Some(None)`: drop
-/// the frame); `None`: not yet registered.
-fn lookup_now(s: &Shared, tag: u64, seq: u64) -> Result<Option<Option<Arc<Op>>>, String> {
-    let r = s.lock();
-    if let Some(op) = r.ops.iter().find(|o| o.tag == tag && o.seq == seq) {
-        return Ok(Some(Some(Arc::clone(op))));
-    }
-    if r.retired.contains(&(tag, seq)) {
-        return Ok(Some(None));
-    }
-    match &r.failure {
-        Some(why) => Err(why.clone()),
-        None => Ok(None),
-    }
-}
-
 /// Finds the operation of a frame, waiting a bounded time for its registration (the frame may
 /// overtake the master's go-ahead). `Ok(None)`: a retired operation, drop the frame.
 fn lookup(s: &Shared, tag: u64, seq: u64) -> Result<Option<Arc<Op>>, String> {
     let deadline = Instant::now() + s.register_timeout;
     let mut r = s.lock();
     loop {
-        if let Some(op) = r.ops.iter().find(|o| o.tag == tag && o.seq == seq) {
-            return Ok(Some(Arc::clone(op)));
-        }
-        if r.retired.contains(&(tag, seq)) {
-            return Ok(None);
-        }
-        if let Some(why) = &r.failure {
-            return Err(why.clone());
+        if let Some(found) = r.find(tag, seq)? {
+            return Ok(found);
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -758,7 +753,8 @@ fn recv_one(s: &Shared, conn: usize, c: &mut RxConn, may_wait: bool) -> Result<(
     let found = if may_wait {
         lookup(s, h.tag, h.seq)?
     } else {
-        match lookup_now(s, h.tag, h.seq)? {
+        let now = s.lock().find(h.tag, h.seq)?; // The registry lock ends here.
+        match now {
             Some(found) => found,
             None => {
                 *held = Some(h);

@@ -113,12 +113,7 @@ impl DataStream {
 
     /// Whether bytes are waiting in the socket's receive queue (a read would not block).
     pub(crate) fn readable_now(&self) -> bool {
-        use std::os::fd::AsRawFd;
-        let fd = match self {
-            DataStream::Socket(s) => s.as_raw_fd(),
-            DataStream::Uring(u) => u.as_tcp().as_raw_fd(),
-        };
-        concord_transport::spin::readable(fd)
+        concord_transport::spin::readable(self.raw_fd())
     }
 
     /// Registers `pool` as fixed buffers (io_uring); returns why not, if it could not.

@@ -52,7 +52,8 @@ struct Shared {
 /// other threads drive other streams; the stream may move between threads (`Send`). Every method
 /// waits for its operation to complete before returning, so the buffers passed in are free again
 /// on return. A silent peer gives [`io::ErrorKind::TimedOut`] after the stream's I/O timeout
-/// (io_uring ignores `SO_RCVTIMEO`, so the timeout is a linked `IORING_OP_LINK_TIMEOUT`); a
+/// (io_uring ignores `SO_RCVTIMEO`, so the timeout is a linked `IORING_OP_LINK_TIMEOUT`, or the
+/// `poll(2)` timeout for transfers of at most [`DIRECT_MAX_BYTES`], which skip the ring); a
 /// [`ShutdownHandle`] stops a blocked call from any thread.
 ///
 /// ```no_run
