@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use concord_kernels::{CpuPath, DType, Kernels, ReduceOp};
+use concord_kernels::{CpuPath, DType, Kernels, ReduceOp, Stores};
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 const SIZES_BYTES: [usize; 2] = [512 << 10, 64 << 20];
@@ -101,5 +101,64 @@ fn plain_add_avx512(dst: &mut [f32], src: &[f32]) {
     }
 }
 
-criterion_group!(benches, reduce);
+/// The ring's reduce-scatter receive in isolation: each 512 KiB frame lands in a staging buffer
+/// that stays in the cache, and is reduced with this peer's input into the destination, both
+/// 64 MiB (from memory). Group `stores`, throughput = destination bytes:
+/// * `out/{cached,streaming}`: out of place, results written with ordinary or streaming stores;
+/// * `in-place/{copy-then-reduce,saving}`: in place with a backup of the originals, as a copy
+///   and then the reduction, or as the fused `reduce_into_saving`.
+fn stores(c: &mut Criterion) {
+    let k = match Kernels::default_path() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("stores benches: {e}");
+            return;
+        }
+    };
+    const FRAME: usize = 512 << 10;
+    const BYTES: usize = 64 << 20;
+    let (dtype, op) = (DType::F32, ReduceOp::Sum);
+    let staged = filled(dtype, FRAME, 0.25);
+    let src = filled(dtype, BYTES, 1.0);
+    let mut dst = filled(dtype, BYTES, 0.0);
+    let mut backup = filled(dtype, BYTES, 0.0);
+    let mut group = c.benchmark_group("stores");
+    group.warm_up_time(Duration::from_millis(500));
+    group.measurement_time(Duration::from_secs(2));
+    group.sample_size(20);
+    group.throughput(Throughput::BytesDecimal(BYTES as u64));
+    for (name, stores) in [("cached", Stores::Cached), ("streaming", Stores::Streaming)] {
+        group.bench_function(format!("out/{name}/{dtype}/{BYTES}"), |b| {
+            b.iter(|| {
+                for (d, s) in dst.chunks_mut(FRAME).zip(src.chunks(FRAME)) {
+                    k.reduce_out_with(d, s, &staged, dtype, op, None, stores)
+                        .expect("benchmark buffers are valid");
+                }
+                black_box(&mut dst);
+            })
+        });
+    }
+    group.bench_function(format!("in-place/copy-then-reduce/{dtype}/{BYTES}"), |b| {
+        b.iter(|| {
+            for (d, s) in dst.chunks_mut(FRAME).zip(backup.chunks_mut(FRAME)) {
+                s.copy_from_slice(d);
+                k.reduce_out(d, s, &staged, dtype, op)
+                    .expect("benchmark buffers are valid");
+            }
+            black_box(&mut dst);
+        })
+    });
+    group.bench_function(format!("in-place/saving/{dtype}/{BYTES}"), |b| {
+        b.iter(|| {
+            for (d, s) in dst.chunks_mut(FRAME).zip(backup.chunks_mut(FRAME)) {
+                k.reduce_into_saving(d, &staged, s, dtype, op, None)
+                    .expect("benchmark buffers are valid");
+            }
+            black_box(&mut dst);
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, reduce, stores);
 criterion_main!(benches);

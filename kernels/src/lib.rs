@@ -54,6 +54,7 @@
 mod cpu;
 mod dispatch;
 mod error;
+mod stream;
 mod types;
 
 pub mod convert;
@@ -63,6 +64,7 @@ use std::num::NonZeroUsize;
 
 pub use dispatch::{CpuPath, Kernels, PATH_ENV};
 pub use error::KernelError;
+pub use stream::Stores;
 pub use types::{DType, ReduceOp};
 
 use dispatch::Job;
@@ -116,6 +118,46 @@ pub fn reduce_out_finish(
     world: usize,
 ) -> Result<(), KernelError> {
     Kernels::default_path()?.reduce_out_finish(dst, a, b, dtype, op, world)
+}
+
+/// `dst[i] = a[i] op b[i]`, then for `Avg` with `finish = Some(world)` the division (as
+/// [`reduce_out_finish`]), writing `dst` with `stores`, on the process-wide path. Same bits as
+/// [`reduce_out`] / [`reduce_out_finish`]; [`Stores::Streaming`] only changes how the results
+/// reach memory.
+pub fn reduce_out_with(
+    dst: &mut [u8],
+    a: &[u8],
+    b: &[u8],
+    dtype: DType,
+    op: ReduceOp,
+    finish: Option<usize>,
+    stores: Stores,
+) -> Result<(), KernelError> {
+    Kernels::default_path()?.reduce_out_with(dst, a, b, dtype, op, finish, stores)
+}
+
+/// In place, keeping the originals: `save[i] = dst[i]`, then `dst[i] = save[i] op src[i]`
+/// (and the division for `Avg` with `finish = Some(world)`), on the process-wide path. One pass
+/// over `dst`: each block is copied to `save` with streaming stores (nobody reads a backup
+/// soon) while it is in the cache for the reduction. Same bits in `dst` as [`reduce_into`] /
+/// [`reduce_into_finish`].
+pub fn reduce_into_saving(
+    dst: &mut [u8],
+    src: &[u8],
+    save: &mut [u8],
+    dtype: DType,
+    op: ReduceOp,
+    finish: Option<usize>,
+) -> Result<(), KernelError> {
+    Kernels::default_path()?.reduce_into_saving(dst, src, save, dtype, op, finish)
+}
+
+/// `dst.copy_from_slice(src)` written with `stores` (see [`Stores`]); an error if the lengths
+/// differ.
+pub fn copy(dst: &mut [u8], src: &[u8], stores: Stores) -> Result<(), KernelError> {
+    check_same("src", src.len(), dst.len())?;
+    stream::copy(dst, src, stores);
+    Ok(())
 }
 
 /// Name of the CPU path the free functions use (`"scalar"`, `"avx2"`, `"avx512"`, or
@@ -233,6 +275,69 @@ impl Kernels {
         self.run_out(dst, a, b, dtype, op, (op == ReduceOp::Avg).then_some(world))
     }
 
+    /// [`reduce_out_with`] on this path.
+    #[allow(clippy::too_many_arguments)]
+    pub fn reduce_out_with(
+        &self,
+        dst: &mut [u8],
+        a: &[u8],
+        b: &[u8],
+        dtype: DType,
+        op: ReduceOp,
+        finish: Option<usize>,
+        stores: Stores,
+    ) -> Result<(), KernelError> {
+        let divisor = finish
+            .map(check_world)
+            .transpose()?
+            .filter(|_| op == ReduceOp::Avg);
+        self.run_out_stored(dst, a, b, dtype, op, divisor, stores)
+    }
+
+    /// [`reduce_into_saving`] on this path.
+    pub fn reduce_into_saving(
+        &self,
+        dst: &mut [u8],
+        src: &[u8],
+        save: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+        finish: Option<usize>,
+    ) -> Result<(), KernelError> {
+        let divisor = finish
+            .map(check_world)
+            .transpose()?
+            .filter(|_| op == ReduceOp::Avg);
+        check_same("src", src.len(), dst.len())?;
+        check_same("save", save.len(), dst.len())?;
+        check_len("dst", dst.len(), dtype)?;
+        let size = dtype.size_bytes();
+        let mut start = 0;
+        while start < dst.len() {
+            let n = (dst.len() - start).min(stream::BLOCK_BYTES);
+            let block = &mut dst[start..start + n];
+            // The block is now in the cache: the reduction below reads it from there.
+            stream::stream_unfenced(&mut save[start..start + n], block);
+            let block_ptr = block.as_mut_ptr();
+            let job = Job {
+                dst: block_ptr,
+                a: block_ptr.cast_const(),
+                b: src[start..].as_ptr(),
+                len: n / size,
+                dtype,
+                op,
+                divisor,
+                stream: false,
+            };
+            // SAFETY: `block` is an exclusive slice of `n` bytes (`a == dst` is the allowed
+            // in-place case) and `src` holds `n` bytes from `start`; they cannot overlap.
+            unsafe { (self.fns.combine)(&job) };
+            start += n;
+        }
+        stream::fence();
+        Ok(())
+    }
+
     fn run_into(
         &self,
         dst: &mut [u8],
@@ -252,6 +357,7 @@ impl Kernels {
             dtype,
             op,
             divisor,
+            stream: false,
         };
         // SAFETY: `dst` (exclusive) and `src` (shared) are live slices of exactly `len`
         // elements; they cannot overlap, and `a == dst` is the allowed in-place case.
@@ -268,9 +374,24 @@ impl Kernels {
         op: ReduceOp,
         divisor: Option<NonZeroUsize>,
     ) -> Result<(), KernelError> {
+        self.run_out_stored(dst, a, b, dtype, op, divisor, Stores::Cached)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_out_stored(
+        &self,
+        dst: &mut [u8],
+        a: &[u8],
+        b: &[u8],
+        dtype: DType,
+        op: ReduceOp,
+        divisor: Option<NonZeroUsize>,
+        stores: Stores,
+    ) -> Result<(), KernelError> {
         check_same("a", a.len(), dst.len())?;
         check_same("b", b.len(), dst.len())?;
         let len = check_len("dst", dst.len(), dtype)?;
+        let stream = stores == Stores::Streaming;
         let job = Job {
             dst: dst.as_mut_ptr(),
             a: a.as_ptr(),
@@ -279,10 +400,14 @@ impl Kernels {
             dtype,
             op,
             divisor,
+            stream,
         };
         // SAFETY: three live slices of exactly `len` elements; `dst` is exclusive, so it
         // overlaps neither `a` nor `b`.
         unsafe { (self.fns.combine)(&job) }
+        if stream {
+            stream::fence();
+        }
         Ok(())
     }
 }

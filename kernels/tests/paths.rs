@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use concord_kernels::{CpuPath, DType, Kernels, ReduceOp};
+use concord_kernels::{CpuPath, DType, Kernels, ReduceOp, Stores};
 use proptest::prelude::*;
 
 fn scalar() -> Kernels {
@@ -25,6 +25,34 @@ fn outputs(k: &Kernels, d: DType, op: ReduceOp, a: &[u8], b: &[u8], world: usize
     let mut into_fused = a.to_vec();
     k.reduce_into_finish(&mut into_fused, b, d, op, world)
         .unwrap();
+    // Streaming stores and the in-place form that keeps the originals change where the
+    // results go, never their bits.
+    for (finish, want) in [(None, &out), (Some(world), &out_fused)] {
+        let mut streamed = vec![0u8; a.len()];
+        k.reduce_out_with(&mut streamed, a, b, d, op, finish, Stores::Streaming)
+            .unwrap();
+        assert_eq!(
+            &streamed,
+            want,
+            "{} {d} {op} {finish:?}: streamed",
+            k.path()
+        );
+        let mut cached = vec![0u8; a.len()];
+        k.reduce_out_with(&mut cached, a, b, d, op, finish, Stores::Cached)
+            .unwrap();
+        assert_eq!(&cached, want, "{} {d} {op} {finish:?}: cached", k.path());
+        let mut saving = a.to_vec();
+        let mut saved = vec![0u8; a.len()];
+        k.reduce_into_saving(&mut saving, b, &mut saved, d, op, finish)
+            .unwrap();
+        assert_eq!(&saving, want, "{} {d} {op} {finish:?}: saving", k.path());
+        assert_eq!(
+            saved,
+            a,
+            "{} {d} {op} {finish:?}: the saved originals",
+            k.path()
+        );
+    }
     // finish after the plain form must equal the fused form.
     k.finish(&mut into, d, op, world).unwrap();
     assert_eq!(into, into_fused, "{} {d} {op}: finish != fused", k.path());

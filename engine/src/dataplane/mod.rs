@@ -14,6 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
+use concord_kernels::Stores;
 use concord_master::proto::PeerId;
 use concord_transport::frame::{DataHeader, HEADER_BYTES};
 use concord_transport::{BackendKind, PinnedBuf, PinnedPool};
@@ -796,13 +797,6 @@ fn recv_one(s: &Shared, conn: usize, c: &mut RxConn, may_wait: bool) -> Result<(
     let Some(busy) = op.enter() else {
         return stream.discard(h.len as usize).map_err(io);
     };
-    // In place, the range's original goes to the backup before the first write below (a
-    // failure puts it back). Device collectives keep their own backup.
-    // SAFETY: inside a busy guard; this RX thread is the only writer of the range now.
-    let mine = op
-        .device
-        .is_none()
-        .then(|| unsafe { op.original(plan.recv_chunk(t), j) });
     // SAFETY: inside a busy guard; this RX thread is the only writer of receive `m`'s range, and
     // the TX thread reads it only after the flag set below.
     let out = unsafe { op.dst.slice_mut(range.clone()) };
@@ -864,19 +858,44 @@ fn recv_one(s: &Shared, conn: usize, c: &mut RxConn, may_wait: bool) -> Result<(
             return Ok(());
         }
     } else if kind == RecvKind::Copy {
+        // In place, the range's original goes to the backup before the first write (a failure
+        // puts it back), streamed: only a failure reads it. Device collectives keep their own.
+        // SAFETY: inside a busy guard; this RX thread is the only writer of the range now.
+        if let Some(save) = unsafe { op.claim_save(plan.recv_chunk(t), j) } {
+            concord_kernels::copy(save, out, Stores::Streaming).map_err(|e| e.to_string())?;
+        }
         stream.read_exact(out).map_err(io)?;
     } else {
         stream.read_staged(staging, range.len()).map_err(io)?;
         let staged = &staging[..range.len()];
-        let mine = mine.expect("a host collective");
+        let finish = (kind == RecvKind::ReduceFinish).then_some(plan.world);
+        let c = plan.recv_chunk(t);
         let reduce = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             if injected_panic_tag() == Some(op.tag) {
                 panic!("injected fault: CONCORD_FAULT_PANIC_TAG={}", op.tag);
             }
-            if kind == RecvKind::Reduce {
-                concord_kernels::reduce_out(out, mine, staged, op.dtype, op.op)
-            } else {
-                concord_kernels::reduce_out_finish(out, mine, staged, op.dtype, op.op, plan.world)
+            // SAFETY: inside a busy guard; this RX thread is the only writer of the range now,
+            // and the backup range is claimed only right before it is filled.
+            match unsafe { op.claim_save(c, j) } {
+                // In place, first write: save each block of the original while reducing it.
+                Some(save) => {
+                    concord_kernels::reduce_into_saving(out, staged, save, op.dtype, op.op, finish)
+                }
+                None => {
+                    // In place the original is in the backup, and the range in the cache
+                    // (keep it there); out of place `op.stores` says.
+                    let stores = if op.backup.is_some() {
+                        Stores::Cached
+                    } else {
+                        op.stores
+                    };
+                    // SAFETY: inside a busy guard, by the range's writer; in place, saved by an
+                    // earlier writer (the claim above found it done).
+                    let mine = unsafe { op.original(c, j) };
+                    concord_kernels::reduce_out_with(
+                        out, mine, staged, op.dtype, op.op, finish, stores,
+                    )
+                }
             }
         }));
         let failure = match reduce {

@@ -3,7 +3,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use concord_kernels::{DType, ReduceOp};
+use concord_kernels::{DType, ReduceOp, Stores};
 
 use std::sync::Arc;
 
@@ -53,6 +53,29 @@ impl RawBuf {
 /// gave 1.91-1.97 GB/s, one 1.37-1.57).
 pub(crate) const STRIPE_MIN_SENDS_PER_STEP: usize = 4;
 
+/// Host collectives of at least this many bytes (default; `CONCORD_STREAM_MIN_BYTES` overrides
+/// it, `0` streams always, a huge value never) write their reduce-scatter results out of place
+/// with streaming (non-temporal) stores: no read of each destination line before it is written,
+/// a third less memory traffic for those bytes, which the TX thread then sends from memory
+/// rather than from the cache. Measured with `concord bench --local 2|4 -b 256M` (see
+/// README.md); smaller collectives keep their results in the cache, where the TX thread and
+/// the caller read them soon.
+pub(crate) const STREAM_MIN_BYTES: usize = 16 << 20;
+
+/// [`STREAM_MIN_BYTES`], or `CONCORD_STREAM_MIN_BYTES` when set to a number of bytes (read once).
+pub(crate) fn stream_min_bytes() -> usize {
+    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| match std::env::var("CONCORD_STREAM_MIN_BYTES") {
+        Ok(v) => v.trim().parse().unwrap_or_else(|_| {
+            tracing::warn!(
+                "CONCORD_STREAM_MIN_BYTES={v:?} is not a number of bytes; using {STREAM_MIN_BYTES}"
+            );
+            STREAM_MIN_BYTES
+        }),
+        Err(_) => STREAM_MIN_BYTES,
+    })
+}
+
 #[derive(Debug, Default)]
 struct Gate {
     retired: bool,
@@ -76,6 +99,9 @@ pub(crate) struct Op {
     pub(crate) backup: Option<RawBuf>,
     /// Per (chunk, sub-chunk) range: its original is in `backup`.
     saved: Box<[AtomicBool]>,
+    /// How reduce-scatter results are written out of place: streamed past the cache for large
+    /// collectives (see [`STREAM_MIN_BYTES`]).
+    pub(crate) stores: Stores,
     /// Ranges before chunk `c`, to index `saved`.
     chunk_prefix: Vec<usize>,
     send_prefix: Vec<usize>,
@@ -160,6 +186,11 @@ impl Op {
             device: None,
             backup: None,
             saved: Box::new([]),
+            stores: if dst.len >= stream_min_bytes() {
+                Stores::Streaming
+            } else {
+                Stores::Cached
+            },
             chunk_prefix: (0..=plan.world)
                 .map(|c| (0..c).map(|d| plan.subs(d)).sum())
                 .collect(),
@@ -201,31 +232,42 @@ impl Op {
         self
     }
 
-    /// In place: copies the original of sub-chunk `j` of chunk `c` to the backup unless that
-    /// was done already. Returns the range's original bytes (the backup's copy, or the input
-    /// itself out of place).
+    /// In place, for the thread about to write sub-chunk `j` of chunk `c` for the first time:
+    /// the backup range it must fill with the range's original before writing (the flag is
+    /// claimed here). `None` out of place, or when an earlier writer saved the range already.
     ///
     /// # Safety
     /// Inside a busy guard, by the one thread about to write that range; nobody writes it
     /// meanwhile (the ring schedule hands each range to one receive at a time).
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn claim_save(&self, c: usize, j: usize) -> Option<&mut [u8]> {
+        let backup = self.backup.as_ref()?;
+        let i = self.chunk_prefix[c] + j;
+        if self.saved[i].swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        // SAFETY: the flag was clear, so this thread is the range's first writer and the only
+        // one touching its backup range (the caller's contract).
+        Some(unsafe { backup.slice_mut(self.plan.sub_bytes(c, j)) })
+    }
+
+    /// The original bytes of sub-chunk `j` of chunk `c`: the backup's copy in place (saved by
+    /// an earlier writer, see [`Op::claim_save`]), the input itself out of place.
+    ///
+    /// # Safety
+    /// Inside a busy guard, by the thread about to write that range; in place, the range was
+    /// saved already.
     pub(crate) unsafe fn original(&self, c: usize, j: usize) -> &[u8] {
         let range = self.plan.sub_bytes(c, j);
-        let Some(backup) = &self.backup else {
+        match &self.backup {
+            Some(backup) => {
+                debug_assert!(self.saved[self.chunk_prefix[c] + j].load(Ordering::Acquire));
+                // SAFETY: saved by an earlier writer; never written again during the attempt.
+                unsafe { backup.slice(range) }
+            }
             // SAFETY: out of place, nobody writes the input.
-            return unsafe { self.src.slice(range) };
-        };
-        let i = self.chunk_prefix[c] + j;
-        if !self.saved[i].swap(true, Ordering::AcqRel) {
-            // SAFETY: the caller's contract: the range is not written by anyone else now, and
-            // this is its first write (the flag was clear).
-            unsafe {
-                backup
-                    .slice_mut(range.clone())
-                    .copy_from_slice(self.dst.slice(range.clone()))
-            };
+            None => unsafe { self.src.slice(range) },
         }
-        // SAFETY: saved above or by an earlier writer of this range; never written again.
-        unsafe { backup.slice(range) }
     }
 
     /// After a failure: puts every saved range back. Ranges never saved were never written.

@@ -56,6 +56,8 @@ unsafe fn run_aligned<const KIND: u8, const OP: u8, const DIV: bool>(job: &Job) 
     let world = job.divisor.map_or(1, NonZeroUsize::get);
     let world_v = _mm256_set1_ps(world as f32);
     let full = job.len - job.len % BLOCK;
+    // Non-temporal stores need aligned vectors; `run` aligned `dst` where the element size allows.
+    let stream = job.stream && (job.dst as usize).is_multiple_of(32);
     let mut i = 0;
     while i < full {
         let off = i * size;
@@ -82,7 +84,7 @@ unsafe fn run_aligned<const KIND: u8, const OP: u8, const DIV: bool>(job: &Job) 
                 r.0 = canon(_mm256_div_ps(r.0, world_v));
                 r.1 = canon(_mm256_div_ps(r.1, world_v));
             }
-            store::<KIND>(job.dst.add(off), r);
+            store::<KIND>(job.dst.add(off), r, stream);
         }
         i += BLOCK;
     }
@@ -110,19 +112,29 @@ unsafe fn load<const KIND: u8>(p: *const u8) -> Pair {
     }
 }
 
-/// Store 16 f32 to `p` as `KIND`, rounding to nearest even (the values are NaN-canonical).
+/// Store 16 f32 to `p` as `KIND`, rounding to nearest even (the values are NaN-canonical);
+/// non-temporal stores when `stream`.
 ///
 /// # Safety
-/// `p` is writable for 16 elements; CPU features as above.
+/// `p` is writable for 16 elements, and 32-byte aligned when `stream`; CPU features as above.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn store<const KIND: u8>(p: *mut u8, v: Pair) {
-    // SAFETY: forwarded from our caller; the stores are unaligned.
+unsafe fn store<const KIND: u8>(p: *mut u8, v: Pair, stream: bool) {
+    // SAFETY: forwarded from our caller; the ordinary stores are unaligned, the non-temporal
+    // ones aligned (the caller's promise when `stream`).
     unsafe {
         match KIND {
+            F32 if stream => {
+                _mm256_stream_ps(p.cast(), v.0);
+                _mm256_stream_ps(p.add(32).cast(), v.1);
+            }
             F32 => {
                 _mm256_storeu_ps(p.cast(), v.0);
                 _mm256_storeu_ps(p.add(32).cast(), v.1);
+            }
+            F16 if stream => {
+                _mm_stream_si128(p.cast(), to_f16(v.0));
+                _mm_stream_si128(p.add(16).cast(), to_f16(v.1));
             }
             F16 => {
                 _mm_storeu_si128(p.cast(), to_f16(v.0));
@@ -132,7 +144,11 @@ unsafe fn store<const KIND: u8>(p: *mut u8, v: Pair) {
                 // Even results go to the low halves of the 32-bit lanes, odd to the high.
                 let (even, odd) = (round_bf16(v.0), round_bf16(v.1));
                 let packed = _mm256_blend_epi16::<0b1010_1010>(_mm256_srli_epi32::<16>(even), odd);
-                _mm256_storeu_si256(p.cast(), packed);
+                if stream {
+                    _mm256_stream_si256(p.cast(), packed);
+                } else {
+                    _mm256_storeu_si256(p.cast(), packed);
+                }
             }
         }
     }

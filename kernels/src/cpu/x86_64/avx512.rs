@@ -56,6 +56,8 @@ unsafe fn run_aligned<const KIND: u8, const OP: u8, const DIV: bool>(job: &Job) 
     let world = job.divisor.map_or(1, NonZeroUsize::get);
     let world_v = _mm512_set1_ps(world as f32);
     let full = job.len - job.len % BLOCK;
+    // Non-temporal stores need aligned lines; `run` aligned `dst` where the element size allows.
+    let stream = job.stream && (job.dst as usize).is_multiple_of(64);
     let mut i = 0;
     while i < full {
         let off = i * size;
@@ -86,7 +88,7 @@ unsafe fn run_aligned<const KIND: u8, const OP: u8, const DIV: bool>(job: &Job) 
                 r.0 = canon(_mm512_div_ps(r.0, world_v));
                 r.1 = canon(_mm512_div_ps(r.1, world_v));
             }
-            store::<KIND>(job.dst.add(off), r);
+            store::<KIND>(job.dst.add(off), r, stream);
         }
         i += BLOCK;
     }
@@ -114,23 +116,37 @@ pub(super) unsafe fn load<const KIND: u8>(p: *const u8) -> Pair {
     }
 }
 
-/// Store 32 f32 to `p` as `KIND`, rounding to nearest even (the values are NaN-canonical).
+/// Store 32 f32 to `p` as `KIND`, rounding to nearest even (the values are NaN-canonical);
+/// non-temporal stores when `stream`.
 ///
 /// # Safety
-/// `p` is writable for 32 elements; CPU features as above.
+/// `p` is writable for 32 elements, and 64-byte aligned when `stream`; CPU features as above.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-pub(super) unsafe fn store<const KIND: u8>(p: *mut u8, v: Pair) {
-    // SAFETY: forwarded from our caller; the stores are unaligned.
+pub(super) unsafe fn store<const KIND: u8>(p: *mut u8, v: Pair, stream: bool) {
+    // SAFETY: forwarded from our caller; the ordinary stores are unaligned, the non-temporal
+    // ones aligned (the caller's promise when `stream`).
     unsafe {
         match KIND {
+            F32 if stream => {
+                _mm512_stream_ps(p.cast(), v.0);
+                _mm512_stream_ps(p.add(64).cast(), v.1);
+            }
             F32 => {
                 _mm512_storeu_ps(p.cast(), v.0);
                 _mm512_storeu_ps(p.add(64).cast(), v.1);
             }
             F16 => {
-                _mm256_storeu_si256(p.cast(), to_f16(v.0));
-                _mm256_storeu_si256(p.add(32).cast(), to_f16(v.1));
+                let (lo, hi) = (to_f16(v.0), to_f16(v.1));
+                if stream {
+                    _mm512_stream_si512(
+                        p.cast(),
+                        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi),
+                    );
+                } else {
+                    _mm256_storeu_si256(p.cast(), lo);
+                    _mm256_storeu_si256(p.add(32).cast(), hi);
+                }
             }
             _ => {
                 // Even results go to the low halves of the 32-bit lanes, odd to the high.
@@ -140,8 +156,25 @@ pub(super) unsafe fn store<const KIND: u8>(p: *mut u8, v: Pair) {
                     _mm512_set1_epi32(0xFFFF_0000_u32 as i32),
                     _mm512_srli_epi32::<16>(even),
                 );
-                _mm512_storeu_si512(p.cast(), packed);
+                store_line(p, packed, stream);
             }
+        }
+    }
+}
+
+/// Store one 64-byte line at `p`: non-temporal when `stream`.
+///
+/// # Safety
+/// `p` is writable for 64 bytes, and 64-byte aligned when `stream`; CPU features as above.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+pub(super) unsafe fn store_line(p: *mut u8, v: __m512i, stream: bool) {
+    // SAFETY: forwarded from our caller.
+    unsafe {
+        if stream {
+            _mm512_stream_si512(p.cast(), v);
+        } else {
+            _mm512_storeu_si512(p.cast(), v);
         }
     }
 }

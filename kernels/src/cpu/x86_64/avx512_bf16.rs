@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 use std::num::NonZeroUsize;
 
-use super::avx512::{self, apply, load, round_bf16, Pair, BLOCK, PREFETCH_BYTES};
+use super::avx512::{self, apply, load, round_bf16, store_line, Pair, BLOCK, PREFETCH_BYTES};
 use super::common::{op_code, scalar_part, BF16, MAX, MIN, PROD, SUM};
 use crate::dispatch::{Job, PathFns};
 use crate::DType;
@@ -50,6 +50,7 @@ unsafe fn run<const OP: u8>(job: &Job) {
     // SAFETY: the head is a prefix of the job, so the contract holds for it.
     unsafe { scalar_part::<OP>(&head, 0) };
     let full = body.len - body.len % BLOCK;
+    let stream = body.stream && (body.dst as usize).is_multiple_of(64);
     let mut i = 0;
     while i < full {
         let off = i * 2;
@@ -60,7 +61,7 @@ unsafe fn run<const OP: u8>(job: &Job) {
             let a = load::<BF16>(body.a.add(off));
             let b = load::<BF16>(body.b.add(off));
             let r = (raw::<OP>(a.0, b.0), raw::<OP>(a.1, b.1));
-            _mm512_storeu_si512(body.dst.add(off).cast(), narrow(r));
+            store_line(body.dst.add(off), narrow(r), stream);
         }
         i += BLOCK;
     }

@@ -16,7 +16,7 @@ use std::arch::asm;
 use std::arch::x86_64::*;
 use std::num::NonZeroUsize;
 
-use super::avx512::{self, PREFETCH_BYTES};
+use super::avx512::{self, store_line, PREFETCH_BYTES};
 use super::avx512_bf16;
 use super::common::{op_code, scalar_part, PROD, SUM};
 use crate::convert::F16_NAN;
@@ -72,6 +72,7 @@ unsafe fn run<const OP: u8>(job: &Job) {
     unsafe { scalar_part::<OP>(&head, 0) };
     let nan = _mm512_set1_epi16(F16_NAN as i16);
     let full = body.len - body.len % BLOCK;
+    let stream = body.stream && (body.dst as usize).is_multiple_of(64);
     let mut i = 0;
     while i < full {
         let off = i * 2;
@@ -81,7 +82,7 @@ unsafe fn run<const OP: u8>(job: &Job) {
             _mm_prefetch::<_MM_HINT_T0>(body.b.wrapping_add(off + PREFETCH_BYTES).cast());
             let a = _mm512_loadu_si512(body.a.add(off).cast());
             let b = _mm512_loadu_si512(body.b.add(off).cast());
-            _mm512_storeu_si512(body.dst.add(off).cast(), apply::<OP>(a, b, nan));
+            store_line(body.dst.add(off), apply::<OP>(a, b, nan), stream);
         }
         i += BLOCK;
     }

@@ -73,6 +73,7 @@ macro_rules! entry_points {
                 dtype,
                 op: crate::ReduceOp::Avg,
                 divisor: Some(world),
+                stream: false,
             };
             // SAFETY: a == b == dst, all valid for `len` elements; CPU features as above.
             unsafe { dispatch(&job, KEEP) }
