@@ -77,7 +77,10 @@ fn peer_matrix() {
 
 /// `spin_us`: the peers' polling window (`CONCORD_SPIN_US`; `None`: the default). The socket run
 /// of world 3 turns polling off, so that every wait of the data path also runs blocking.
-fn run_matrix(world: usize, backend: &str, spin_us: Option<u32>) {
+/// `stream_always`: every out-of-place collective writes its reduce-scatter results with
+/// streaming stores (`CONCORD_STREAM_MIN_BYTES=0`; by default only those of 16 MiB or more,
+/// which the matrix does not reach).
+fn run_matrix(world: usize, backend: &str, spin_us: Option<u32>, stream_always: bool) {
     if is_peer() {
         return;
     }
@@ -98,6 +101,9 @@ fn run_matrix(world: usize, backend: &str, spin_us: Option<u32>) {
     ];
     if let Some(us) = spin_us {
         env.push(("CONCORD_SPIN_US", us.to_string()));
+    }
+    if stream_always {
+        env.push(("CONCORD_STREAM_MIN_BYTES", "0".to_string()));
     }
     let peers: Vec<_> = (0..world)
         .map(|_| spawn_peer("peer_matrix", &env))
@@ -169,32 +175,32 @@ fn run_matrix(world: usize, backend: &str, spin_us: Option<u32>) {
 
 #[test]
 fn allreduce_matrix_world_2_uring() {
-    run_matrix(2, "uring", None);
+    run_matrix(2, "uring", None, true);
 }
 
 #[test]
 fn allreduce_matrix_world_2_socket() {
-    run_matrix(2, "socket", None);
+    run_matrix(2, "socket", None, false);
 }
 
 #[test]
 fn allreduce_matrix_world_3_uring() {
-    run_matrix(3, "uring", None);
+    run_matrix(3, "uring", None, false);
 }
 
 #[test]
 fn allreduce_matrix_world_3_socket() {
-    run_matrix(3, "socket", Some(0));
+    run_matrix(3, "socket", Some(0), true);
 }
 
 #[test]
 fn allreduce_matrix_world_4_uring() {
-    run_matrix(4, "uring", None);
+    run_matrix(4, "uring", None, true);
 }
 
 #[test]
 fn allreduce_matrix_world_4_socket() {
-    run_matrix(4, "socket", None);
+    run_matrix(4, "socket", None, false);
 }
 
 /// A ring of one has no connections: a small blocking collective, which a caller otherwise

@@ -1,8 +1,8 @@
 //! The public API: names, wire codes, argument checks and the documented semantics.
 
 use concord_kernels::{
-    cpu_path, finish, reduce_into, reduce_into_finish, reduce_out, reduce_out_finish, CpuPath,
-    DType, KernelError, Kernels, ReduceOp,
+    copy, cpu_path, finish, reduce_into, reduce_into_finish, reduce_into_saving, reduce_out,
+    reduce_out_finish, reduce_out_with, CpuPath, DType, KernelError, Kernels, ReduceOp, Stores,
 };
 
 fn f32s(v: &[f32]) -> Vec<u8> {
@@ -67,6 +67,30 @@ fn argument_errors_are_reported_and_leave_dst_alone() {
         finish(&mut dst, DType::U8, ReduceOp::Avg, 0),
         Err(KernelError::ZeroWorld)
     );
+    let (a, b) = ([1u8; 6], [2u8; 6]);
+    for stores in [Stores::Cached, Stores::Streaming] {
+        let err = reduce_out_with(
+            &mut dst,
+            &a,
+            &b[..5],
+            DType::U8,
+            ReduceOp::Sum,
+            None,
+            stores,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("`b`"), "{err}");
+        let err = reduce_out_with(&mut dst, &a, &b, DType::U8, ReduceOp::Avg, Some(0), stores)
+            .unwrap_err();
+        assert_eq!(err, KernelError::ZeroWorld);
+        let err = copy(&mut dst, &a[..4], stores).unwrap_err();
+        assert!(matches!(err, KernelError::LengthMismatch { .. }), "{err}");
+    }
+    let mut save = [0u8; 5];
+    let err =
+        reduce_into_saving(&mut dst, &b, &mut save, DType::U8, ReduceOp::Sum, None).unwrap_err();
+    assert!(err.to_string().contains("`save`"), "{err}");
+    assert_eq!(save, [0u8; 5]);
     assert_eq!(dst, vec![7u8; 6]);
 }
 
