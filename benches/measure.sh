@@ -23,6 +23,8 @@ for r in $(seq "$ROUNDS"); do
       for t in uring socket; do
         $C bench --local $p -b $s -e $s -n 8 -w 2 -c 0 --transport $t | awk -v p=$p -v s=$s -v t=$t '/^ +[0-9]/ {print t "_" p "_" s, $7, $11}' >>"$out"
       done
+      # In place (what a trainer's gradients use): the backup of the originals included.
+      $C bench --local $p -b $s -e $s -n 8 -w 2 -c 0 --in-place --transport uring | awk -v p=$p -v s=$s '/^ +[0-9]/ {print "uring_" p "_" s "_inplace", $7, $11}' >>"$out"
     done
     for t in uring socket; do
       $C bench --local $p -b 4M -e 4M -n 8 -w 2 -c 0 -m 16 --transport $t | awk -v p=$p -v t=$t '/^ +[0-9]/ {print t "_" p "_16x4M", $7, $11}' >>"$out"
