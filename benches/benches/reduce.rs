@@ -151,7 +151,7 @@ fn stores(c: &mut Criterion) {
     group.bench_function(format!("in-place/saving/{dtype}/{BYTES}"), |b| {
         b.iter(|| {
             for (d, s) in dst.chunks_mut(FRAME).zip(backup.chunks_mut(FRAME)) {
-                k.reduce_into_saving(d, &staged, s, dtype, op, None)
+                k.reduce_into_saving(d, &staged, s, Stores::Streaming, dtype, op, None)
                     .expect("benchmark buffers are valid");
             }
             black_box(&mut dst);

@@ -138,18 +138,19 @@ pub fn reduce_out_with(
 
 /// In place, keeping the originals: `save[i] = dst[i]`, then `dst[i] = save[i] op src[i]`
 /// (and the division for `Avg` with `finish = Some(world)`), on the process-wide path. One pass
-/// over `dst`: each block is copied to `save` with streaming stores (nobody reads a backup
-/// soon) while it is in the cache for the reduction. Same bits in `dst` as [`reduce_into`] /
-/// [`reduce_into_finish`].
+/// over `dst`: each block is copied to `save` (written with `save_stores`:
+/// [`Stores::Streaming`] for a large backup nobody reads soon) while it is in the cache for the
+/// reduction. Same bits in `dst` as [`reduce_into`] / [`reduce_into_finish`].
 pub fn reduce_into_saving(
     dst: &mut [u8],
     src: &[u8],
     save: &mut [u8],
+    save_stores: Stores,
     dtype: DType,
     op: ReduceOp,
     finish: Option<usize>,
 ) -> Result<(), KernelError> {
-    Kernels::default_path()?.reduce_into_saving(dst, src, save, dtype, op, finish)
+    Kernels::default_path()?.reduce_into_saving(dst, src, save, save_stores, dtype, op, finish)
 }
 
 /// `dst.copy_from_slice(src)` written with `stores` (see [`Stores`]); an error if the lengths
@@ -295,11 +296,13 @@ impl Kernels {
     }
 
     /// [`reduce_into_saving`] on this path.
+    #[allow(clippy::too_many_arguments)]
     pub fn reduce_into_saving(
         &self,
         dst: &mut [u8],
         src: &[u8],
         save: &mut [u8],
+        save_stores: Stores,
         dtype: DType,
         op: ReduceOp,
         finish: Option<usize>,
@@ -317,7 +320,10 @@ impl Kernels {
             let n = (dst.len() - start).min(stream::BLOCK_BYTES);
             let block = &mut dst[start..start + n];
             // The block is now in the cache: the reduction below reads it from there.
-            stream::stream_unfenced(&mut save[start..start + n], block);
+            match save_stores {
+                Stores::Cached => save[start..start + n].copy_from_slice(block),
+                Stores::Streaming => stream::stream_unfenced(&mut save[start..start + n], block),
+            }
             let block_ptr = block.as_mut_ptr();
             let job = Job {
                 dst: block_ptr,
@@ -334,7 +340,9 @@ impl Kernels {
             unsafe { (self.fns.combine)(&job) };
             start += n;
         }
-        stream::fence();
+        if save_stores == Stores::Streaming {
+            stream::fence();
+        }
         Ok(())
     }
 

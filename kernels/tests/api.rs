@@ -87,8 +87,16 @@ fn argument_errors_are_reported_and_leave_dst_alone() {
         assert!(matches!(err, KernelError::LengthMismatch { .. }), "{err}");
     }
     let mut save = [0u8; 5];
-    let err =
-        reduce_into_saving(&mut dst, &b, &mut save, DType::U8, ReduceOp::Sum, None).unwrap_err();
+    let err = reduce_into_saving(
+        &mut dst,
+        &b,
+        &mut save,
+        Stores::Cached,
+        DType::U8,
+        ReduceOp::Sum,
+        None,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("`save`"), "{err}");
     assert_eq!(save, [0u8; 5]);
     assert_eq!(dst, vec![7u8; 6]);

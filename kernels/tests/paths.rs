@@ -41,17 +41,15 @@ fn outputs(k: &Kernels, d: DType, op: ReduceOp, a: &[u8], b: &[u8], world: usize
         k.reduce_out_with(&mut cached, a, b, d, op, finish, Stores::Cached)
             .unwrap();
         assert_eq!(&cached, want, "{} {d} {op} {finish:?}: cached", k.path());
-        let mut saving = a.to_vec();
-        let mut saved = vec![0u8; a.len()];
-        k.reduce_into_saving(&mut saving, b, &mut saved, d, op, finish)
-            .unwrap();
-        assert_eq!(&saving, want, "{} {d} {op} {finish:?}: saving", k.path());
-        assert_eq!(
-            saved,
-            a,
-            "{} {d} {op} {finish:?}: the saved originals",
-            k.path()
-        );
+        for stores in [Stores::Cached, Stores::Streaming] {
+            let mut saving = a.to_vec();
+            let mut saved = vec![0u8; a.len()];
+            k.reduce_into_saving(&mut saving, b, &mut saved, stores, d, op, finish)
+                .unwrap();
+            let case = format!("{} {d} {op} {finish:?} {stores:?}", k.path());
+            assert_eq!(&saving, want, "{case}: saving");
+            assert_eq!(saved, a, "{case}: the saved originals");
+        }
     }
     // finish after the plain form must equal the fused form.
     k.finish(&mut into, d, op, world).unwrap();

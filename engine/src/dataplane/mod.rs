@@ -862,7 +862,7 @@ fn recv_one(s: &Shared, conn: usize, c: &mut RxConn, may_wait: bool) -> Result<(
         // puts it back), streamed: only a failure reads it. Device collectives keep their own.
         // SAFETY: inside a busy guard; this RX thread is the only writer of the range now.
         if let Some(save) = unsafe { op.claim_save(plan.recv_chunk(t), j) } {
-            concord_kernels::copy(save, out, Stores::Streaming).map_err(|e| e.to_string())?;
+            concord_kernels::copy(save, out, op.backup_stores).map_err(|e| e.to_string())?;
         }
         stream.read_exact(out).map_err(io)?;
     } else {
@@ -878,9 +878,15 @@ fn recv_one(s: &Shared, conn: usize, c: &mut RxConn, may_wait: bool) -> Result<(
             // and the backup range is claimed only right before it is filled.
             match unsafe { op.claim_save(c, j) } {
                 // In place, first write: save each block of the original while reducing it.
-                Some(save) => {
-                    concord_kernels::reduce_into_saving(out, staged, save, op.dtype, op.op, finish)
-                }
+                Some(save) => concord_kernels::reduce_into_saving(
+                    out,
+                    staged,
+                    save,
+                    op.backup_stores,
+                    op.dtype,
+                    op.op,
+                    finish,
+                ),
                 None => {
                     // In place the original is in the backup, and the range in the cache
                     // (keep it there); out of place `op.stores` says.
