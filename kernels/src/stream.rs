@@ -11,6 +11,7 @@
 //! The results are the same bits whichever way they are stored: [`Stores`] is a hint.
 
 /// How a reduction or copy writes its results.
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Stores {
     /// Ordinary stores: the results stay in the cache. Right for results read again soon,
