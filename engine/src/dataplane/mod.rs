@@ -859,7 +859,8 @@ fn recv_one(s: &Shared, conn: usize, c: &mut RxConn, may_wait: bool) -> Result<(
         }
     } else if kind == RecvKind::Copy {
         // In place, the range's original goes to the backup before the first write (a failure
-        // puts it back), streamed: only a failure reads it. Device collectives keep their own.
+        // puts it back; `op.backup_stores` streams large backups, which only a failure reads).
+        // Device collectives keep their own backup.
         // SAFETY: inside a busy guard; this RX thread is the only writer of the range now.
         if let Some(save) = unsafe { op.claim_save(plan.recv_chunk(t), j) } {
             concord_kernels::copy(save, out, op.backup_stores).map_err(|e| e.to_string())?;
