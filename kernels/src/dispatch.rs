@@ -30,10 +30,14 @@ pub(crate) struct Job {
     /// `Some(world)` when the result is to be rounded, then divided by `world` (fused Avg).
     pub(crate) divisor: Option<NonZeroUsize>,
     /// Write `dst` with non-temporal stores where the path can (the SIMD loops of f32, f16 and
-    /// bf16 over an aligned `dst`); the bits are the same either way.
+    /// bf16 over an aligned `dst`); the bits are the same either way. (Only x86-64 has such
+    /// paths.)
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) stream: bool,
 }
 
+// The SIMD paths (x86-64) split and align jobs; the scalar path takes them whole.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 impl Job {
     /// The first `mid` elements and the rest, as two jobs with the same contract.
     pub(crate) fn split_at(&self, mid: usize) -> (Job, Job) {

@@ -55,6 +55,7 @@ pub(crate) fn avx512_missing() -> Vec<&'static str> {
 
 /// The CPU features the AVX-512 + AVX512-BF16 path needs that this CPU lacks.
 pub(crate) fn avx512_bf16_missing() -> Vec<&'static str> {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut missing = avx512_missing();
     #[cfg(target_arch = "x86_64")]
     {
@@ -70,6 +71,7 @@ pub(crate) fn avx512_bf16_missing() -> Vec<&'static str> {
 
 /// The CPU features the AVX-512 + AVX512-FP16 path needs that this CPU lacks.
 pub(crate) fn avx512_fp16_missing() -> Vec<&'static str> {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut missing = avx512_missing();
     #[cfg(target_arch = "x86_64")]
     {

@@ -213,6 +213,8 @@ macro_rules! by_dtype {
         }
     };
 }
+// Only the SIMD paths (x86-64) dispatch through it.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
 pub(crate) use by_dtype;
 
 /// `dst[i] = a[i] op b[i]` (then `/ world` when the job carries a divisor) for every element.
@@ -228,6 +230,7 @@ pub(crate) unsafe fn combine(job: &Job) {
 ///
 /// # Safety
 /// The job's pointers must satisfy the contract documented on [`Job`]; `start <= job.len`.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) unsafe fn combine_from(job: &Job, start: usize) {
     // SAFETY: forwarded from our caller.
     unsafe { by_dtype!(job.dtype, combine_elems(job, start)) }
