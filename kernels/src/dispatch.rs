@@ -17,7 +17,7 @@ pub const PATH_ENV: &str = "CONCORD_KERNELS";
 /// Contract (established by the safe entry points in `lib.rs`): `a`, `b` and `dst` each point to
 /// `len` elements of `dtype` (any alignment); `a` and `b` are readable, `dst` writable; `a` may
 /// be equal to `dst` (in-place reduction) but no other overlap exists. With `stream`, the caller
-/// issues a store fence (`stream::fence`) before anything may read `dst` from another thread.
+/// issues a store fence (`stream::fence_after`) before anything may read `dst` from another thread.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Job {
     pub(crate) dst: *mut u8,
@@ -56,6 +56,13 @@ impl Job {
             ..*self
         };
         (head, tail)
+    }
+
+    /// Whether the loop writes `dst` with non-temporal stores: asked for, and `dst` aligned to
+    /// `align` bytes as those stores need (the paths align it first where the element size
+    /// allows).
+    pub(crate) fn streams(&self, align: usize) -> bool {
+        self.stream && (self.dst as usize).is_multiple_of(align)
     }
 
     /// How many leading elements to handle one by one so that `dst` becomes `align`-byte

@@ -208,6 +208,13 @@ pub(crate) fn check_world(world: usize) -> Result<NonZeroUsize, KernelError> {
     NonZeroUsize::new(world).ok_or(KernelError::ZeroWorld)
 }
 
+/// The fused division of a `*_finish` form: `Some(world)` for `Avg` (checked), `None` for every
+/// other op or without `finish`.
+fn divisor(op: ReduceOp, finish: Option<usize>) -> Result<Option<NonZeroUsize>, KernelError> {
+    let world = finish.map(check_world).transpose()?;
+    Ok(world.filter(|_| op == ReduceOp::Avg))
+}
+
 impl Kernels {
     /// `dst[i] = dst[i] op src[i]` on this path.
     pub fn reduce_into(
@@ -229,7 +236,7 @@ impl Kernels {
         dtype: DType,
         op: ReduceOp,
     ) -> Result<(), KernelError> {
-        self.run_out(dst, a, b, dtype, op, None)
+        self.run_out(dst, a, b, dtype, op, None, Stores::Cached)
     }
 
     /// For `Avg`: `dst[i] = dst[i] / world`; otherwise nothing. `world` must be at least 1.
@@ -258,8 +265,7 @@ impl Kernels {
         op: ReduceOp,
         world: usize,
     ) -> Result<(), KernelError> {
-        let world = check_world(world)?;
-        self.run_into(dst, src, dtype, op, (op == ReduceOp::Avg).then_some(world))
+        self.run_into(dst, src, dtype, op, divisor(op, Some(world))?)
     }
 
     /// [`Kernels::reduce_out`] then [`Kernels::finish`], fused (same bits).
@@ -272,8 +278,15 @@ impl Kernels {
         op: ReduceOp,
         world: usize,
     ) -> Result<(), KernelError> {
-        let world = check_world(world)?;
-        self.run_out(dst, a, b, dtype, op, (op == ReduceOp::Avg).then_some(world))
+        self.run_out(
+            dst,
+            a,
+            b,
+            dtype,
+            op,
+            divisor(op, Some(world))?,
+            Stores::Cached,
+        )
     }
 
     /// [`reduce_out_with`] on this path.
@@ -288,11 +301,7 @@ impl Kernels {
         finish: Option<usize>,
         stores: Stores,
     ) -> Result<(), KernelError> {
-        let divisor = finish
-            .map(check_world)
-            .transpose()?
-            .filter(|_| op == ReduceOp::Avg);
-        self.run_out_stored(dst, a, b, dtype, op, divisor, stores)
+        self.run_out(dst, a, b, dtype, op, divisor(op, finish)?, stores)
     }
 
     /// [`reduce_into_saving`] on this path.
@@ -307,10 +316,7 @@ impl Kernels {
         op: ReduceOp,
         finish: Option<usize>,
     ) -> Result<(), KernelError> {
-        let divisor = finish
-            .map(check_world)
-            .transpose()?
-            .filter(|_| op == ReduceOp::Avg);
+        let divisor = divisor(op, finish)?;
         check_same("src", src.len(), dst.len())?;
         check_same("save", save.len(), dst.len())?;
         check_len("dst", dst.len(), dtype)?;
@@ -320,10 +326,7 @@ impl Kernels {
             let n = (dst.len() - start).min(stream::BLOCK_BYTES);
             let block = &mut dst[start..start + n];
             // The block is now in the cache: the reduction below reads it from there.
-            match save_stores {
-                Stores::Cached => save[start..start + n].copy_from_slice(block),
-                Stores::Streaming => stream::stream_unfenced(&mut save[start..start + n], block),
-            }
+            stream::copy_unfenced(&mut save[start..start + n], block, save_stores);
             let block_ptr = block.as_mut_ptr();
             let job = Job {
                 dst: block_ptr,
@@ -340,9 +343,7 @@ impl Kernels {
             unsafe { (self.fns.combine)(&job) };
             start += n;
         }
-        if save_stores == Stores::Streaming {
-            stream::fence();
-        }
+        stream::fence_after(save_stores);
         Ok(())
     }
 
@@ -373,20 +374,8 @@ impl Kernels {
         Ok(())
     }
 
-    fn run_out(
-        &self,
-        dst: &mut [u8],
-        a: &[u8],
-        b: &[u8],
-        dtype: DType,
-        op: ReduceOp,
-        divisor: Option<NonZeroUsize>,
-    ) -> Result<(), KernelError> {
-        self.run_out_stored(dst, a, b, dtype, op, divisor, Stores::Cached)
-    }
-
     #[allow(clippy::too_many_arguments)]
-    fn run_out_stored(
+    fn run_out(
         &self,
         dst: &mut [u8],
         a: &[u8],
@@ -413,9 +402,7 @@ impl Kernels {
         // SAFETY: three live slices of exactly `len` elements; `dst` is exclusive, so it
         // overlaps neither `a` nor `b`.
         unsafe { (self.fns.combine)(&job) }
-        if stream {
-            stream::fence();
-        }
+        stream::fence_after(stores);
         Ok(())
     }
 }

@@ -1,12 +1,12 @@
-//! Writes that bypass the cache: copies with non-temporal stores, and the block-wise staging
-//! that lets every reduction path write its results that way.
+//! Writes that bypass the cache: copies with non-temporal stores, and the fence that publishes
+//! them (the reduction loops stream through `Job::stream`).
 //!
 //! A plain store to a line that is not in the cache first *reads* the line from memory (the
-//! read-for-ownership), then writes it back later: three line transfers for one line of
-//! results. A non-temporal store writes the line straight to memory: one transfer. Where a
-//! large result is not read again soon (the ring's reduce-scatter output, an in-place backup
-//! that only a failure reads), that is a third of the memory traffic of the destination, which
-//! is what a 2-core host running the TCP stack and the reductions together is short of.
+//! read-for-ownership), then writes it back later: two line transfers for one line of results.
+//! A non-temporal store writes the line straight to memory: one transfer. Where a large result
+//! is not read again soon (the ring's reduce-scatter output, an in-place backup that only a
+//! failure reads), that halves the destination's memory traffic, which is what a 2-core host
+//! running the TCP stack and the reductions together is short of.
 //!
 //! The results are the same bits whichever way they are stored: [`Stores`] is a hint.
 
@@ -30,7 +30,7 @@ pub enum Stores {
 /// before reducing them, while they are in the L1 cache: a multiple of every element size.
 pub(crate) const BLOCK_BYTES: usize = 8 * 1024;
 
-/// `dst.copy_from_slice(src)` with `stores` (a streaming copy ends with [`fence`]). Panics if
+/// `dst.copy_from_slice(src)` with `stores` (a streaming copy ends with a fence). Panics if
 /// the lengths differ (callers check).
 pub(crate) fn copy(dst: &mut [u8], src: &[u8], stores: Stores) {
     assert_eq!(
@@ -38,35 +38,42 @@ pub(crate) fn copy(dst: &mut [u8], src: &[u8], stores: Stores) {
         src.len(),
         "copy between slices of different lengths"
     );
+    copy_unfenced(dst, src, stores);
+    fence_after(stores);
+}
+
+/// `dst.copy_from_slice(src)` with `stores`; after streaming ones the caller owes
+/// [`fence_after`] before the results may be published. Lengths are equal.
+pub(crate) fn copy_unfenced(dst: &mut [u8], src: &[u8], stores: Stores) {
     match stores {
         Stores::Cached => dst.copy_from_slice(src),
-        Stores::Streaming => {
-            stream_unfenced(dst, src);
-            fence();
-        }
+        Stores::Streaming => stream_unfenced(dst, src),
     }
 }
 
-/// Orders every earlier non-temporal store before any later store.
-pub(crate) fn fence() {
+/// After writes with `stores`: for streaming ones, orders every earlier non-temporal store
+/// before any later store (the release that publishes the results); nothing for cached ones.
+pub(crate) fn fence_after(stores: Stores) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: SSE is part of x86-64.
-    unsafe {
-        std::arch::x86_64::_mm_sfence()
-    };
+    if stores == Stores::Streaming {
+        // SAFETY: SSE is part of x86-64.
+        unsafe { std::arch::x86_64::_mm_sfence() };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = stores;
 }
 
 /// `dst.copy_from_slice(src)` with non-temporal stores for the whole lines of `dst`; the caller
-/// owes a [`fence`] before the results may be published. Lengths are equal.
+/// owes a [`fence_after`] before the results may be published. Lengths are equal.
 #[cfg(not(target_arch = "x86_64"))]
-pub(crate) fn stream_unfenced(dst: &mut [u8], src: &[u8]) {
+fn stream_unfenced(dst: &mut [u8], src: &[u8]) {
     dst.copy_from_slice(src);
 }
 
 /// `dst.copy_from_slice(src)` with non-temporal stores for the whole lines of `dst`; the caller
-/// owes a [`fence`] before the results may be published. Lengths are equal.
+/// owes a [`fence_after`] before the results may be published. Lengths are equal.
 #[cfg(target_arch = "x86_64")]
-pub(crate) fn stream_unfenced(dst: &mut [u8], src: &[u8]) {
+fn stream_unfenced(dst: &mut [u8], src: &[u8]) {
     const LINE: usize = 64;
     // Whole lines only: a partial line written non-temporally costs a partial memory write.
     let head = dst.as_ptr().align_offset(LINE).min(dst.len());

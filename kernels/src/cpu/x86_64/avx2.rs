@@ -56,8 +56,7 @@ unsafe fn run_aligned<const KIND: u8, const OP: u8, const DIV: bool>(job: &Job) 
     let world = job.divisor.map_or(1, NonZeroUsize::get);
     let world_v = _mm256_set1_ps(world as f32);
     let full = job.len - job.len % BLOCK;
-    // Non-temporal stores need aligned vectors; `run` aligned `dst` where the element size allows.
-    let stream = job.stream && (job.dst as usize).is_multiple_of(32);
+    let stream = job.streams(32);
     let mut i = 0;
     while i < full {
         let off = i * size;

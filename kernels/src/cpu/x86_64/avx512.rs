@@ -56,8 +56,7 @@ unsafe fn run_aligned<const KIND: u8, const OP: u8, const DIV: bool>(job: &Job) 
     let world = job.divisor.map_or(1, NonZeroUsize::get);
     let world_v = _mm512_set1_ps(world as f32);
     let full = job.len - job.len % BLOCK;
-    // Non-temporal stores need aligned lines; `run` aligned `dst` where the element size allows.
-    let stream = job.stream && (job.dst as usize).is_multiple_of(64);
+    let stream = job.streams(64);
     let mut i = 0;
     while i < full {
         let off = i * size;
@@ -128,13 +127,9 @@ pub(super) unsafe fn store<const KIND: u8>(p: *mut u8, v: Pair, stream: bool) {
     // ones aligned (the caller's promise when `stream`).
     unsafe {
         match KIND {
-            F32 if stream => {
-                _mm512_stream_ps(p.cast(), v.0);
-                _mm512_stream_ps(p.add(64).cast(), v.1);
-            }
             F32 => {
-                _mm512_storeu_ps(p.cast(), v.0);
-                _mm512_storeu_ps(p.add(64).cast(), v.1);
+                store_line(p, _mm512_castps_si512(v.0), stream);
+                store_line(p.add(64), _mm512_castps_si512(v.1), stream);
             }
             F16 => {
                 let (lo, hi) = (to_f16(v.0), to_f16(v.1));

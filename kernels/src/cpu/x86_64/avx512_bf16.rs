@@ -50,7 +50,7 @@ unsafe fn run<const OP: u8>(job: &Job) {
     // SAFETY: the head is a prefix of the job, so the contract holds for it.
     unsafe { scalar_part::<OP>(&head, 0) };
     let full = body.len - body.len % BLOCK;
-    let stream = body.stream && (body.dst as usize).is_multiple_of(64);
+    let stream = body.streams(64);
     let mut i = 0;
     while i < full {
         let off = i * 2;

@@ -72,7 +72,7 @@ unsafe fn run<const OP: u8>(job: &Job) {
     unsafe { scalar_part::<OP>(&head, 0) };
     let nan = _mm512_set1_epi16(F16_NAN as i16);
     let full = body.len - body.len % BLOCK;
-    let stream = body.stream && (body.dst as usize).is_multiple_of(64);
+    let stream = body.streams(64);
     let mut i = 0;
     while i < full {
         let off = i * 2;
