@@ -545,8 +545,7 @@ impl<'b> Job<'_, 'b> {
                 w.in_flight.push(piece.entry);
                 return Some(piece);
             }
-            let waiting_on = w.in_flight.iter().any(|e| self.serves(*e))
-                || w.queued.iter().any(|p| self.serves(p.entry));
+            let waiting_on = self.left_for_me(&w);
             let left = self.deadline.saturating_duration_since(now);
             if !waiting_on || left.is_zero() {
                 return None;
@@ -567,6 +566,11 @@ impl<'b> Job<'_, 'b> {
     /// Whether a piece this worker's holder could serve is still queued or in flight.
     fn has_work(&self) -> bool {
         let w = self.work.0.lock().unwrap_or_else(|p| p.into_inner());
+        self.left_for_me(&w)
+    }
+
+    /// [`Job::has_work`] under the lock already held.
+    fn left_for_me(&self, w: &Work<'_>) -> bool {
         w.queued.iter().any(|p| self.serves(p.entry)) || w.in_flight.iter().any(|e| self.serves(*e))
     }
 

@@ -14,7 +14,6 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
-use concord_kernels::Stores;
 use concord_master::proto::PeerId;
 use concord_transport::frame::{DataHeader, HEADER_BYTES};
 use concord_transport::{BackendKind, PinnedBuf, PinnedPool};
@@ -889,18 +888,11 @@ fn recv_one(s: &Shared, conn: usize, c: &mut RxConn, may_wait: bool) -> Result<(
                     finish,
                 ),
                 None => {
-                    // In place the original is in the backup, and the range in the cache
-                    // (keep it there); out of place `op.stores` says.
-                    let stores = if op.backup.is_some() {
-                        Stores::Cached
-                    } else {
-                        op.stores
-                    };
                     // SAFETY: inside a busy guard, by the range's writer; in place, saved by an
                     // earlier writer (the claim above found it done).
                     let mine = unsafe { op.original(c, j) };
                     concord_kernels::reduce_out_with(
-                        out, mine, staged, op.dtype, op.op, finish, stores,
+                        out, mine, staged, op.dtype, op.op, finish, op.stores,
                     )
                 }
             }

@@ -55,9 +55,9 @@ pub(crate) const STRIPE_MIN_SENDS_PER_STEP: usize = 4;
 
 /// Host collectives of at least this many bytes (default; `CONCORD_STREAM_MIN_BYTES` overrides
 /// it, `0` streams always, a huge value never) write their reduce-scatter results out of place
-/// with streaming (non-temporal) stores: no read of each destination line before it is written,
-/// a third less memory traffic for those bytes, which the TX thread then sends from memory
-/// rather than from the cache. Measured with `concord bench --local 2|4 -b 256M` (see
+/// with streaming (non-temporal) stores: no read of each destination line before it is written
+/// (one memory transfer per line instead of two), but the TX thread then sends those bytes from
+/// memory rather than from the cache, so the gain end to end is a few per cent. Measured with `concord bench --local 2|4 -b 256M` (see
 /// README.md); smaller collectives keep their results in the cache, where the TX thread and
 /// the caller read them soon.
 pub(crate) const STREAM_MIN_BYTES: usize = 16 << 20;
@@ -106,8 +106,8 @@ pub(crate) struct Op {
     pub(crate) backup: Option<RawBuf>,
     /// Per (chunk, sub-chunk) range: its original is in `backup`.
     saved: Box<[AtomicBool]>,
-    /// How reduce-scatter results are written out of place: streamed past the cache for large
-    /// collectives (see [`STREAM_MIN_BYTES`]).
+    /// How reduce-scatter results are written: streamed past the cache for large collectives
+    /// out of place (see [`STREAM_MIN_BYTES`]), cached in place.
     pub(crate) stores: Stores,
     /// How in-place originals are written to `backup`: streamed for collectives of at least
     /// [`BACKUP_STREAM_MIN_BYTES`] (only a failure reads them), cached below.
@@ -243,6 +243,9 @@ impl Op {
             let ranges = *self.chunk_prefix.last().expect("non-empty");
             self.saved = (0..ranges).map(|_| AtomicBool::new(false)).collect();
             self.backup = Some(b);
+            // A range is reduced right after its original was read for the backup: it is in
+            // the cache, where streaming stores would have to evict it first.
+            self.stores = Stores::Cached;
         }
         self
     }
