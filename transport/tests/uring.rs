@@ -382,11 +382,31 @@ fn small_transfers_skip_the_ring() {
         "{d:?}"
     );
 
+    // A payload of exactly DIRECT_MAX_BYTES (the smallest sub-chunk of a small collective):
+    // its frame, header included, still skips the ring on both ends.
+    let edge = pattern(concord_transport::uring::DIRECT_MAX_BYTES, 8);
+    let before = uring_stats();
+    a.write_frame(&header(edge.len(), 3, 0), &edge).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(read_frame(&mut b).1 == edge);
+    let d = uring_stats().since(&before);
+    let edge_frame = (HEADER_BYTES + edge.len()) as u64;
+    assert_eq!(
+        (d.direct_bytes_sent, d.bytes_sent),
+        (edge_frame, 0),
+        "{d:?}"
+    );
+    assert_eq!(
+        (d.direct_bytes_received, d.bytes_received),
+        (edge_frame, 0),
+        "{d:?}"
+    );
+
     // Larger than DIRECT_MAX_BYTES: the ring carries all of it.
     let big = pattern(concord_transport::uring::DIRECT_MAX_BYTES + 1, 9);
     let before = uring_stats();
     std::thread::scope(|s| {
-        s.spawn(|| a.write_frame(&header(big.len(), 3, 0), &big).unwrap());
+        s.spawn(|| a.write_frame(&header(big.len(), 4, 0), &big).unwrap());
         assert!(read_frame(&mut b).1 == big);
     });
     let d = uring_stats().since(&before);

@@ -24,7 +24,9 @@ const SEND_ZC_REPORT_USAGE: u16 = 1 << 3;
 /// `IORING_NOTIF_USAGE_ZC_COPIED`: set in a notification's result when the data was copied.
 const NOTIF_USAGE_ZC_COPIED: i32 = 1 << 31;
 
-/// Transfers of at most this many bytes skip the ring. A frame first tries one plain
+/// Transfers of at most this many bytes skip the ring: a read of that size, or a frame whose
+/// payload is that size (its header comes on top, so that a small collective's smallest
+/// sub-chunk, 64 KiB, takes the same path on both ends). Such a frame first tries one plain
 /// non-blocking `sendmsg(2)` (the ring sends only what did not fit); a read uses non-blocking
 /// `recv(2)` calls and waits in `poll(2)`. A synchronous ring round trip (the operation, its
 /// linked timeout, the wait) costs more than the syscall it replaces, and a small collective is
@@ -135,7 +137,7 @@ impl UringStream {
         })
     }
 
-    /// The largest frame or read that first tries a plain non-blocking syscall
+    /// The largest read or frame payload that first tries a plain non-blocking syscall
     /// ([`DIRECT_MAX_BYTES`] by default; 0 sends everything through the ring). Exposed for tests
     /// that count the ring's work on small transfers.
     #[doc(hidden)]
@@ -420,11 +422,11 @@ impl UringStream {
         Ok(sent)
     }
 
-    /// For a frame of at most `direct_max` bytes (and no zero copy): one non-blocking
-    /// `sendmsg(2)` of `a ++ b`. Returns the bytes it moved, 0 where the socket buffer was full.
+    /// For a frame (header `a`, payload `b`) whose payload is at most `direct_max` bytes (and no
+    /// zero copy; `direct_max` 0 turns this off): one non-blocking `sendmsg(2)` of `a ++ b`.
+    /// Returns the bytes it moved, 0 where the socket buffer was full.
     fn direct_send(&mut self, a: &[u8], b: &[u8]) -> io::Result<usize> {
-        let total = a.len() + b.len();
-        if self.zero_copy || total == 0 || total > self.direct_max {
+        if self.zero_copy || self.direct_max == 0 || b.len() > self.direct_max {
             return Ok(0);
         }
         let mut iov = [iovec(a), iovec(b)];
