@@ -1,8 +1,8 @@
 //! Frame transport over loopback: blocking sockets vs io_uring `SENDMSG` vs io_uring
 //! `SENDMSG_ZC` (zero-copy), and the receive side with and without registered buffers.
 //!
-//! `send/uring_timeout` adds the linked timeout (`IORING_OP_LINK_TIMEOUT`) that the engine puts on
-//! every submission. `send/*`: the measured thread writes frames; a helper thread reads them with plain blocking
+//! `send/uring_timeout` adds an I/O timeout (a timed wait, or the linked `IORING_OP_LINK_TIMEOUT`
+//! of kernels before 5.11), as the engine runs it. `send/*`: the measured thread writes frames; a helper thread reads them with plain blocking
 //! reads, so only the send path differs. `recv/*`: a helper thread writes with plain blocking
 //! writes and the measured thread reads. Each sample ends when the other side has everything, so
 //! the figures are end-to-end throughput (GB/s = 10^9 B/s of payload).
@@ -152,7 +152,7 @@ fn bench(c: &mut Criterion) {
         for (id, zc, timeout) in cases {
             let (tx, rx) = pair();
             let mut tx = UringStream::new(tx).expect("io_uring stream");
-            // A linked timeout on every submission, as the engine runs it.
+            // An I/O timeout on every submission, as the engine runs it.
             tx.set_io_timeout(timeout);
             if zc && tx.set_zero_copy(true).is_err() {
                 eprintln!("SKIPPED: {id}: this kernel has no SENDMSG_ZC");

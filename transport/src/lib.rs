@@ -5,7 +5,7 @@
 //! - [`handshake`]: the versioned hello that opens every data connection;
 //! - [`socket`]: TCP through socket2 (no Nagle, sized buffers), connect with a bounded retry,
 //!   and vectored frame writes;
-//! - [`uring`]: the io_uring backend (one ring per connection, linked timeouts, cross-thread
+//! - [`uring`]: the io_uring backend (one ring per connection, timed waits, cross-thread
 //!   shutdown), its probe, and the choice between it and sockets;
 //! - [`buffers`]: a bounded pool of page-aligned staging buffers, locked in memory when
 //!   `RLIMIT_MEMLOCK` allows;

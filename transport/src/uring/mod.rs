@@ -6,7 +6,7 @@
 //!   [`BackendKind`] that runs, with the reason whenever `auto` fell back to sockets.
 //! - [`UringStream`] drives one connected TCP stream through its own small ring: frame writes in
 //!   one submission, exact reads, reads into registered [`PinnedBuf`](crate::buffers::PinnedBuf)s,
-//!   linked timeouts, and a [`ShutdownHandle`] that stops a blocked call from another thread.
+//!   timed waits, and a [`ShutdownHandle`] that stops a blocked call from another thread.
 //! - [`uring_stats`] counts submissions and bytes, so tests can show io_uring moved the data.
 //!
 //! Off Linux the module still compiles: [`probe`] says io_uring does not exist there and

@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct UringStats {
     /// `io_uring_enter(2)` calls (each submits and/or waits).
     pub enters: u64,
-    /// Submission queue entries handed to the kernel (operations plus their linked timeouts).
+    /// Submission queue entries handed to the kernel (operations, plus linked timeouts where
+    /// the kernel cannot time a wait, plus the cancels of timed-out operations).
     pub sqes: u64,
     /// Payload and header bytes the kernel reported sent.
     pub bytes_sent: u64,
@@ -29,7 +30,7 @@ pub struct UringStats {
     pub zc_copied: u64,
     /// Receives that went into a registered buffer (`IORING_OP_READ_FIXED`).
     pub fixed_reads: u64,
-    /// Waits ended by a linked timeout (`IORING_OP_LINK_TIMEOUT`) with no progress.
+    /// Operations that made no progress within the I/O timeout (and were cancelled).
     pub timeouts: u64,
     /// Bytes of small frames sent by a plain non-blocking `sendmsg(2)` instead of the ring
     /// (see [`DIRECT_MAX_BYTES`](super::DIRECT_MAX_BYTES)); not in `bytes_sent`.

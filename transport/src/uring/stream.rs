@@ -54,7 +54,8 @@ struct Shared {
 /// other threads drive other streams; the stream may move between threads (`Send`). Every method
 /// waits for its operation to complete before returning, so the buffers passed in are free again
 /// on return. A silent peer gives [`io::ErrorKind::TimedOut`] after the stream's I/O timeout
-/// (io_uring ignores `SO_RCVTIMEO`, so the timeout is a linked `IORING_OP_LINK_TIMEOUT`, or the
+/// (io_uring ignores `SO_RCVTIMEO`, so the timeout is that of the wait for the operation, which
+/// is then cancelled, or a linked `IORING_OP_LINK_TIMEOUT` on kernels before 5.11, or the
 /// `poll(2)` timeout for transfers of at most [`DIRECT_MAX_BYTES`], which skip the ring); a
 /// [`ShutdownHandle`] stops a blocked call from any thread.
 ///
@@ -143,6 +144,19 @@ impl UringStream {
     #[doc(hidden)]
     pub fn set_direct_max(&mut self, bytes: usize) {
         self.direct_max = bytes;
+    }
+
+    /// Whether a wait's timeout is the wait's own (`IORING_ENTER_EXT_ARG`, Linux 5.11) rather
+    /// than an `IORING_OP_LINK_TIMEOUT` submitted with every operation.
+    pub fn wait_timeouts(&self) -> bool {
+        self.ring.wait_timeouts()
+    }
+
+    /// Submits a linked timeout with every operation even where the kernel has wait timeouts
+    /// (what kernels before 5.11 get). Exposed for tests of that path.
+    #[doc(hidden)]
+    pub fn force_linked_timeouts(&mut self) {
+        self.ring.force_linked_timeouts();
     }
 
     /// The socket (for addresses and options; do not read or write it directly while frames
