@@ -16,6 +16,7 @@
 //! # Ok::<(), concord::Error>(())
 //! ```
 
+pub mod affinity;
 mod aside;
 pub mod collective;
 mod communicator;

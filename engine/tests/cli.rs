@@ -72,6 +72,22 @@ fn bad_input_is_refused_clearly() {
         &["bench", "--local", "2", "--conns", "0"],
         "conns_per_neighbour",
     );
+    assert_refused(
+        &["bench", "--local", "2", "--cpu-bind", "all"],
+        "auto or none",
+    );
+    assert_refused(
+        &[
+            "bench",
+            "--master",
+            "127.0.0.1:1",
+            "--world",
+            "2",
+            "--cpu-bind",
+            "none",
+        ],
+        "taskset",
+    );
     assert_refused(&["master", "--listen", "not-an-address"], "not-an-address");
     assert_refused(&["nonsense"], "nonsense");
 }
@@ -126,6 +142,45 @@ fn local_bench_runs_checks_and_writes_json() {
         assert_eq!(r["wrong"], 0);
         assert!(r["busbw_gbps"].as_f64().unwrap() > 0.0);
     }
+}
+
+/// `--local` binds its peers to CPUs of their own where there are enough, and says so.
+#[cfg(target_os = "linux")]
+#[test]
+fn local_peers_are_bound_to_cpus_of_their_own_where_there_are_enough() {
+    let cpus = concord::affinity::allowed_cpus().expect("sched_getaffinity");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "bench", "--local", "2", "-b", "4K", "-e", "4K", "-n", "2", "-w", "1",
+        ];
+        args.extend_from_slice(extra);
+        let out = concord(&args);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{stdout}");
+        assert!(stdout.contains("# Out of bounds values : 0 OK"), "{stdout}");
+        stdout
+    };
+    let stdout = run(&[]);
+    let sets = concord::affinity::plan(2, &cpus);
+    match sets {
+        Some(sets) => {
+            let want = format!(
+                "# cpu binding: peer processes on CPUs {} | {}",
+                concord::affinity::format_cpus(&sets[0]),
+                concord::affinity::format_cpus(&sets[1])
+            );
+            assert!(stdout.contains(&want), "expected {want:?} in:\n{stdout}");
+        }
+        None => assert!(
+            stdout.contains("# cpu binding: none (2 peers on 1 CPUs"),
+            "{stdout}"
+        ),
+    }
+    let stdout = run(&["--cpu-bind", "none"]);
+    assert!(
+        stdout.contains("# cpu binding: none (--cpu-bind none)"),
+        "{stdout}"
+    );
 }
 
 #[test]

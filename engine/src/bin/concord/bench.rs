@@ -98,6 +98,30 @@ pub(crate) struct BenchArgs {
     /// (`LOCAL_RANK`, else `SLURM_LOCALID`) modulo the GPUs present, else 0.
     #[arg(long)]
     pub(crate) cuda_device: Option<usize>,
+    /// With `--local`: `auto` runs each peer process on CPUs of its own (contiguous slices of
+    /// this process's CPUs) where there are at least as many CPUs as peers, `none` leaves them
+    /// to the scheduler. On the 2-vCPU development VM, binding 2 peers halves the time of small
+    /// collectives in the runs where the scheduler would put both on one CPU. Default: auto.
+    #[arg(long)]
+    pub(crate) cpu_bind: Option<CpuBind>,
+}
+
+/// How `concord bench --local` places its peer processes on CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CpuBind {
+    Auto,
+    None,
+}
+
+impl std::str::FromStr for CpuBind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(CpuBind::Auto),
+            "none" => Ok(CpuBind::None),
+            other => Err(format!("unknown --cpu-bind {other:?}: give auto or none")),
+        }
+    }
 }
 
 /// Where `concord bench` keeps its buffers.
@@ -139,6 +163,11 @@ impl BenchArgs {
             if !(1..=64).contains(&n) {
                 return Err(format!("--local {n}: give 1 to 64 peers"));
             }
+        }
+        if self.cpu_bind.is_some() && self.local.is_none() {
+            return Err(
+                "--cpu-bind places the processes --local starts; bind a --master peer with `taskset` or `srun --cpu-bind`".into(),
+            );
         }
         if self.world == Some(0) {
             return Err("--world 0: a group needs at least one peer".into());
@@ -304,10 +333,16 @@ fn run_local(args: &BenchArgs, n: usize) -> Result<(), String> {
         })
         .map_err(|e| e.to_string())?;
     let exe = std::env::current_exe().map_err(|e| format!("finding the concord binary: {e}"))?;
+    let binding = local_binding(args.cpu_bind.unwrap_or(CpuBind::Auto), n);
     let mut children: Vec<Child> = Vec::with_capacity(n);
-    for _ in 0..n {
-        let child = Command::new(&exe)
-            .args(args.child_args(&addr, n))
+    for i in 0..n {
+        let mut cmd = Command::new(&exe);
+        cmd.args(args.child_args(&addr, n));
+        if let Some(sets) = &binding {
+            concord::affinity::bind_command(&mut cmd, &sets[i])
+                .map_err(|e| format!("binding a peer process to CPUs: {e}"))?;
+        }
+        let child = cmd
             .spawn()
             .map_err(|e| format!("starting a peer process: {e}"))?;
         children.push(child);
@@ -341,6 +376,41 @@ fn run_local(args: &BenchArgs, n: usize) -> Result<(), String> {
     stop.store(true, Ordering::Relaxed);
     let _ = master.join();
     failure.map_or(Ok(()), Err)
+}
+
+/// The CPU sets of `--local`'s `n` peer processes, or `None` (unbound); says which on stdout.
+fn local_binding(bind: CpuBind, n: usize) -> Option<Vec<Vec<usize>>> {
+    if bind == CpuBind::None {
+        println!("# cpu binding: none (--cpu-bind none)");
+        return None;
+    }
+    let allowed = match concord::affinity::allowed_cpus() {
+        Ok(cpus) => cpus,
+        Err(e) => {
+            println!("# cpu binding: none (cannot read this process's CPUs: {e})");
+            return None;
+        }
+    };
+    match concord::affinity::plan(n, &allowed) {
+        Some(sets) => {
+            let list: Vec<String> = sets
+                .iter()
+                .map(|s| concord::affinity::format_cpus(s))
+                .collect();
+            println!(
+                "# cpu binding: peer processes on CPUs {} (--cpu-bind none to turn off)",
+                list.join(" | ")
+            );
+            Some(sets)
+        }
+        None => {
+            println!(
+                "# cpu binding: none ({n} peers on {} CPUs would share them)",
+                allowed.len()
+            );
+            None
+        }
+    }
 }
 
 #[derive(Debug, serde::Serialize)]
