@@ -34,6 +34,8 @@ for r in $(seq "$ROUNDS"); do
   for t in uring socket; do
     $C bench --local 2 -b 4K -e 1M -f 256 -n 200 -w 20 -c 0 --transport $t | awk -v t=$t '/^ +[0-9]/ {print t "_2_lat_" $1, $5}' >>"$out"
   done
+  # `--local` binds each peer to a CPU of its own where it can; the same row left to the scheduler:
+  $C bench --local 2 -b 1M -e 1M -n 200 -w 20 -c 0 --transport uring --cpu-bind none | awk '/^ +[0-9]/ {print "uring_2_lat_1048576_unbound", $5}' >>"$out"
   # The yardstick for the 1 MiB row: the naive ring (no master, no votes) at the same size.
   $N --peers 2 --bytes 1M --iters 200 --warmup 20 | awk '{print "naive_2_lat_1048576", $7}' >>"$out"
 done

@@ -92,8 +92,9 @@ impl Ring {
     /// The timeout is the wait's own (`IORING_ENTER_EXT_ARG`, Linux 5.11) where the kernel has
     /// it, else an `IORING_OP_LINK_TIMEOUT` linked to the operation. The first costs nothing
     /// when the operation completes in time; the second is a second entry and a timer armed and
-    /// cancelled per operation: 1 MiB all-reduces between 2 peers took 311 us with linked
-    /// timeouts against 300 us without (medians of 5 interleaved rounds, development VM).
+    /// cancelled per operation: 1 MiB all-reduces between 2 peers took 312 us with linked
+    /// timeouts against 297 us with timed waits (medians of 4 interleaved rounds, development
+    /// VM).
     ///
     /// # Safety
     /// Every buffer and structure `op` points to must stay valid (and unaliased where the kernel
