@@ -207,6 +207,32 @@ fn short_sends_are_resubmitted() {
     }
 }
 
+/// The socket is the ring's registered file, so operations skip the descriptor lookup; a
+/// stream that names it by descriptor (where registration fails) carries frames the same.
+#[test]
+fn sockets_are_registered_files_and_descriptors_work_too() {
+    let Some(_serial) = uring_or_skip() else {
+        return;
+    };
+    let (mut a, mut b) = uring_pair();
+    assert!(
+        a.has_fixed_file() && b.has_fixed_file(),
+        "IORING_REGISTER_FILES exists since Linux 5.1; the probe needs 5.6"
+    );
+    a.set_direct_max(0);
+    b.set_direct_max(0);
+    one_frame(&mut a, &mut b, 300_000, 1);
+    one_frame(&mut b, &mut a, 200_000, 2);
+    a.set_fixed_file(false);
+    b.set_fixed_file(false);
+    assert!(!a.has_fixed_file());
+    one_frame(&mut a, &mut b, 300_000, 3);
+    one_frame(&mut b, &mut a, 200_000, 4);
+    a.set_fixed_file(true);
+    assert!(a.has_fixed_file(), "the registration is still there");
+    one_frame(&mut a, &mut b, 100_000, 5);
+}
+
 #[test]
 fn a_silent_peer_times_out() {
     let Some(_serial) = uring_or_skip() else {

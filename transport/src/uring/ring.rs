@@ -44,6 +44,8 @@ pub(crate) struct Ring {
     /// The kernel takes a timeout for the wait itself (`IORING_FEAT_EXT_ARG`), so operations
     /// need no linked timeout.
     wait_timeouts: bool,
+    /// The socket is registered as fixed file 0.
+    file: bool,
 }
 
 impl Ring {
@@ -61,6 +63,7 @@ impl Ring {
         Ok(Ring {
             ring,
             wait_timeouts,
+            file: false,
         })
     }
 
@@ -72,6 +75,19 @@ impl Ring {
     /// Uses linked timeouts even where the kernel has wait timeouts (for tests of that path).
     pub(crate) fn force_linked_timeouts(&mut self) {
         self.wait_timeouts = false;
+    }
+
+    /// Registers `fd` as this ring's fixed file 0. The ring then holds a reference to the
+    /// file until it is dropped.
+    pub(crate) fn register_file(&mut self, fd: RawFd) -> io::Result<()> {
+        self.ring.submitter().register_files(&[fd])?;
+        self.file = true;
+        Ok(())
+    }
+
+    /// Whether a file is registered.
+    pub(crate) fn has_file(&self) -> bool {
+        self.file
     }
 
     /// Registers fixed buffers.

@@ -17,6 +17,21 @@ use crate::buffers::{PinnedBuf, PinnedPool};
 use crate::frame::{DataHeader, HEADER_BYTES};
 use crate::{Result, TransportError};
 
+/// Builds an operation on the stream's socket: its registered index (`IORING_REGISTER_FILES`,
+/// which spares the kernel a descriptor lookup and reference count per operation) where the
+/// registration worked, else the descriptor.
+macro_rules! on_socket {
+    ($stream:expr, $target:ident => $op:expr) => {
+        if $stream.fixed_file {
+            let $target = types::Fixed(0);
+            $op
+        } else {
+            let $target = types::Fd($stream.fd);
+            $op
+        }
+    };
+}
+
 /// Most bytes one submission asks for (results are `i32`; keep far from the edge).
 const MAX_OP_BYTES: usize = 1 << 30;
 /// `IORING_SEND_ZC_REPORT_USAGE` (Linux 6.2): the notification says whether the kernel copied.
@@ -87,6 +102,8 @@ pub struct UringStream {
     send_waitall: bool,
     /// Frames and reads up to this size skip the ring ([`DIRECT_MAX_BYTES`]).
     direct_max: usize,
+    /// The socket is the ring's registered file 0 (operations name it by index).
+    fixed_file: bool,
 }
 
 /// Stops a [`UringStream`] from any thread: `shutdown(2)` on its socket, which makes a read or
@@ -115,8 +132,11 @@ impl UringStream {
     /// [`io::ErrorKind::Unsupported`] and the probe's reason when io_uring cannot run here.
     pub fn new(stream: TcpStream) -> io::Result<UringStream> {
         let info = probe().map_err(|why| io::Error::new(io::ErrorKind::Unsupported, why))?;
-        let ring = Ring::new(info.coop_taskrun)?;
+        let mut ring = Ring::new(info.coop_taskrun)?;
         let io_timeout = stream.read_timeout()?;
+        // Registered files are not counted against RLIMIT_MEMLOCK; where the kernel refuses
+        // anyway, operations name the descriptor.
+        let fixed_file = ring.register_file(stream.as_raw_fd()).is_ok();
         // The ring polls the socket itself; blocking mode only matters to code that reads the
         // TcpStream directly, which we leave as the caller set it.
         Ok(UringStream {
@@ -135,6 +155,7 @@ impl UringStream {
             read_fixed_supported: info.read_fixed,
             send_waitall: true,
             direct_max: DIRECT_MAX_BYTES,
+            fixed_file,
         })
     }
 
@@ -150,6 +171,19 @@ impl UringStream {
     /// than an `IORING_OP_LINK_TIMEOUT` submitted with every operation.
     pub fn wait_timeouts(&self) -> bool {
         self.ring.wait_timeouts()
+    }
+
+    /// Whether operations name the socket by its registered index (`IORING_REGISTER_FILES`)
+    /// rather than by descriptor.
+    pub fn has_fixed_file(&self) -> bool {
+        self.fixed_file
+    }
+
+    /// Names the socket by descriptor in every operation, as where registering it failed.
+    /// Exposed for tests of that path.
+    #[doc(hidden)]
+    pub fn set_fixed_file(&mut self, on: bool) {
+        self.fixed_file = on && self.ring.has_file();
     }
 
     /// Submits a linked timeout with every operation even where the kernel has wait timeouts
@@ -302,9 +336,9 @@ impl UringStream {
         while done < buf.len() {
             let ask = (buf.len() - done).min(MAX_OP_BYTES);
             let rest = &mut buf[done..];
-            let op = opcode::Recv::new(types::Fd(self.fd), rest.as_mut_ptr(), ask as u32)
+            let op = on_socket!(self, t => opcode::Recv::new(t, rest.as_mut_ptr(), ask as u32)
                 .flags(libc::MSG_WAITALL)
-                .build();
+                .build());
             // SAFETY: `rest` is exclusively borrowed for the call and `run` returns only after
             // the kernel is done writing into it.
             let out = unsafe { self.ring.run(op, self.io_timeout, self.fd) }?;
@@ -332,9 +366,8 @@ impl UringStream {
         while done < len {
             let ask = len - done;
             let rest = &mut buf[done..len];
-            let op =
-                opcode::ReadFixed::new(types::Fd(self.fd), rest.as_mut_ptr(), ask as u32, index)
-                    .build();
+            let op = on_socket!(self, t => opcode::ReadFixed::new(t, rest.as_mut_ptr(), ask as u32, index)
+                    .build());
             // SAFETY: `rest` lies inside fixed buffer `index`, is exclusively borrowed for the
             // call, and `run` returns only after the kernel is done writing into it.
             let out = unsafe { self.ring.run(op, self.io_timeout, self.fd) }?;
@@ -404,14 +437,14 @@ impl UringStream {
         }
         let zc = self.zero_copy;
         let op: squeue::Entry = if zc {
-            opcode::SendMsgZc::new(types::Fd(self.fd), &msg)
+            on_socket!(self, t => opcode::SendMsgZc::new(t, &msg)
                 .flags(flags)
                 .ioprio(self.zc_flags)
-                .build()
+                .build())
         } else {
-            opcode::SendMsg::new(types::Fd(self.fd), &msg)
+            on_socket!(self, t => opcode::SendMsg::new(t, &msg)
                 .flags(flags)
-                .build()
+                .build())
         };
         // SAFETY: `msg`, `iov` and the bytes they point to (borrowed from the caller) live on
         // this frame or beyond until `run` returns, which is after the kernel's last use of them
@@ -613,7 +646,7 @@ impl Read for UringStream {
             }
         }
         let ask = buf.len().min(MAX_OP_BYTES);
-        let op = opcode::Recv::new(types::Fd(self.fd), buf.as_mut_ptr(), ask as u32).build();
+        let op = on_socket!(self, t => opcode::Recv::new(t, buf.as_mut_ptr(), ask as u32).build());
         // SAFETY: `buf` is exclusively borrowed and `run` returns after the kernel's last write.
         let out = unsafe { self.ring.run(op, self.io_timeout, self.fd) }?;
         let got = self.progress(out, "receive")?;
