@@ -152,7 +152,13 @@ mod tests {
     #[test]
     fn a_bound_child_runs_on_its_cpu_only() {
         let allowed = allowed_cpus().expect("sched_getaffinity");
-        assert!(!allowed.is_empty());
+        if allowed.len() < 2 {
+            // One CPU: the child's mask would read the same bound or not.
+            eprintln!(
+                "SKIPPED a_bound_child_runs_on_its_cpu_only: this process may use one CPU only"
+            );
+            return;
+        }
         let last = *allowed.last().expect("non-empty");
         let mut cmd = Command::new("grep");
         cmd.args(["Cpus_allowed_list", "/proc/self/status"]);

@@ -44,8 +44,6 @@ pub(crate) struct Ring {
     /// The kernel takes a timeout for the wait itself (`IORING_FEAT_EXT_ARG`), so operations
     /// need no linked timeout.
     wait_timeouts: bool,
-    /// The socket is registered as fixed file 0.
-    file: bool,
 }
 
 impl Ring {
@@ -63,7 +61,6 @@ impl Ring {
         Ok(Ring {
             ring,
             wait_timeouts,
-            file: false,
         })
     }
 
@@ -80,14 +77,7 @@ impl Ring {
     /// Registers `fd` as this ring's fixed file 0. The ring then holds a reference to the
     /// file until it is dropped.
     pub(crate) fn register_file(&mut self, fd: RawFd) -> io::Result<()> {
-        self.ring.submitter().register_files(&[fd])?;
-        self.file = true;
-        Ok(())
-    }
-
-    /// Whether a file is registered.
-    pub(crate) fn has_file(&self) -> bool {
-        self.file
+        self.ring.submitter().register_files(&[fd])
     }
 
     /// Registers fixed buffers.
@@ -155,7 +145,7 @@ impl Ring {
         let (mut op_done, mut timeout_done, mut notif_due) = (false, !linked, false);
         // The wait's own timeout: only while the operation runs and no cancel is under way.
         let mut wait_limit = if linked { None } else { ts };
-        let mut cancel_done = true;
+        let (mut cancelled, mut cancel_done) = (false, true);
         let mut fatal = 0u32;
         while !op_done || !timeout_done || notif_due || !cancel_done {
             let want = usize::from(!op_done)
@@ -173,7 +163,7 @@ impl Ring {
                     unsafe { self.ring.submission().push(&cancel) }
                         .map_err(|_| io::Error::other("io_uring queue full"))?;
                     bump(&COUNTERS.sqes, 1);
-                    out.timed_out = true;
+                    cancelled = true;
                     wait_limit = None;
                     cancel_done = false;
                 }
@@ -202,10 +192,10 @@ impl Ring {
                     OP => {
                         out.res = cqe.result();
                         op_done = true;
-                        // Cancelled after the wait's timeout (with nothing moved: a partial
+                        // Cancelled after the wait's timeout with nothing moved (a partial
                         // result is progress and counts).
-                        if !linked && out.timed_out && out.res != -libc::ECANCELED {
-                            out.timed_out = false;
+                        if cancelled {
+                            out.timed_out = out.res == -libc::ECANCELED;
                         }
                         notif_due = cqueue::more(cqe.flags());
                     }

@@ -179,11 +179,11 @@ impl UringStream {
         self.fixed_file
     }
 
-    /// Names the socket by descriptor in every operation, as where registering it failed.
-    /// Exposed for tests of that path.
+    /// Names the socket by descriptor in every operation from now on, as where registering it
+    /// failed. Exposed for tests of that path.
     #[doc(hidden)]
-    pub fn set_fixed_file(&mut self, on: bool) {
-        self.fixed_file = on && self.ring.has_file();
+    pub fn use_descriptor(&mut self) {
+        self.fixed_file = false;
     }
 
     /// Submits a linked timeout with every operation even where the kernel has wait timeouts
