@@ -36,7 +36,7 @@ use concord_kernels::cuda::cudarc::driver::{
 use concord_kernels::cuda::CudaKernels;
 use concord_kernels::{DType, ReduceOp};
 
-use crate::dataplane::RawBuf;
+use crate::raw_buf::RawBuf;
 use crate::Element;
 
 /// The `cudarc` whose buffers Concord accepts (use this one, or the same version, to allocate).

@@ -29,6 +29,7 @@ pub mod gpu;
 mod handle;
 mod links;
 pub mod protocol;
+mod raw_buf;
 mod shared_state;
 pub mod sim;
 mod sync;

@@ -5,7 +5,8 @@ mod op;
 mod stream;
 
 use op::BusyOwned;
-pub(crate) use op::{Op, RawBuf};
+pub(crate) use crate::raw_buf::RawBuf;
+pub(crate) use op::Op;
 use stream::{DataStream, Stopper};
 
 use std::collections::VecDeque;

@@ -10,42 +10,8 @@ use std::sync::Arc;
 use crate::collective::ring::RingPlan;
 use crate::collective::Traffic;
 use crate::gpu::DeviceOp;
+use crate::raw_buf::RawBuf;
 use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex};
-
-/// A raw view of a buffer that outlives the operation (its owner waits for `busy == 0` before
-/// reusing it; see [`Op::retire_and_wait`]).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct RawBuf {
-    pub(crate) ptr: *mut u8,
-    pub(crate) len: usize,
-}
-
-// SAFETY: a RawBuf is only dereferenced inside an `Op::enter` guard, for disjoint ranges handed
-// between threads by the release/acquire flags of `Op`; the owner keeps the memory alive and
-// untouched until the operation is retired and idle.
-unsafe impl Send for RawBuf {}
-// SAFETY: as above.
-unsafe impl Sync for RawBuf {}
-
-impl RawBuf {
-    /// # Safety
-    /// The range must be in bounds of a live buffer that nobody writes while the slice lives.
-    pub(crate) unsafe fn slice(&self, range: std::ops::Range<usize>) -> &[u8] {
-        assert!(range.start <= range.end && range.end <= self.len);
-        // SAFETY: bounds checked above; liveness and absence of writers are the caller's promise.
-        unsafe { std::slice::from_raw_parts(self.ptr.add(range.start), range.len()) }
-    }
-
-    /// # Safety
-    /// The range must be in bounds of a live buffer that no other thread accesses while the slice
-    /// lives.
-    #[allow(clippy::mut_from_ref)]
-    pub(crate) unsafe fn slice_mut(&self, range: std::ops::Range<usize>) -> &mut [u8] {
-        assert!(range.start <= range.end && range.end <= self.len);
-        // SAFETY: bounds checked above; exclusivity is the caller's promise.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.len()) }
-    }
-}
 
 /// Collectives with fewer sends per step than this (on average) use one connection: below
 /// about four sub-chunks per step, striping cost more in wake-ups than it gained (measured with
