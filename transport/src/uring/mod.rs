@@ -6,7 +6,9 @@
 //!   [`BackendKind`] that runs, with the reason whenever `auto` fell back to sockets.
 //! - [`UringStream`] drives one connected TCP stream through its own small ring: frame writes in
 //!   one submission, exact reads, reads into registered [`PinnedBuf`](crate::buffers::PinnedBuf)s,
-//!   timed waits, and a [`ShutdownHandle`] that stops a blocked call from another thread.
+//!   timed waits, and a [`ShutdownHandle`] that stops a blocked call from another thread. The
+//!   type and its lifecycle are in `conn.rs`, its transfers through the ring in `ring_io.rs`,
+//!   and small transfers by plain non-blocking syscalls in `direct.rs`.
 //! - [`uring_stats`] counts submissions and bytes, so tests can show io_uring moved the data.
 //!
 //! Off Linux the module still compiles: [`probe`] says io_uring does not exist there and
@@ -29,16 +31,20 @@ pub use backend::{resolve_backend, BackendChoice, BackendKind, BACKEND_ENV};
 pub use stats::{uring_stats, UringStats};
 
 #[cfg(target_os = "linux")]
+mod conn;
+#[cfg(target_os = "linux")]
+mod direct;
+#[cfg(target_os = "linux")]
 mod probe;
 #[cfg(target_os = "linux")]
 mod ring;
 #[cfg(target_os = "linux")]
-mod stream;
+mod ring_io;
 
 #[cfg(target_os = "linux")]
-pub use probe::{probe, UringInfo};
+pub use conn::{ShutdownHandle, UringStream, DEFAULT_ZERO_COPY, DIRECT_MAX_BYTES};
 #[cfg(target_os = "linux")]
-pub use stream::{ShutdownHandle, UringStream, DEFAULT_ZERO_COPY, DIRECT_MAX_BYTES};
+pub use probe::{probe, UringInfo};
 
 #[cfg(not(target_os = "linux"))]
 mod shell;
