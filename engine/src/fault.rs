@@ -30,3 +30,23 @@ pub(crate) fn kill_point(point: &str, tag: Option<u64>) {
         }
     }
 }
+
+/// The text of a panic payload.
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-text panic".into())
+}
+
+/// Testing hook: `CONCORD_FAULT_PANIC_TAG=N` makes the reduction of collective `N` panic on this
+/// peer, to prove that a worker panic fails only that collective. Read once.
+pub(crate) fn injected_panic_tag() -> Option<u64> {
+    static TAG: OnceLock<Option<u64>> = OnceLock::new();
+    *TAG.get_or_init(|| {
+        std::env::var("CONCORD_FAULT_PANIC_TAG")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    })
+}

@@ -17,30 +17,36 @@
 //! ```
 
 pub mod affinity;
+mod api;
 mod aside;
 pub mod collective;
-mod communicator;
-mod core;
-mod dataplane;
+mod config;
+mod control;
 mod element;
 mod error;
 mod fault;
 pub mod gpu;
-mod handle;
-mod links;
+mod pace;
+mod peer;
+mod plane;
 pub mod protocol;
 mod raw_buf;
+mod results;
 mod shared_state;
 pub mod sim;
 mod sync;
 pub mod verify;
 
-pub use communicator::{Batch, Communicator, CommunicatorBuilder, Config, ReduceInfo, RetryReport};
+pub use api::{
+    Collectives, Communicator, CommunicatorBuilder, Completion, DeviceCompletion, DeviceHandle,
+    Handle, PeerProbe,
+};
 pub use concord_kernels::{DType, ReduceOp};
 pub use concord_transport::{BackendChoice, BackendKind};
-pub use dataplane::SPIN_MAX_COLLECTIVE_BYTES;
+pub use config::Config;
 pub use element::Element;
 pub use error::Error;
 pub use gpu::{cuda_status, DeviceElement};
-pub use handle::{Collectives, Completion, DeviceCompletion, DeviceHandle, Handle, PeerProbe};
+pub use pace::SPIN_MAX_COLLECTIVE_BYTES;
+pub use results::{Batch, ReduceInfo, RetryReport};
 pub use shared_state::{hash as state_hash, Entry, SharedState, SyncInfo, SyncStrategy};

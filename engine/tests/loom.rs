@@ -1,4 +1,4 @@
-//! Runs the loom models of the data plane's synchronisation (`dataplane/op.rs`) as part of the
+//! Runs the loom models of the data plane's synchronisation (`plane/attempt.rs`) as part of the
 //! suite: a separate build with `--cfg loom`, in its own target directory.
 
 // Skips are written straight to stderr, past the test harness's capture, so they show.
@@ -41,11 +41,11 @@ fn loom_models_of_the_data_plane_hand_offs() {
         "loom models failed:\n{stdout}\n{stderr}"
     );
     assert!(
-        stdout.contains("test dataplane::op::loom_models::retire_waits_for_busy_threads ... ok"),
+        stdout.contains("test plane::attempt::loom_models::retire_waits_for_busy_threads ... ok"),
         "{stdout}"
     );
     assert!(
-        stdout.contains("test dataplane::op::loom_models::received_flag_publishes_the_data ... ok"),
+        stdout.contains("test plane::attempt::loom_models::received_flag_publishes_the_data ... ok"),
         "{stdout}"
     );
 }

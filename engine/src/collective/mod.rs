@@ -1,6 +1,7 @@
 //! Collectives: the ring schedule, as a sans-IO plan that the data plane executes.
 
 pub mod ring;
+pub(crate) mod sizing;
 
 /// Bytes moved by one operation on this peer (frame headers included).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

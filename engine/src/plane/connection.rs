@@ -9,7 +9,7 @@ use concord_transport::uring::ShutdownHandle;
 use concord_transport::{BackendKind, PinnedBuf, PinnedPool, UringStream};
 
 /// A connection owned by the thread that drives it.
-pub(crate) enum DataStream {
+pub(crate) enum Connection {
     Socket(TcpStream),
     Uring(Box<UringStream>),
 }
@@ -31,29 +31,29 @@ impl Stopper {
     }
 }
 
-impl DataStream {
+impl Connection {
     /// Wraps a connected socket for `backend`; returns the stream and its stopper.
     pub(crate) fn new(
         stream: TcpStream,
         backend: BackendKind,
-    ) -> Result<(DataStream, Stopper), String> {
+    ) -> Result<(Connection, Stopper), String> {
         let stopper = stream
             .try_clone()
             .map_err(|e| format!("cloning a data socket: {e}"))?;
         match backend {
-            BackendKind::Socket => Ok((DataStream::Socket(stream), Stopper::Socket(stopper))),
+            BackendKind::Socket => Ok((Connection::Socket(stream), Stopper::Socket(stopper))),
             BackendKind::Uring => {
                 let u = UringStream::new(stream).map_err(|e| format!("io_uring stream: {e}"))?;
                 let handle = u.shutdown_handle();
-                Ok((DataStream::Uring(Box::new(u)), Stopper::Uring(handle)))
+                Ok((Connection::Uring(Box::new(u)), Stopper::Uring(handle)))
             }
         }
     }
 
     pub(crate) fn write_frame(&mut self, header: &DataHeader, payload: &[u8]) -> io::Result<()> {
         match self {
-            DataStream::Socket(s) => write_frame(s, header, payload),
-            DataStream::Uring(u) => u.write_frame(header, payload),
+            Connection::Socket(s) => write_frame(s, header, payload),
+            Connection::Uring(u) => u.write_frame(header, payload),
         }
     }
 
@@ -65,8 +65,8 @@ impl DataStream {
         let mut got = 0;
         while got < HEADER_BYTES {
             let r = match self {
-                DataStream::Socket(s) => s.read(&mut head[got..]),
-                DataStream::Uring(u) => u.read(&mut head[got..]),
+                Connection::Socket(s) => s.read(&mut head[got..]),
+                Connection::Uring(u) => u.read(&mut head[got..]),
             };
             match r {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
@@ -82,23 +82,23 @@ impl DataStream {
 
     pub(crate) fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
         match self {
-            DataStream::Socket(s) => s.read_exact(buf),
-            DataStream::Uring(u) => u.read_exact(buf),
+            Connection::Socket(s) => s.read_exact(buf),
+            Connection::Uring(u) => u.read_exact(buf),
         }
     }
 
     /// Reads `len` bytes into the staging buffer (a registered fixed buffer under io_uring).
     pub(crate) fn read_staged(&mut self, staging: &mut PinnedBuf, len: usize) -> io::Result<()> {
         match self {
-            DataStream::Socket(s) => s.read_exact(&mut staging[..len]),
-            DataStream::Uring(u) => u.read_exact_fixed(staging, len),
+            Connection::Socket(s) => s.read_exact(&mut staging[..len]),
+            Connection::Uring(u) => u.read_exact_fixed(staging, len),
         }
     }
 
     pub(crate) fn discard(&mut self, len: usize) -> io::Result<()> {
         match self {
-            DataStream::Socket(s) => concord_transport::socket::discard(s, len),
-            DataStream::Uring(u) => u.discard(len),
+            Connection::Socket(s) => concord_transport::socket::discard(s, len),
+            Connection::Uring(u) => u.discard(len),
         }
     }
 
@@ -106,8 +106,8 @@ impl DataStream {
     pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
         match self {
-            DataStream::Socket(s) => s.as_raw_fd(),
-            DataStream::Uring(u) => u.as_tcp().as_raw_fd(),
+            Connection::Socket(s) => s.as_raw_fd(),
+            Connection::Uring(u) => u.as_tcp().as_raw_fd(),
         }
     }
 
@@ -119,8 +119,8 @@ impl DataStream {
     /// Registers `pool` as fixed buffers (io_uring); returns why not, if it could not.
     pub(crate) fn register(&mut self, pool: &PinnedPool) -> Option<String> {
         match self {
-            DataStream::Socket(_) => None,
-            DataStream::Uring(u) => {
+            Connection::Socket(_) => None,
+            Connection::Uring(u) => {
                 if u.register_pool(pool) {
                     None
                 } else {

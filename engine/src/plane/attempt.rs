@@ -57,7 +57,7 @@ struct Gate {
 
 /// An attempt of a collective running on the data plane.
 #[derive(Debug)]
-pub(crate) struct Op {
+pub(crate) struct Attempt {
     pub(crate) tag: u64,
     pub(crate) seq: u64,
     pub(crate) plan: RingPlan,
@@ -101,7 +101,7 @@ pub(crate) struct Op {
 
 /// Proof that a thread may touch an operation's buffers; dropping it releases them.
 #[derive(Debug)]
-pub(crate) struct Busy<'a>(&'a Op);
+pub(crate) struct Busy<'a>(&'a Attempt);
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
@@ -112,7 +112,7 @@ impl Drop for Busy<'_> {
 impl Busy<'_> {
     /// The same guard, owning its operation (an RX thread keeps it across frames while the
     /// GPU finishes one).
-    pub(crate) fn into_owned(self, op: &Arc<Op>) -> BusyOwned {
+    pub(crate) fn into_owned(self, op: &Arc<Attempt>) -> BusyOwned {
         assert!(std::ptr::eq(self.0, &**op), "a guard of this operation");
         std::mem::forget(self);
         BusyOwned(Arc::clone(op))
@@ -121,7 +121,7 @@ impl Busy<'_> {
 
 /// A busy guard that owns its operation.
 #[derive(Debug)]
-pub(crate) struct BusyOwned(Arc<Op>);
+pub(crate) struct BusyOwned(Arc<Attempt>);
 
 impl Drop for BusyOwned {
     fn drop(&mut self) {
@@ -129,7 +129,7 @@ impl Drop for BusyOwned {
     }
 }
 
-impl Op {
+impl Attempt {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         tag: u64,
@@ -151,7 +151,7 @@ impl Op {
             .collect();
         let recv_prefix: Vec<usize> = (0..=steps).map(|t| plan.recv_subs_before(t)).collect();
         let (sends, recvs) = (send_prefix[steps], recv_prefix[steps]);
-        Op {
+        Attempt {
             tag,
             seq,
             plan,
@@ -198,7 +198,7 @@ impl Op {
     }
 
     /// In place: `backup` (as long as `dst`) receives each range's original before the range
-    /// is first written, and [`Op::restore_saved`] puts the saved ranges back.
+    /// is first written, and [`Attempt::restore_saved`] puts the saved ranges back.
     pub(crate) fn with_backup(mut self, backup: Option<RawBuf>) -> Self {
         if let Some(b) = backup {
             assert_eq!(b.len, self.dst.len);
@@ -236,7 +236,7 @@ impl Op {
     }
 
     /// The original bytes of sub-chunk `j` of chunk `c`: the backup's copy in place (saved by
-    /// an earlier writer, see [`Op::claim_save`]), the input itself out of place.
+    /// an earlier writer, see [`Attempt::claim_save`]), the input itself out of place.
     ///
     /// # Safety
     /// Inside a busy guard, by the thread about to write that range; in place, the range was
@@ -404,14 +404,14 @@ mod loom_models {
     use loom::cell::UnsafeCell;
     use loom::sync::Arc;
 
-    fn op(buf: &mut [u8; 8]) -> Op {
+    fn op(buf: &mut [u8; 8]) -> Attempt {
         // Two peers, two f32 elements: step 0 reduces chunk 0, step 1 sends it on.
         let plan = RingPlan::new(2, 1, 2, 4, 4);
         let raw = RawBuf {
             ptr: buf.as_mut_ptr(),
             len: 8,
         };
-        Op::new(1, 1, plan, DType::F32, ReduceOp::Sum, raw, raw)
+        Attempt::new(1, 1, plan, DType::F32, ReduceOp::Sum, raw, raw)
     }
 
     /// A thread inside a busy guard never overlaps the owner's use after `retire_and_wait`.
@@ -466,14 +466,14 @@ mod loom_models {
 mod tests {
     use super::*;
 
-    fn op_over(buf: &mut [u8]) -> Op {
+    fn op_over(buf: &mut [u8]) -> Attempt {
         // Two peers, 64 f32 in sub-chunks of 4: step 0 sends 8 sub-chunks of this peer's chunk.
         let plan = RingPlan::new(2, 0, 64, 4, 16);
         let raw = RawBuf {
             ptr: buf.as_mut_ptr(),
             len: buf.len(),
         };
-        Op::new(1, 1, plan, DType::F32, ReduceOp::Sum, raw, raw)
+        Attempt::new(1, 1, plan, DType::F32, ReduceOp::Sum, raw, raw)
     }
 
     /// Striping is dynamic: a TX thread stuck on send 0 (a slow connection) does not hold back

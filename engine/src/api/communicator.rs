@@ -1,0 +1,254 @@
+//! The communicator: a peer's handle on its group, and its threads.
+//!
+//! Threads (a bound that does not grow with the operations in flight): the owner's thread runs
+//! the API; `concord-master-rx` blocks on the master connection and feeds each message to the
+//! [`crate::protocol::PeerProto`] under a mutex; `concord-watchdog` sleeps until the next
+//! deadline; the data plane of the ring in force runs one TX and one RX thread per connection to
+//! each neighbour. Nothing polls: an idle communicator is blocked syscalls only.
+
+use std::cell::Cell;
+use std::marker::PhantomData;
+use std::net::Shutdown;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use concord_master::proto::{encode_peer, PeerId, PeerMsg};
+use concord_transport::socket::{connect_with_retry, listen, resolve, SocketOptions};
+use concord_transport::{resolve_backend, BackendChoice, BackendKind};
+
+use super::builder::CommunicatorBuilder;
+use crate::config::{validate, Config};
+use crate::control::master_link::read_master;
+use crate::control::watchdog::watchdog;
+use crate::peer::{flush, Inner};
+use crate::protocol::PeerProto;
+use crate::Error;
+
+/// A peer's membership in a Concord group.
+///
+/// The communicator is `Send` but not `Sync`: one thread owns it. Blocking collectives and
+/// topology updates are methods on it; async collectives go through [`Communicator::split`],
+/// whose borrow keeps `update_topology` away while any are in flight.
+///
+/// ```no_run
+/// use concord::{Communicator, ReduceOp};
+/// let comm = Communicator::builder("127.0.0.1:48148").connect()?;
+/// let grads = vec![1.0f32; 1024];
+/// let mut out = vec![0.0f32; 1024];
+/// let info = comm.all_reduce(&grads, &mut out, ReduceOp::Sum, 0)?;
+/// println!("reduced across {} peers", info.world);
+/// # Ok::<(), concord::Error>(())
+/// ```
+pub struct Communicator {
+    pub(crate) inner: Arc<Inner>,
+    threads: Vec<JoinHandle<()>>,
+    _not_sync: PhantomData<Cell<()>>,
+}
+
+impl std::fmt::Debug for Communicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Communicator")
+            .field("master", &self.inner.config.master)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Communicator {
+    /// Starts building a communicator for the master at `master` ("host:port").
+    pub fn builder(master: impl Into<String>) -> CommunicatorBuilder {
+        CommunicatorBuilder {
+            config: Config::new(master.into()),
+        }
+    }
+
+    pub(crate) fn connect(config: Config) -> Result<Self, Error> {
+        validate(&config)?;
+        let backend = resolve_transport(config.transport)?;
+        let listener =
+            listen(config.data_listen, 128).map_err(|e| Error::Io(format!("data port: {e}")))?;
+        let data_port = listener
+            .local_addr()
+            .map_err(|e| Error::Io(e.to_string()))?
+            .port();
+        let master_addr = resolve(&config.master).map_err(|e| Error::MasterLost(e.to_string()))?;
+        let stream = connect_with_retry(
+            master_addr,
+            &SocketOptions::default(),
+            config.connect_timeout,
+            "the master",
+        )
+        .map_err(|e| Error::MasterLost(format!("{e}; is `concord master` running there?")))?;
+        concord_transport::socket::set_keepalive(&stream, Duration::from_secs(1))?;
+        let read_half = stream.try_clone().map_err(|e| Error::Io(e.to_string()))?;
+        let proto = PeerProto::with_group(
+            data_port,
+            config.advertise_ip.clone().unwrap_or_default(),
+            config.group,
+        );
+        let inner = Arc::new(Inner::new(
+            proto, stream, read_half, listener, config, backend,
+        ));
+        let mut threads = Vec::new();
+        let reader_inner = Arc::clone(&inner);
+        threads.push(
+            std::thread::Builder::new()
+                .name("concord-master-rx".into())
+                .spawn(move || read_master(reader_inner))
+                .map_err(|e| Error::Io(format!("spawning the master reader: {e}")))?,
+        );
+        let weak = Arc::downgrade(&inner);
+        threads.push(
+            std::thread::Builder::new()
+                .name("concord-watchdog".into())
+                .spawn(move || watchdog(weak))
+                .map_err(|e| Error::Io(format!("spawning the watchdog: {e}")))?,
+        );
+        let comm = Communicator {
+            inner,
+            threads,
+            _not_sync: PhantomData,
+        };
+        flush(&mut comm.inner.lock());
+        // Registered: wait for the group to admit us, then build the ring like any member.
+        let deadline = Instant::now() + comm.inner.config.join_timeout;
+        comm.finish_topology(deadline, "waiting to be admitted by the group")?;
+        Ok(comm)
+    }
+
+    /// The data-plane backend this communicator runs on.
+    pub fn transport(&self) -> BackendKind {
+        self.inner.backend
+    }
+
+    /// This peer's id in the group.
+    pub fn peer_id(&self) -> PeerId {
+        self.inner
+            .lock()
+            .proto
+            .peer_id()
+            .expect("connected communicators are registered")
+    }
+
+    /// This peer's group.
+    pub fn group(&self) -> u32 {
+        self.inner.config.group
+    }
+
+    /// Accepted peers across all groups.
+    pub fn global_world_size(&self) -> usize {
+        self.inner.lock().proto.group_info().global_world as usize
+    }
+
+    /// Number of peer groups.
+    pub fn num_groups(&self) -> usize {
+        self.inner.lock().proto.group_info().groups as usize
+    }
+
+    /// Size of the largest peer group.
+    pub fn largest_group_size(&self) -> usize {
+        self.inner.lock().proto.group_info().largest_group as usize
+    }
+
+    /// Number of peers in this peer's group (its ring), as of the last topology update.
+    pub fn world_size(&self) -> usize {
+        self.inner.lock().proto.ring().map_or(0, |r| r.1.len())
+    }
+
+    /// This peer's position in the ring in force.
+    pub fn rank(&self) -> usize {
+        let g = self.inner.lock();
+        let me = g.proto.peer_id();
+        g.proto
+            .ring()
+            .and_then(|r| r.1.iter().position(|m| Some(m.peer_id) == me))
+            .unwrap_or(0)
+    }
+
+    /// Ids of the members of the ring of `epoch`, for one of the last 64 rings this peer was in.
+    pub fn ring_members(&self, epoch: u64) -> Option<Vec<PeerId>> {
+        self.inner.lock().proto.ring_history(epoch)
+    }
+
+    /// Ids of the ring's members, in ring order.
+    pub fn peer_ids(&self) -> Vec<PeerId> {
+        self.inner
+            .lock()
+            .proto
+            .ring()
+            .map_or_else(Vec::new, |r| r.1.iter().map(|m| m.peer_id).collect())
+    }
+
+    /// Whether peers are waiting to join: a cheap unanimous vote, so that every member gets the
+    /// same answer and calls [`Communicator::update_topology`] together. It may run while async
+    /// collectives are in flight (see [`PeerProbe`](crate::PeerProbe)).
+    pub fn are_new_peers_pending(&self) -> Result<bool, Error> {
+        self.inner.pending_vote()
+    }
+
+    /// Splits the communicator for async collectives: a [`Collectives`](crate::Collectives) that may move to
+    /// another thread to launch and await them, and a [`PeerProbe`](crate::PeerProbe) that stays on this thread and
+    /// may only ask [`PeerProbe::are_new_peers_pending`](crate::PeerProbe::are_new_peers_pending). Both borrow the communicator, so
+    /// `update_topology` (which takes `&mut self`) waits until they, and every handle, are gone.
+    ///
+    /// ```compile_fail
+    /// # fn f(comm: &mut concord::Communicator) {
+    /// let (collectives, _probe) = comm.split();
+    /// comm.update_topology(); // error: the communicator is borrowed while async work is possible
+    /// drop(collectives);
+    /// # }
+    /// ```
+    ///
+    /// The probe stays on the owner's thread:
+    ///
+    /// ```compile_fail
+    /// # fn f(comm: &mut concord::Communicator) {
+    /// let (_collectives, probe) = comm.split();
+    /// std::thread::scope(|s| { s.spawn(move || probe.are_new_peers_pending()); });
+    /// # }
+    /// ```
+    ///
+    /// and the communicator itself is not shared between threads (it is `Send`, not `Sync`):
+    ///
+    /// ```compile_fail
+    /// # fn f(comm: &concord::Communicator) {
+    /// std::thread::scope(|s| { s.spawn(|| comm.world_size()); });
+    /// # }
+    /// ```
+    pub fn split(&mut self) -> (crate::Collectives<'_>, crate::PeerProbe<'_>) {
+        (
+            crate::Collectives::new(Arc::clone(&self.inner)),
+            crate::PeerProbe::new(Arc::clone(&self.inner)),
+        )
+    }
+}
+
+impl Drop for Communicator {
+    fn drop(&mut self) {
+        self.inner.begin_shutdown();
+        let plane = {
+            let mut g = self.inner.lock();
+            let _ = std::io::Write::write_all(&mut g.master, &encode_peer(&PeerMsg::Goodbye));
+            let _ = g.master.shutdown(Shutdown::Both);
+            g.plane.take()
+        };
+        drop(plane);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Picks the backend once; a fall-back from io_uring is said once per process.
+fn resolve_transport(choice: Option<BackendChoice>) -> Result<BackendKind, Error> {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    let choice = match choice {
+        Some(c) => c,
+        None => BackendChoice::from_env_or(BackendChoice::Auto).map_err(Error::InvalidArgument)?,
+    };
+    let (kind, why) = resolve_backend(choice).map_err(Error::InvalidArgument)?;
+    if let Some(why) = why {
+        SAID.call_once(|| tracing::warn!("io_uring unavailable ({why}); using plain sockets"));
+    }
+    Ok(kind)
+}

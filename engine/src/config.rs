@@ -1,0 +1,94 @@
+//! A communicator's settings: what the builder fills in and every layer below reads.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use concord_transport::socket::SocketOptions;
+use concord_transport::BackendChoice;
+
+use crate::Error;
+
+/// How a communicator connects and moves data. Every field has a default; see the builder.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Config {
+    /// The master's address ("host:port").
+    pub master: String,
+    /// Where this peer accepts data connections (port 0: any free port).
+    pub data_listen: SocketAddr,
+    /// IP to advertise to the ring instead of the one the master sees.
+    pub advertise_ip: Option<String>,
+    /// Connections per ring neighbour (sub-chunks are striped over them).
+    pub conns_per_neighbour: usize,
+    /// Sub-chunk size: the unit of pipelining and of one frame. Smaller overlaps better,
+    /// larger costs fewer syscalls.
+    pub sub_chunk_bytes: usize,
+    /// Socket options of data connections.
+    pub socket: SocketOptions,
+    /// How long to keep retrying an unreachable master.
+    pub connect_timeout: Duration,
+    /// How long `connect` waits to be admitted by the group.
+    pub join_timeout: Duration,
+    /// How long a topology update may take.
+    pub topology_timeout: Duration,
+    /// How long one collective may take, votes included; also how long a ring neighbour may stay
+    /// silent.
+    pub op_timeout: Duration,
+    /// Most collectives in flight at once; launching one more blocks until one completes (with
+    /// the new one's deadline running).
+    pub max_in_flight: usize,
+    /// Peer group: collectives and shared state run among the peers of one group, each group on
+    /// its own ring (admission and topology updates are global).
+    pub group: u32,
+    /// Data-plane backend: `Auto` (io_uring where the kernel and sandbox allow it, else plain
+    /// sockets, saying why once), `Uring` or `Socket`. `None`: `CONCORD_TRANSPORT`, else `Auto`.
+    pub transport: Option<BackendChoice>,
+    /// How long a thread polls before it blocks, on the waits whose answer should be
+    /// microseconds away (a vote's answer, the frames of a small collective); zero: never poll.
+    /// See [`concord_transport::spin`].
+    pub spin: Duration,
+}
+
+impl Config {
+    pub(crate) fn new(master: String) -> Self {
+        Config {
+            master,
+            data_listen: "0.0.0.0:0".parse().expect("valid"),
+            advertise_ip: None,
+            conns_per_neighbour: 2,
+            sub_chunk_bytes: 512 * 1024,
+            socket: SocketOptions::default(),
+            connect_timeout: Duration::from_secs(10),
+            join_timeout: Duration::from_secs(600),
+            topology_timeout: Duration::from_secs(30),
+            op_timeout: Duration::from_secs(120),
+            max_in_flight: 256,
+            transport: None,
+            group: 0,
+            spin: concord_transport::spin::spin_from_env(),
+        }
+    }
+}
+
+/// Refuses settings outside their documented ranges before anything is opened.
+pub(crate) fn validate(c: &Config) -> Result<(), Error> {
+    if !(1..=64).contains(&c.conns_per_neighbour) {
+        return Err(Error::InvalidArgument(format!(
+            "conns_per_neighbour {} not in 1..=64",
+            c.conns_per_neighbour
+        )));
+    }
+    if !(4096..=(64 << 20)).contains(&c.sub_chunk_bytes) {
+        return Err(Error::InvalidArgument(format!(
+            "sub_chunk_bytes {} not in 4 KiB..=64 MiB",
+            c.sub_chunk_bytes
+        )));
+    }
+    if !(1..=65536).contains(&c.max_in_flight) {
+        return Err(Error::InvalidArgument(format!(
+            "max_in_flight {} not in 1..=65536",
+            c.max_in_flight
+        )));
+    }
+    Ok(())
+}
