@@ -170,29 +170,132 @@ pub(super) fn rx_loop(s: &Shared, conn: usize) {
 
 /// Receives one frame on `conn`. `may_wait`: wait for the frame's collective to be registered
 /// here; else (a driving caller, who registers collectives itself) keep the header for later.
+///
+/// The steps: read the header, find its attempt, check the frame against the attempt's
+/// schedule, then land the payload (device, copy or reduce) and publish it for TX.
 fn recv_one(s: &Shared, conn: usize, c: &mut RxConn, may_wait: bool) -> Result<(), String> {
-    let RxConn {
-        stream,
-        staging,
-        pending,
-        held,
-    } = c;
-    let from = s.prev_id;
-    let io = |e: std::io::Error| format!("receiving from ring predecessor {from}: {e}");
-    let idle = || s.lock().ops.is_empty();
-    if held.is_none() && s.polling(conn) {
+    let h = next_header(s, conn, c)?;
+    let op = match find_attempt(s, c, h, may_wait)? {
+        Found::Attempt(op) => op,
+        Found::Held => return Ok(()),
+        Found::Drop => {
+            return c
+                .stream
+                .discard(h.len as usize)
+                .map_err(|e| s.recv_error(e))
+        }
+    };
+    let frame = check_frame(s, &op, &h)?;
+    let Some(busy) = op.enter() else {
+        return c
+            .stream
+            .discard(h.len as usize)
+            .map_err(|e| s.recv_error(e));
+    };
+    let plan = &op.plan;
+    let kind = plan.recv_kind(frame.step);
+    if frame.sub == 0 && (frame.step == 0 || frame.step + 1 == plan.world) {
+        let phase = if kind == RecvKind::Copy {
+            "all-gather"
+        } else {
+            "reduce-scatter"
+        };
+        crate::fault::kill_point(phase, Some(op.tag));
+    }
+    // Only a device reduce-scatter frame may overtake the pending one.
+    if op.device.is_none() || kind == RecvKind::Copy {
+        if let Some(p) = c.pending.take() {
+            finish_pending(s, p);
+        }
+    }
+    let landed = if op.device.is_some() {
+        land_device(s, conn, c, &op, busy, &frame, kind)?
+    } else if kind == RecvKind::Copy {
+        land_copy(s, c, &op, &frame)?;
+        Landed::Done(busy)
+    } else {
+        land_reduce(s, c, &op, busy, &frame, kind)?
+    };
+    match landed {
+        Landed::Pending | Landed::Failed => {}
+        Landed::Done(busy) => {
+            drop(busy);
+            let done = op.received(frame.receive, (HEADER_BYTES + frame.range.len()) as u64);
+            s.send_ready(&op);
+            if done {
+                s.finish(&op, Ok(op.traffic()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Where a received frame belongs in its attempt.
+struct Frame {
+    step: usize,
+    sub: usize,
+    /// The receive's index in the attempt's schedule (its claim and ready flag).
+    receive: usize,
+    /// Its bytes in the attempt's buffer.
+    range: std::ops::Range<usize>,
+}
+
+/// What a frame's header found.
+enum Found {
+    Attempt(Arc<Attempt>),
+    /// Not registered yet; a driving caller keeps the header for later.
+    Held,
+    /// Failed here (its abort is on its way) or retired: drop what is still in flight.
+    Drop,
+}
+
+/// What landing a payload came to.
+enum Landed<'a> {
+    /// Received in full: publish it.
+    Done(super::attempt::Busy<'a>),
+    /// A device frame whose GPU work still runs (see [`Pending`]).
+    Pending,
+    /// The attempt failed alone and was reported; the connection carries on.
+    Failed,
+}
+
+impl Shared {
+    fn recv_error(&self, e: std::io::Error) -> String {
+        format!("receiving from ring predecessor {}: {e}", self.prev_id)
+    }
+}
+
+/// The next header: one a driving caller held back, else read from the socket (polling first
+/// while a small collective is under way).
+fn next_header(
+    s: &Shared,
+    conn: usize,
+    c: &mut RxConn,
+) -> Result<concord_transport::frame::DataHeader, String> {
+    let stream = &mut c.stream;
+    if c.held.is_none() && s.polling(conn) {
         // A small collective is under way: its next frame is microseconds away.
         concord_transport::spin::spin_until(Duration::MAX, || {
             stream.readable_now() || !s.polling(conn)
         });
     }
-    let h = match held.take() {
+    let h = match c.held.take() {
         Some(h) => h,
-        None => stream
-            .read_header(idle)
-            .map_err(|e| format!("receiving from ring predecessor {from}: {e}"))?,
+        None => {
+            let idle = || s.lock().ops.is_empty();
+            stream.read_header(idle).map_err(|e| s.recv_error(e))?
+        }
     };
     s.pace.moved();
+    Ok(h)
+}
+
+fn find_attempt(
+    s: &Shared,
+    c: &mut RxConn,
+    h: concord_transport::frame::DataHeader,
+    may_wait: bool,
+) -> Result<Found, String> {
     let found = if may_wait {
         lookup(s, h.tag, h.seq)?
     } else {
@@ -200,24 +303,27 @@ fn recv_one(s: &Shared, conn: usize, c: &mut RxConn, may_wait: bool) -> Result<(
         match now {
             Some(found) => found,
             None => {
-                *held = Some(h);
-                return Ok(());
+                c.held = Some(h);
+                return Ok(Found::Held);
             }
         }
     };
-    let op = match found {
-        // Failed here (its abort is on its way) or retired: drop what is still in flight.
-        Some(op) if !op.failed.load(Ordering::Acquire) => op,
-        _ => return stream.discard(h.len as usize).map_err(io),
-    };
+    Ok(match found {
+        Some(op) if !op.failed.load(Ordering::Acquire) => Found::Attempt(op),
+        _ => Found::Drop,
+    })
+}
+
+/// Checks that the attempt's schedule has this frame, of this size, and that it arrives once.
+fn check_frame(
+    s: &Shared,
+    op: &Attempt,
+    h: &concord_transport::frame::DataHeader,
+) -> Result<Frame, String> {
+    let from = s.prev_id;
     let plan = &op.plan;
     let (t, j) = (h.step as usize, h.sub as usize);
     let valid = t < plan.steps() && j < plan.subs(plan.recv_chunk(t));
-    let m = if valid {
-        op.recv_prefix[t] + j
-    } else {
-        usize::MAX
-    };
     let range = if valid {
         plan.sub_bytes(plan.recv_chunk(t), j)
     } else {
@@ -230,134 +336,156 @@ fn recv_one(s: &Shared, conn: usize, c: &mut RxConn, may_wait: bool) -> Result<(
             h.tag,
         ));
     }
-    if !op.claim_recv(m) {
+    let receive = op.recv_prefix[t] + j;
+    if !op.claim_recv(receive) {
         return Err(format!(
             "ring predecessor {from} sent step {t} sub-chunk {j} of collective {} twice",
             h.tag
         ));
     }
-    let Some(busy) = op.enter() else {
-        return stream.discard(h.len as usize).map_err(io);
-    };
-    // SAFETY: inside a busy guard; this RX thread is the only writer of receive `m`'s range, and
-    // the TX thread reads it only after the flag set below.
-    let out = unsafe { op.dst.slice_mut(range.clone()) };
-    let kind = plan.recv_kind(t);
-    if j == 0 && (t == 0 || t + 1 == plan.world) {
-        let phase = if kind == RecvKind::Copy {
-            "all-gather"
-        } else {
-            "reduce-scatter"
-        };
-        crate::fault::kill_point(phase, Some(op.tag));
-    }
-    // Only a device reduce-scatter frame may overtake the pending one.
-    if op.device.is_none() || kind == RecvKind::Copy {
-        if let Some(p) = pending.take() {
-            finish_pending(s, p);
+    Ok(Frame {
+        step: t,
+        sub: j,
+        receive,
+        range,
+    })
+}
+
+/// Fails `op` alone (the connection and the other attempts carry on).
+fn fail_alone(s: &Shared, op: &Attempt, why: String) {
+    op.failed.store(true, Ordering::Release);
+    s.report(op, Err(why), true);
+}
+
+/// A device collective's frame: all-gather frames land in the mirror and are copied to the
+/// device; reduce-scatter frames go through the lane's pinned buffer to the GPU's reduction,
+/// which runs on while the next frame is received.
+fn land_device<'a>(
+    s: &Shared,
+    conn: usize,
+    c: &mut RxConn,
+    op: &'a Arc<Attempt>,
+    busy: super::attempt::Busy<'a>,
+    frame: &Frame,
+    kind: RecvKind,
+) -> Result<Landed<'a>, String> {
+    let device = op.device.as_ref().expect("a device collective");
+    let range = frame.range.clone();
+    let len = range.len();
+    let outcome = match device.lane(conn) {
+        Err(why) => {
+            c.stream.discard(len).map_err(|e| s.recv_error(e))?;
+            Err(why)
         }
-    }
-    if let Some(device) = &op.device {
-        let len = range.len();
-        let finish = (kind == RecvKind::ReduceFinish).then_some(plan.world);
-        let outcome = match device.lane(conn) {
-            Err(why) => {
-                stream.discard(len).map_err(io)?;
-                Err(why)
-            }
-            Ok(lane) if kind == RecvKind::Copy => {
-                stream.read_exact(out).map_err(io)?;
-                device.copy_in(&lane, range.clone())
-            }
-            Ok(lane) => {
-                lane.receive(len, |buf| stream.read_exact(buf))
-                    .map_err(io)?;
-                match device.reduce_async(&lane, range.clone(), finish) {
-                    Ok(frame) => {
-                        // The previous frame's host buffer takes the lane's next frame: finish
-                        // it now, while this one's copies and kernel run.
-                        if let Some(p) = pending.take() {
-                            finish_pending(s, p);
-                        }
-                        *pending = Some(Pending {
-                            busy: busy.into_owned(&op),
-                            op: Arc::clone(&op),
-                            m,
-                            bytes: (HEADER_BYTES + len) as u64,
-                            frame,
-                        });
-                        return Ok(());
+        Ok(lane) if kind == RecvKind::Copy => {
+            // SAFETY: inside a busy guard; this RX thread is the only writer of the receive's
+            // range, and the TX thread reads it only after its ready flag is set.
+            let out = unsafe { op.dst.slice_mut(range.clone()) };
+            c.stream.read_exact(out).map_err(|e| s.recv_error(e))?;
+            device.copy_in(&lane, range)
+        }
+        Ok(lane) => {
+            let stream = &mut c.stream;
+            lane.receive(len, |buf| stream.read_exact(buf))
+                .map_err(|e| s.recv_error(e))?;
+            let finish = (kind == RecvKind::ReduceFinish).then_some(op.plan.world);
+            match device.reduce_async(&lane, range, finish) {
+                Ok(gpu_frame) => {
+                    // The previous frame's host buffer takes the lane's next frame: finish it
+                    // now, while this one's copies and kernel run.
+                    if let Some(p) = c.pending.take() {
+                        finish_pending(s, p);
                     }
-                    Err(why) => Err(why),
+                    c.pending = Some(Pending {
+                        busy: busy.into_owned(op),
+                        op: Arc::clone(op),
+                        m: frame.receive,
+                        bytes: (HEADER_BYTES + len) as u64,
+                        frame: gpu_frame,
+                    });
+                    return Ok(Landed::Pending);
                 }
+                Err(why) => Err(why),
             }
-        };
-        if let Err(why) = outcome {
-            // This operation fails; the connection and the other operations carry on.
-            op.failed.store(true, Ordering::Release);
-            drop(busy);
-            s.report(&op, Err(why), true);
-            return Ok(());
         }
-    } else if kind == RecvKind::Copy {
-        // In place, the range's original goes to the backup before the first write (a failure
-        // puts it back; `op.backup_stores` streams large backups, which only a failure reads).
-        // Device collectives keep their own backup.
-        // SAFETY: inside a busy guard; this RX thread is the only writer of the range now.
-        if let Some(save) = unsafe { op.claim_save(plan.recv_chunk(t), j) } {
-            concord_kernels::copy(save, out, op.backup_stores).map_err(|e| e.to_string())?;
-        }
-        stream.read_exact(out).map_err(io)?;
-    } else {
-        stream.read_staged(staging, range.len()).map_err(io)?;
-        let staged = &staging[..range.len()];
-        let finish = (kind == RecvKind::ReduceFinish).then_some(plan.world);
-        let c = plan.recv_chunk(t);
-        let reduce = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            if injected_panic_tag() == Some(op.tag) {
-                panic!("injected fault: CONCORD_FAULT_PANIC_TAG={}", op.tag);
-            }
-            // SAFETY: inside a busy guard; this RX thread is the only writer of the range now,
-            // and the backup range is claimed only right before it is filled.
-            match unsafe { op.claim_save(c, j) } {
-                // In place, first write: save each block of the original while reducing it.
-                Some(save) => concord_kernels::reduce_into_saving(
-                    out,
-                    staged,
-                    save,
-                    op.backup_stores,
-                    op.dtype,
-                    op.op,
-                    finish,
-                ),
-                None => {
-                    // SAFETY: inside a busy guard, by the range's writer; in place, saved by an
-                    // earlier writer (the claim above found it done).
-                    let mine = unsafe { op.original(c, j) };
-                    concord_kernels::reduce_out_with(
-                        out, mine, staged, op.dtype, op.op, finish, op.stores,
-                    )
-                }
-            }
-        }));
-        let failure = match reduce {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(panic) => Some(format!("the reduction panicked: {}", panic_message(&panic))),
-        };
-        if let Some(why) = failure {
-            // This operation fails; the connection and the other operations carry on.
-            op.failed.store(true, Ordering::Release);
+    };
+    match outcome {
+        Ok(()) => Ok(Landed::Done(busy)),
+        Err(why) => {
             drop(busy);
-            s.report(&op, Err(why), true);
-            return Ok(());
+            fail_alone(s, op, why);
+            Ok(Landed::Failed)
         }
     }
+}
+
+/// An all-gather frame of a host collective: read straight into place. In place, the range's
+/// original goes to the backup before the first write (a failure puts it back;
+/// `op.backup_stores` streams large backups, which only a failure reads).
+fn land_copy(s: &Shared, c: &mut RxConn, op: &Attempt, frame: &Frame) -> Result<(), String> {
+    // SAFETY: inside a busy guard; this RX thread is the only writer of the receive's range,
+    // and the TX thread reads it only after its ready flag is set.
+    let out = unsafe { op.dst.slice_mut(frame.range.clone()) };
+    // SAFETY: inside a busy guard; this RX thread is the only writer of the range now.
+    if let Some(save) = unsafe { op.claim_save(op.plan.recv_chunk(frame.step), frame.sub) } {
+        concord_kernels::copy(save, out, op.backup_stores).map_err(|e| e.to_string())?;
+    }
+    c.stream.read_exact(out).map_err(|e| s.recv_error(e))
+}
+
+/// A reduce-scatter frame of a host collective: read into the staging buffer, then reduced
+/// with this peer's own chunk into place (in place, saving each block of the original while
+/// reducing it). A failed or panicking reduction fails the attempt alone.
+fn land_reduce<'a>(
+    s: &Shared,
+    c: &mut RxConn,
+    op: &'a Attempt,
+    busy: super::attempt::Busy<'a>,
+    frame: &Frame,
+    kind: RecvKind,
+) -> Result<Landed<'a>, String> {
+    let len = frame.range.len();
+    c.stream
+        .read_staged(&mut c.staging, len)
+        .map_err(|e| s.recv_error(e))?;
+    let staged = &c.staging[..len];
+    // SAFETY: inside a busy guard; this RX thread is the only writer of the receive's range,
+    // and the TX thread reads it only after its ready flag is set.
+    let out = unsafe { op.dst.slice_mut(frame.range.clone()) };
+    let finish = (kind == RecvKind::ReduceFinish).then_some(op.plan.world);
+    let chunk = op.plan.recv_chunk(frame.step);
+    let reduce = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if injected_panic_tag() == Some(op.tag) {
+            panic!("injected fault: CONCORD_FAULT_PANIC_TAG={}", op.tag);
+        }
+        // SAFETY: inside a busy guard; this RX thread is the only writer of the range now,
+        // and the backup range is claimed only right before it is filled.
+        match unsafe { op.claim_save(chunk, frame.sub) } {
+            Some(save) => concord_kernels::reduce_into_saving(
+                out,
+                staged,
+                save,
+                op.backup_stores,
+                op.dtype,
+                op.op,
+                finish,
+            ),
+            None => {
+                // SAFETY: inside a busy guard, by the range's writer; in place, saved by an
+                // earlier writer (the claim above found it done).
+                let mine = unsafe { op.original(chunk, frame.sub) };
+                concord_kernels::reduce_out_with(
+                    out, mine, staged, op.dtype, op.op, finish, op.stores,
+                )
+            }
+        }
+    }));
+    let failure = match reduce {
+        Ok(Ok(())) => return Ok(Landed::Done(busy)),
+        Ok(Err(e)) => e.to_string(),
+        Err(panic) => format!("the reduction panicked: {}", panic_message(&panic)),
+    };
     drop(busy);
-    let done = op.received(m, (HEADER_BYTES + range.len()) as u64);
-    s.send_ready(&op);
-    if done {
-        s.finish(&op, Ok(op.traffic()));
-    }
-    Ok(())
+    fail_alone(s, op, failure);
+    Ok(Landed::Failed)
 }
