@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of the kernels and GPU-buffer issues, in one run on a machine with a GPU:
+# The GPU figures in one run on a machine with a GPU:
 # the CUDA reduction against a device-to-device copy (gpu-reduce-bw), and `concord bench --local`
 # busbw with buffers in device memory against host memory, 2 and 4 peers on the one GPU, f32 and
 # bf16 at 256 MiB, with the device runs' per-stage timings.

@@ -3,8 +3,8 @@
 //! A peer's hot threads (the caller, one receiver per connection, the sender) hand bytes to
 //! each other and to the neighbour's threads over loopback many times per collective. Left to
 //! the scheduler, the wake-ups of two peers on one small machine tend to pull both peers onto
-//! the same CPU for a whole run, and a small collective then takes twice as long: on the
-//! 2-vCPU development VM, 1 MiB all-reduces between 2 peers took 272-548 us unbound, depending
+//! the same CPU for a whole run, and a small collective then takes twice as long: on a
+//! 2-vCPU Intel Xeon host, 1 MiB all-reduces between 2 peers took 272-548 us unbound, depending
 //! on the run, against 289-303 us with each peer on its own CPU (f32 sum, 1000 iterations, 5
 //! interleaved rounds). With more peers than CPUs, binding hurts instead (4 peers on 2 CPUs,
 //! 256 MiB: 1.00-1.12 GB/s bound two to a CPU against 1.15-1.17 unbound), so [`plan`] binds

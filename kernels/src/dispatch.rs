@@ -102,7 +102,7 @@ pub enum CpuPath {
     Avx512,
     /// The AVX-512 path narrowing bf16 with AVX512-BF16 (`vcvtne2ps2bf16`; needs AVX512-DQ
     /// too): bf16 sums 15-20 % faster in L2 than the integer rounding of `avx512` on the
-    /// development machine. Chosen automatically where the CPU has AVX512-BF16 but not FP16.
+    /// Intel Xeon (Sapphire Rapids). Chosen automatically where the CPU has AVX512-BF16 but not FP16.
     Avx512Bf16,
     /// The AVX-512 path computing f16 sums and products natively with AVX512-FP16 (32 lanes per
     /// instruction, the same bits), and bf16 as `avx512bf16` where the CPU also has AVX512-BF16;

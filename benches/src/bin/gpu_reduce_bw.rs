@@ -1,5 +1,5 @@
 //! GPU reduction bandwidth against a device-to-device copy, measured in one run (the kernels
-//! issue asks for at least 85 % of the copy's bandwidth at 256 MiB).
+//! goal is at least 85 % of the copy's bandwidth at 256 MiB).
 //!
 //! `gpu-reduce-bw [--bytes 256M] [--iters 50] [--device 0]` prints, for sum over f32, f16 and
 //! bf16 and for `cuMemcpyDtoD` of the same size: time per launch, GB/s of operands read (the
