@@ -7,7 +7,7 @@ use std::time::Instant;
 use super::communicator::Communicator;
 use crate::peer::flush;
 use crate::protocol::SyncPhase;
-use crate::shared_state::{self, SharedState, SyncInfo, SyncStrategy};
+use crate::state::{self, SharedState, SyncInfo, SyncStrategy};
 use crate::Error;
 
 impl Communicator {
@@ -49,7 +49,7 @@ impl Communicator {
         let mut dirty = Vec::new();
         let mut clean = std::collections::HashMap::new();
         for e in state.entries.iter_mut() {
-            let crate::shared_state::Entry {
+            let crate::state::Entry {
                 key,
                 data,
                 allow_content_inequality,
@@ -68,11 +68,11 @@ impl Communicator {
         let inner = &*self.inner;
         let (outcome, bytes_received, bytes_sent) = std::thread::scope(|s| {
             let server =
-                s.spawn(|| shared_state::serve(&inner.listener, &clean, secret, revision, &stop));
+                s.spawn(|| state::serve(&inner.listener, &clean, secret, revision, &stop));
             let pulled = if dirty.is_empty() {
                 Ok(0)
             } else {
-                shared_state::pull_all(dirty, secret, revision, timeout)
+                state::pull_all(dirty, secret, revision, timeout)
             };
             let received = *pulled.as_ref().unwrap_or(&0);
             {
