@@ -1,0 +1,301 @@
+//! The flags of `concord bench` (the short ones are those of nccl-tests) and their checks.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use concord::{DType, ReduceOp};
+
+use crate::sizes::parse_size;
+
+/// Options of `concord bench` (the short flags are those of nccl-tests).
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct BenchArgs {
+    /// Smallest size in bytes (K/M/G suffixes are powers of 1024).
+    #[arg(short = 'b', long = "minbytes", default_value = "64K", value_parser = parse_size)]
+    pub(crate) minbytes: usize,
+    /// Largest size in bytes.
+    #[arg(short = 'e', long = "maxbytes", default_value = "64M", value_parser = parse_size)]
+    pub(crate) maxbytes: usize,
+    /// Multiply the size by this factor between rows.
+    #[arg(short = 'f', long = "stepfactor", default_value_t = 4)]
+    pub(crate) stepfactor: usize,
+    /// Timed iterations per size.
+    #[arg(short = 'n', long = "iters", default_value_t = 20)]
+    pub(crate) iters: usize,
+    /// Warm-up iterations per size (not timed).
+    #[arg(short = 'w', long = "warmup_iters", default_value_t = 5)]
+    pub(crate) warmup: usize,
+    /// Check every timed iteration against a reference (1) or not (0).
+    #[arg(short = 'c', long = "check", default_value_t = 1)]
+    pub(crate) check: u8,
+    /// Reduction: sum, prod, min, max, avg.
+    #[arg(short = 'o', long = "op", default_value = "sum")]
+    pub(crate) op: ReduceOp,
+    /// Element type: float, half, bfloat16, double, int8..int64, uint8..uint64.
+    #[arg(short = 'd', long = "datatype", default_value = "float")]
+    pub(crate) dtype: DType,
+    /// Reduce in place instead of out of place.
+    #[arg(long)]
+    pub(crate) in_place: bool,
+    /// Collectives in flight per iteration, each of the row's size, launched async and in place
+    /// (so `-m 16 -b 4M` compares with `-m 1 -b 64M`); busbw is their aggregate. Without `-m`,
+    /// one blocking collective per iteration.
+    #[arg(short = 'm', long = "ops")]
+    pub(crate) ops: Option<usize>,
+    /// Deadline of each operation, in seconds.
+    #[arg(short = 'T', long = "timeout", default_value_t = 120)]
+    pub(crate) timeout_s: u64,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub(crate) json: Option<PathBuf>,
+    /// Start an embedded master and this many peer processes on loopback.
+    #[arg(long, conflicts_with_all = ["master", "world"])]
+    pub(crate) local: Option<usize>,
+    /// This process is one peer of the master at ADDR (host:port).
+    #[arg(long, requires = "world")]
+    pub(crate) master: Option<String>,
+    /// With --master: wait until this many peers are in the group.
+    #[arg(long)]
+    pub(crate) world: Option<usize>,
+    /// Keep going through joins, kills and stalls: each iteration admits pending peers, runs
+    /// `-m` all-reduces of `-b` bytes (f32 sum) with retry, checks them, and prints one JSON line.
+    /// Needs --master; --world is the group size to wait for before the first iteration.
+    #[arg(long, requires = "master")]
+    pub(crate) elastic: bool,
+    /// Measure shared-state sync instead: rank 0 changes `-b` bytes of state (in 8 MiB
+    /// entries) every iteration and the other peers (receive-only) pull it; compared with the
+    /// all-reduce busbw of the same bytes, measured in the same run.
+    #[arg(long)]
+    pub(crate) state: bool,
+    /// Data-plane backend: auto (io_uring where allowed, else sockets), uring or socket.
+    /// Default: CONCORD_TRANSPORT, else auto.
+    #[arg(long)]
+    pub(crate) transport: Option<concord::BackendChoice>,
+    /// Connections per ring neighbour (sub-chunks go to whichever is free).
+    #[arg(long, default_value_t = 2)]
+    pub(crate) conns: usize,
+    /// Sub-chunk size (the unit of pipelining).
+    #[arg(long, default_value = "512K", value_parser = parse_size)]
+    pub(crate) sub_chunk: usize,
+    /// How long small collectives poll before blocking, in microseconds (peers and, with
+    /// `--local`, the embedded master; 0: never poll). Default: CONCORD_SPIN_US, else 100.
+    #[arg(long)]
+    pub(crate) spin_us: Option<u64>,
+    /// SO_SNDBUF/SO_RCVBUF of data sockets (default: kernel autotuning).
+    #[arg(long, value_parser = parse_size)]
+    pub(crate) socket_buffer: Option<usize>,
+    /// Where the buffers live: `cpu` (host memory) or `cuda` (GPU memory, reduced on the GPU;
+    /// several peer processes may share one GPU). (`emulated` runs the device pipeline on a
+    /// host-memory stand-in for a GPU: for tests, its figures mean nothing.)
+    #[arg(long, default_value = "cpu")]
+    pub(crate) device: BenchDevice,
+    /// With `--device cuda`: the GPU's ordinal. Default: the launcher's local rank
+    /// (`LOCAL_RANK`, else `SLURM_LOCALID`) modulo the GPUs present, else 0.
+    #[arg(long)]
+    pub(crate) cuda_device: Option<usize>,
+    /// With `--local`: `auto` runs each peer process on CPUs of its own (contiguous slices of
+    /// this process's CPUs) where there are at least as many CPUs as peers, `none` leaves them
+    /// to the scheduler. On a host of two CPUs, binding 2 peers keeps the scheduler from
+    /// putting both peers' hot threads on one CPU, which doubles the time of small collectives.
+    /// Default: auto.
+    #[arg(long)]
+    pub(crate) cpu_bind: Option<CpuBind>,
+}
+
+/// How `concord bench --local` places its peer processes on CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CpuBind {
+    Auto,
+    None,
+}
+
+impl std::str::FromStr for CpuBind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(CpuBind::Auto),
+            "none" => Ok(CpuBind::None),
+            other => Err(format!("unknown --cpu-bind {other:?}: give auto or none")),
+        }
+    }
+}
+
+/// Where `concord bench` keeps its buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BenchDevice {
+    Cpu,
+    Cuda,
+    Emulated,
+}
+
+impl std::str::FromStr for BenchDevice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" | "host" => Ok(BenchDevice::Cpu),
+            "cuda" | "gpu" => Ok(BenchDevice::Cuda),
+            "emulated" => Ok(BenchDevice::Emulated),
+            other => Err(format!("unknown device {other:?}: give cpu or cuda")),
+        }
+    }
+}
+
+impl BenchArgs {
+    /// The polling window: `--spin-us`, else `CONCORD_SPIN_US`, else the default.
+    pub(crate) fn spin(&self) -> Duration {
+        self.spin_us.map_or_else(
+            concord_transport::spin::spin_from_env,
+            Duration::from_micros,
+        )
+    }
+
+    pub(super) fn validate(&self) -> Result<(), String> {
+        if self.local.is_none() && self.master.is_none() {
+            return Err(
+                "give --local N (embedded master and N peers) or --master ADDR --world N".into(),
+            );
+        }
+        if let Some(n) = self.local {
+            if !(1..=64).contains(&n) {
+                return Err(format!("--local {n}: give 1 to 64 peers"));
+            }
+        }
+        if self.cpu_bind.is_some() && self.local.is_none() {
+            return Err(
+                "--cpu-bind places the processes --local starts; bind a --master peer with `taskset` or `srun --cpu-bind`".into(),
+            );
+        }
+        if self.world == Some(0) {
+            return Err("--world 0: a group needs at least one peer".into());
+        }
+        if self.minbytes > self.maxbytes {
+            return Err(format!(
+                "-b {} is larger than -e {}",
+                self.minbytes, self.maxbytes
+            ));
+        }
+        if self.stepfactor < 2 && self.minbytes != self.maxbytes {
+            return Err(format!(
+                "-f {}: the step factor must be at least 2 (or give -b equal to -e)",
+                self.stepfactor
+            ));
+        }
+        if self.iters == 0 {
+            return Err("-n 0: give at least one timed iteration".into());
+        }
+        if self.check > 1 {
+            return Err(format!(
+                "-c {}: give 0 (no check) or 1 (check every iteration)",
+                self.check
+            ));
+        }
+        if self.maxbytes > (16usize << 30) {
+            return Err(format!("-e {}: at most 16G", self.maxbytes));
+        }
+        if let Some(m) = self.ops.filter(|m| !(1..=1024).contains(m)) {
+            return Err(format!("-m {m}: give 1 to 1024 collectives in flight"));
+        }
+        if self.timeout_s == 0 {
+            return Err("-T 0: the deadline must be at least one second".into());
+        }
+        if self.device != BenchDevice::Cpu && (self.state || self.elastic || self.ops.is_some()) {
+            return Err(
+                "--device cuda measures blocking all-reduces: drop --state, --elastic and -m"
+                    .into(),
+            );
+        }
+        if self.device == BenchDevice::Cuda {
+            if let Err(why) = concord::cuda_status() {
+                return Err(format!(
+                    "--device cuda: CUDA is not available here: {why} (run without --device \
+                     cuda for host buffers)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Collectives per iteration.
+    pub(crate) fn ops_in_flight(&self) -> usize {
+        self.ops.unwrap_or(1)
+    }
+
+    pub(super) fn sizes(&self) -> Vec<usize> {
+        let mut sizes = vec![self.minbytes];
+        while let Some(&last) = sizes.last() {
+            let next = last.saturating_mul(self.stepfactor.max(2)).max(last + 1);
+            if next > self.maxbytes || self.minbytes == self.maxbytes {
+                break;
+            }
+            sizes.push(next);
+        }
+        sizes
+    }
+
+    /// The flags a `--local` child gets (everything but the launch mode).
+    pub(super) fn child_args(&self, master: &str, world: usize) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "bench".into(),
+            "--master".into(),
+            master.into(),
+            "--world".into(),
+            world.to_string(),
+        ];
+        for (flag, v) in [
+            ("-b", self.minbytes.to_string()),
+            ("-e", self.maxbytes.to_string()),
+            ("-f", self.stepfactor.to_string()),
+            ("-n", self.iters.to_string()),
+            ("-w", self.warmup.to_string()),
+            ("-c", self.check.to_string()),
+            ("-o", self.op.name().to_string()),
+            ("-d", self.dtype.name().to_string()),
+            ("-T", self.timeout_s.to_string()),
+            ("--conns", self.conns.to_string()),
+            ("--sub-chunk", self.sub_chunk.to_string()),
+            ("--spin-us", self.spin().as_micros().to_string()),
+        ] {
+            a.push(flag.into());
+            a.push(v);
+        }
+        if let Some(m) = self.ops {
+            a.push("-m".into());
+            a.push(m.to_string());
+        }
+        if self.in_place {
+            a.push("--in-place".into());
+        }
+        if self.device == BenchDevice::Emulated {
+            a.extend(["--device".into(), "emulated".into()]);
+        }
+        if self.device == BenchDevice::Cuda {
+            a.extend(["--device".into(), "cuda".into()]);
+            if let Some(d) = self.cuda_device {
+                a.extend(["--cuda-device".into(), d.to_string()]);
+            }
+        }
+        if self.state {
+            a.push("--state".into());
+        }
+        if let Some(t) = self.transport {
+            a.push("--transport".into());
+            a.push(
+                match t {
+                    concord::BackendChoice::Uring => "uring",
+                    concord::BackendChoice::Socket => "socket",
+                    _ => "auto",
+                }
+                .into(),
+            );
+        }
+        if let Some(j) = &self.json {
+            a.push("--json".into());
+            a.push(j.display().to_string());
+        }
+        if let Some(b) = self.socket_buffer {
+            a.push("--socket-buffer".into());
+            a.push(b.to_string());
+        }
+        a
+    }
+}
