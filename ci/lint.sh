@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
-# Formatting and clippy, warnings denied.
+# Formatting and clippy, warnings denied. Installs the two components where rustup can.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+for tool in rustfmt clippy; do
+    if ! cargo "${tool/rustfmt/fmt}" --version >/dev/null 2>&1; then
+        command -v rustup >/dev/null || { echo "FAIL: cargo $tool is missing and there is no rustup to add it"; exit 1; }
+        rustup component add "$tool"
+    fi
+done
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

@@ -124,7 +124,26 @@ fn launch_local(n: usize, steps: usize, cuda: bool) -> Result<(), String> {
         }
     }
     println!("all {n} peers printed the same loss curve and parameters");
-    Ok(())
+    let losses: Vec<f32> = outputs[0]
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("step ")?
+                .split_whitespace()
+                .nth(2)?
+                .parse()
+                .ok()
+        })
+        .collect();
+    match (losses.first(), losses.last()) {
+        (Some(first), Some(last)) if last < first => {
+            println!("loss fell from {first:.6} to {last:.6}");
+            Ok(())
+        }
+        _ => Err(format!(
+            "the loss did not fall over {} steps: {losses:?}",
+            losses.len()
+        )),
+    }
 }
 
 fn main() -> ExitCode {

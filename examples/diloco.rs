@@ -231,7 +231,27 @@ fn launch_local(n: usize, outer_steps: u64, late_joiner: bool) -> Result<(), Str
         return Err("the late joiner never took part in an outer step".into());
     }
     println!("all peers hold identical parameters after every outer step ({late_steps} with the late joiner)");
-    Ok(())
+    // "outer STEP world W loss L hash H", as peer 0 printed it.
+    let losses: Vec<f32> = outputs[0]
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("outer ")?
+                .split_whitespace()
+                .nth(4)?
+                .parse()
+                .ok()
+        })
+        .collect();
+    match (losses.first(), losses.last()) {
+        (Some(first), Some(last)) if last < first => {
+            println!("loss fell from {first:.6} to {last:.6}");
+            Ok(())
+        }
+        _ => Err(format!(
+            "the loss did not fall over {} outer steps: {losses:?}",
+            losses.len()
+        )),
+    }
 }
 
 fn main() -> ExitCode {
