@@ -7,18 +7,27 @@ use std::io::Write as _;
 use concord_kernels::{CpuPath, DType, Kernels, ReduceOp};
 use half::{bf16, f16};
 
-/// Every path this CPU runs; the others are reported on stderr so a skip is never silent.
+/// Every path this CPU runs; the others are reported on stderr (once per test binary) so a
+/// skip is never silent.
 pub fn paths() -> Vec<Kernels> {
-    CpuPath::ALL
+    static SAID: std::sync::Once = std::sync::Once::new();
+    let mut skipped = Vec::new();
+    let runnable = CpuPath::ALL
         .into_iter()
         .filter_map(|p| match Kernels::new(p) {
             Ok(k) => Some(k),
             Err(e) => {
-                let _ = writeln!(std::io::stderr(), "SKIPPED: path {p}: {e}");
+                skipped.push(format!("SKIPPED: path {p}: {e}"));
                 None
             }
         })
-        .collect()
+        .collect();
+    SAID.call_once(|| {
+        for line in skipped {
+            let _ = writeln!(std::io::stderr(), "{line}");
+        }
+    });
+    runnable
 }
 
 /// xorshift64*: small, deterministic, good enough for test data.
