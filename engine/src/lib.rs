@@ -34,7 +34,6 @@ mod raw_buf;
 mod results;
 mod state;
 pub mod sim;
-mod sync;
 pub mod verify;
 
 pub use api::{
@@ -45,7 +44,7 @@ pub use concord_kernels::{DType, ReduceOp};
 pub use concord_transport::{BackendChoice, BackendKind};
 pub use config::Config;
 pub use element::Element;
-pub use error::Error;
+pub use error::{Error, IoError};
 pub use gpu::{cuda_status, DeviceElement};
 pub use pace::SPIN_MAX_COLLECTIVE_BYTES;
 pub use results::{Batch, ReduceInfo, RetryReport};

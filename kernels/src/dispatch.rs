@@ -17,7 +17,7 @@ pub const PATH_ENV: &str = "CONCORD_KERNELS";
 /// Contract (established by the safe entry points in `lib.rs`): `a`, `b` and `dst` each point to
 /// `len` elements of `dtype` (any alignment); `a` and `b` are readable, `dst` writable; `a` may
 /// be equal to `dst` (in-place reduction) but no other overlap exists. With `stream`, the caller
-/// issues a store fence (`stream::fence_after`) before anything may read `dst` from another thread.
+/// issues a store fence (`stores::fence_after`) before anything may read `dst` from another thread.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Job {
     pub(crate) dst: *mut u8,

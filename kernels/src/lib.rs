@@ -54,7 +54,7 @@
 mod cpu;
 mod dispatch;
 mod error;
-mod stream;
+mod stores;
 mod types;
 
 pub mod convert;
@@ -64,7 +64,7 @@ use std::num::NonZeroUsize;
 
 pub use dispatch::{CpuPath, Kernels, PATH_ENV};
 pub use error::KernelError;
-pub use stream::Stores;
+pub use stores::Stores;
 pub use types::{DType, ReduceOp};
 
 use dispatch::Job;
@@ -157,7 +157,7 @@ pub fn reduce_into_saving(
 /// differ.
 pub fn copy(dst: &mut [u8], src: &[u8], stores: Stores) -> Result<(), KernelError> {
     check_same("src", src.len(), dst.len())?;
-    stream::copy(dst, src, stores);
+    stores::copy(dst, src, stores);
     Ok(())
 }
 
@@ -323,10 +323,10 @@ impl Kernels {
         let size = dtype.size_bytes();
         let mut start = 0;
         while start < dst.len() {
-            let n = (dst.len() - start).min(stream::BLOCK_BYTES);
+            let n = (dst.len() - start).min(stores::BLOCK_BYTES);
             let block = &mut dst[start..start + n];
             // The block is now in the cache: the reduction below reads it from there.
-            stream::copy_unfenced(&mut save[start..start + n], block, save_stores);
+            stores::copy_unfenced(&mut save[start..start + n], block, save_stores);
             let block_ptr = block.as_mut_ptr();
             let job = Job {
                 dst: block_ptr,
@@ -343,7 +343,7 @@ impl Kernels {
             unsafe { (self.fns.combine)(&job) };
             start += n;
         }
-        stream::fence_after(save_stores);
+        stores::fence_after(save_stores);
         Ok(())
     }
 
@@ -402,7 +402,7 @@ impl Kernels {
         // SAFETY: three live slices of exactly `len` elements; `dst` is exclusive, so it
         // overlaps neither `a` nor `b`.
         unsafe { (self.fns.combine)(&job) }
-        stream::fence_after(stores);
+        stores::fence_after(stores);
         Ok(())
     }
 }

@@ -11,7 +11,7 @@ use crate::collective::ring::RingPlan;
 use crate::collective::Traffic;
 use crate::gpu::DeviceOp;
 use crate::raw_buf::RawBuf;
-use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex};
+use super::atomics::{AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex};
 
 /// Collectives with fewer sends per step than this (on average) use one connection: below
 /// about four sub-chunks per step, striping cost more in wake-ups than it gained (measured with

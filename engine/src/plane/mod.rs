@@ -7,6 +7,7 @@
 //! and this file (the plane's lifecycle). News goes up through [`PlaneEvents`], which the
 //! communicator implements.
 
+mod atomics;
 mod attempt;
 mod connection;
 pub(crate) mod links;

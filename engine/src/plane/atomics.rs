@@ -1,4 +1,4 @@
-//! Synchronisation primitives of the data plane's shared operation state: `std`'s, or loom's
+//! The atomics, locks and condition variables of an attempt's shared state: `std`'s, or loom's
 //! models when built with `RUSTFLAGS="--cfg loom"` (see `engine/tests/loom.rs`).
 
 #[cfg(loom)]
