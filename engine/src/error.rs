@@ -1,5 +1,7 @@
 //! The engine's error type.
 
+use std::sync::Arc;
+
 use concord_master::proto::PeerId;
 
 /// Everything that can go wrong in a [`crate::Communicator`].
@@ -73,9 +75,58 @@ pub enum Error {
     #[error("timed out: {0}")]
     Timeout(String),
     /// An I/O error outside a collective (binding the data port, for example).
-    #[error("{0}")]
-    Io(String),
+    #[error("{during}: {source}")]
+    Io {
+        /// What this peer was doing.
+        during: String,
+        /// The operating system's error.
+        #[source]
+        source: IoError,
+    },
 }
+
+/// An [`std::io::Error`] that [`Error`] can carry: shared, since errors are `Clone` (one failure
+/// ends every wait) and `io::Error` is not. Two compare equal when their kinds and messages do.
+#[derive(Clone, Debug)]
+pub struct IoError(Arc<std::io::Error>);
+
+impl IoError {
+    /// The error's kind.
+    pub fn kind(&self) -> std::io::ErrorKind {
+        self.0.kind()
+    }
+
+    /// The error itself.
+    pub fn get(&self) -> &std::io::Error {
+        &self.0
+    }
+}
+
+impl From<std::io::Error> for IoError {
+    fn from(e: std::io::Error) -> Self {
+        IoError(Arc::new(e))
+    }
+}
+
+impl std::fmt::Display for IoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for IoError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl PartialEq for IoError {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind() == other.kind() && self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl Eq for IoError {}
 
 fn lost_suffix(lost: &[PeerId]) -> String {
     if lost.is_empty() {
@@ -87,6 +138,14 @@ fn lost_suffix(lost: &[PeerId]) -> String {
 }
 
 impl Error {
+    /// An I/O error, with what this peer was doing.
+    pub(crate) fn io(during: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            during: during.into(),
+            source: source.into(),
+        }
+    }
+
     /// Whether retrying after `update_topology()` may succeed (the group lost or is losing a
     /// peer), as opposed to a bug in the call or a dead master.
     pub fn is_retryable(&self) -> bool {
@@ -101,7 +160,8 @@ impl From<concord_transport::TransportError> for Error {
                 Error::VersionMismatch { ours, theirs }
             }
             concord_transport::TransportError::Timeout { .. } => Error::Timeout(e.to_string()),
-            other => Error::Io(other.to_string()),
+            concord_transport::TransportError::Io { context, source } => Error::io(context, source),
+            other => Error::Protocol(other.to_string()),
         }
     }
 }

@@ -66,10 +66,15 @@ impl Communicator {
         validate(&config)?;
         let backend = resolve_transport(config.transport)?;
         let listener =
-            listen(config.data_listen, 128).map_err(|e| Error::Io(format!("data port: {e}")))?;
+            listen(config.data_listen, 128).map_err(|e| match e {
+                concord_transport::TransportError::Io { context, source } => {
+                    Error::io(format!("data port {}: {context}", config.data_listen), source)
+                }
+                other => other.into(),
+            })?;
         let data_port = listener
             .local_addr()
-            .map_err(|e| Error::Io(e.to_string()))?
+            .map_err(|e| Error::io("reading the data port's address", e))?
             .port();
         let master_addr = resolve(&config.master).map_err(|e| Error::MasterLost(e.to_string()))?;
         let stream = connect_with_retry(
@@ -80,7 +85,9 @@ impl Communicator {
         )
         .map_err(|e| Error::MasterLost(format!("{e}; is `concord master` running there?")))?;
         concord_transport::socket::set_keepalive(&stream, Duration::from_secs(1))?;
-        let read_half = stream.try_clone().map_err(|e| Error::Io(e.to_string()))?;
+        let read_half = stream
+            .try_clone()
+            .map_err(|e| Error::io("cloning the master connection", e))?;
         let proto = PeerProto::with_group(
             data_port,
             config.advertise_ip.clone().unwrap_or_default(),
@@ -95,14 +102,14 @@ impl Communicator {
             std::thread::Builder::new()
                 .name("concord-master-rx".into())
                 .spawn(move || read_master(reader_inner))
-                .map_err(|e| Error::Io(format!("spawning the master reader: {e}")))?,
+                .map_err(|e| Error::io("spawning the master reader", e))?,
         );
         let weak = Arc::downgrade(&inner);
         threads.push(
             std::thread::Builder::new()
                 .name("concord-watchdog".into())
                 .spawn(move || watchdog(weak))
-                .map_err(|e| Error::Io(format!("spawning the watchdog: {e}")))?,
+                .map_err(|e| Error::io("spawning the watchdog", e))?,
         );
         let comm = Communicator {
             inner,
