@@ -19,10 +19,10 @@ use concord_kernels::{DType, ReduceOp};
 use concord_master::proto::CollectiveDesc;
 
 use super::check::Done;
+use super::ctx::Ctx;
 use super::net::Event;
 use super::peer::{Launch, SimPeer, Stage};
 use super::plane::{Neighbour, Plane};
-use super::world::Ctx;
 use super::{count_of, data_tag, floats, input_value, op_of};
 use crate::protocol::{TopoPhase, TIMEOUT_MARK};
 

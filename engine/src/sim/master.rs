@@ -9,13 +9,8 @@ use std::time::{Duration, Instant};
 use concord_master::coordinator::{ConnId, Coordinator, CoordinatorConfig, Output};
 use concord_master::proto::{decode_peer, encode_master, split_frame, PeerId, ProtoError};
 
+use super::ctx::Ctx;
 use super::net::{Event, Link, Time};
-use super::world::Ctx;
-
-/// The master connection of the peer with index `idx` (one per peer, never reused).
-pub(crate) fn conn_of(idx: usize) -> ConnId {
-    idx as ConnId + 1
-}
 
 fn idx_of(conn: ConnId) -> usize {
     (conn - 1) as usize

@@ -22,6 +22,7 @@
 //! [`Coordinator`]: concord_master::coordinator::Coordinator
 
 mod check;
+mod ctx;
 mod driver;
 mod master;
 mod net;

@@ -9,10 +9,10 @@ use concord_kernels::ReduceOp;
 use concord_master::coordinator::ConnId;
 use concord_master::proto::{decode_master, encode_peer, split_frame, PeerId, PeerMsg};
 
+use super::ctx::Ctx;
 use super::net::{Event, Frame, Link, Time};
 use super::plane::{Plane, PlaneOut};
 use super::rng::Rng;
-use super::world::Ctx;
 use crate::protocol::{Effect, PeerProto};
 
 /// Where the peer's training loop stands (see `driver.rs`).
@@ -91,7 +91,7 @@ impl SimPeer {
     pub(crate) fn new(idx: usize, rng: Rng, now: Time) -> Self {
         SimPeer {
             idx,
-            conn: super::master::conn_of(idx),
+            conn: super::ctx::conn_of(idx),
             proto: PeerProto::new(data_port(idx), String::new()),
             alive: true,
             stalled: None,

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, VecDeque};
 use concord_master::coordinator::CoordinatorConfig;
 
 use super::check::Checker;
+use super::ctx::{Ctx, Stats};
 use super::master::SimMaster;
 use super::net::{Event, Net, Time};
 use super::peer::{data_port, SimPeer, Stage};
@@ -23,52 +24,6 @@ const TIME_LIMIT_US: Time = 3_600_000_000;
 const MAX_EVENTS: u64 = 20_000_000;
 /// Peers that may join on top of the initial ones.
 const MAX_JOINS: usize = 4;
-
-/// Counters for the summary.
-#[derive(Debug, Default)]
-pub(crate) struct Stats {
-    pub(crate) control_messages: u64,
-    pub(crate) data_frames: u64,
-    pub(crate) events: u64,
-    pub(crate) kills: u64,
-    pub(crate) stalls: u64,
-    pub(crate) long_stalls: u64,
-    pub(crate) joins: u64,
-    pub(crate) drops: u64,
-    pub(crate) timeouts: u64,
-}
-
-/// What every handler may touch besides its own state.
-#[derive(Debug)]
-pub(crate) struct Ctx {
-    pub(crate) now: Time,
-    pub(crate) net: Net,
-    pub(crate) checker: Checker,
-    pub(crate) config: SimConfig,
-    /// Data address ("ip:port") of each peer, as the master will list it in rings.
-    pub(crate) directory: BTreeMap<String, usize>,
-    pub(crate) stats: Stats,
-    trace: VecDeque<String>,
-}
-
-impl Ctx {
-    /// Adds a line to the trace (formatted only when a trace is kept).
-    pub(crate) fn trace(&mut self, line: impl FnOnce() -> String) {
-        if self.config.trace_lines == 0 {
-            return;
-        }
-        if self.trace.len() == self.config.trace_lines {
-            self.trace.pop_front();
-        }
-        let t = self.now;
-        self.trace.push_back(format!(
-            "{:>6}.{:06} {}",
-            t / 1_000_000,
-            t % 1_000_000,
-            line()
-        ));
-    }
-}
 
 /// Which fault a tick injects.
 #[derive(Clone, Copy, Debug)]
