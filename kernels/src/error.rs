@@ -87,6 +87,30 @@ pub enum KernelError {
         /// The driver's or NVRTC's message.
         message: String,
     },
+    /// A CUDA driver call of the device plumbing (streams, copies, events, allocations) failed;
+    /// the driver's error is kept as the source so that callers can tell, say, an out-of-memory
+    /// from a broken context.
+    #[cfg(feature = "cuda")]
+    #[error("CUDA error while {during}: {source}")]
+    Driver {
+        /// What was being done, in words ("copying the input to the host").
+        during: &'static str,
+        /// The driver's error.
+        source: cudarc::driver::DriverError,
+    },
+    /// `cuMemHostAlloc` refused page-locked host memory (the driver pins it itself:
+    /// `RLIMIT_MEMLOCK` does not apply, the host's free memory does).
+    #[cfg(feature = "cuda")]
+    #[error(
+        "CUDA could not allocate {len_bytes} bytes of page-locked host memory \
+         (cuMemHostAlloc: {source}); use smaller buffers or free host memory"
+    )]
+    HostAlloc {
+        /// The size asked for.
+        len_bytes: usize,
+        /// The driver's error.
+        source: cudarc::driver::DriverError,
+    },
 }
 
 fn valid_dtype_names() -> String {

@@ -14,16 +14,48 @@
 //! * `concord_finish_avg_{dt}(dst, n, world)`: `dst[i] /= world`.
 //!
 //! Every result has the same bits as the CPU paths (see the crate docs for the rules).
+//!
+//! With the `cuda` feature this module also holds the raw CUDA the engine's device pipeline
+//! needs, each dangerous primitive behind one helper and each with an emulated twin (device
+//! memory is host memory, queues run each operation at once) so the pipeline runs in tests
+//! without a GPU: `DeviceContext` (a context with its kernels), `Queue` and `Event` (a stream,
+//! its copies and events), `HostMem` (page-locked host memory) and `DevMem` (device memory),
+//! plus `read_ptr`/`write_ptr` and `download`/`upload` for the user's `CudaSlice`s. They are
+//! hidden from the rendered docs: plumbing, not a stable API.
 
 use crate::{DType, ReduceOp};
 
 #[cfg(feature = "cuda")]
+mod context;
+#[cfg(feature = "cuda")]
 mod device;
+#[cfg(feature = "cuda")]
+mod device_mem;
+#[cfg(feature = "cuda")]
+mod host_mem;
+#[cfg(feature = "cuda")]
+mod queue;
+
 /// The `cudarc` this crate was built against (device buffers handed to Concord are its types).
 #[cfg(feature = "cuda")]
 pub use cudarc;
 #[cfg(feature = "cuda")]
 pub use device::CudaKernels;
+
+// The raw device plumbing of the engine's pipeline: hidden, as its shape follows that pipeline
+// (raw `u64` device pointers, an emulated twin for tests) rather than a general-purpose API.
+#[cfg(feature = "cuda")]
+#[doc(hidden)]
+pub use context::DeviceContext;
+#[cfg(feature = "cuda")]
+#[doc(hidden)]
+pub use device_mem::{download, read_ptr, upload, write_ptr, DevMem};
+#[cfg(feature = "cuda")]
+#[doc(hidden)]
+pub use host_mem::HostMem;
+#[cfg(feature = "cuda")]
+#[doc(hidden)]
+pub use queue::{Event, Queue};
 
 const TEMPLATE_SOURCE: &str = include_str!("kernels.cu");
 
