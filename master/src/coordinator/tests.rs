@@ -1,7 +1,11 @@
 //! Unit tests of the coordinator: votes, disconnects during votes, kicks.
 
-use super::*;
-use crate::proto::CollectiveDesc;
+use std::time::{Duration, Instant};
+
+use concord_transport::PROTOCOL_VERSION;
+
+use super::{ConnId, Coordinator, CoordinatorConfig, Output};
+use crate::proto::{CollectiveDesc, MasterMsg, PeerMsg};
 
 struct H {
     c: Coordinator,

@@ -12,60 +12,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::Coordinator;
+use super::state::{mix, Coordinator, Strategy, SyncState, SyncVote};
 use crate::proto::{EntryDesc, MasterMsg, PeerId, Pull, RingMember};
 
-/// A shared-state vote as the master keeps it.
-#[derive(Debug, Clone)]
-pub(super) struct SyncVote {
-    pub(super) revision: u64,
-    pub(super) strategy: Strategy,
-    pub(super) entries: Vec<EntryDesc>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Strategy {
-    EnforcePopular,
-    ReceiveOnly,
-    SendOnly,
-}
-
-impl Strategy {
-    pub(super) fn parse(s: &str) -> Option<Self> {
-        match s {
-            "enforce-popular" => Some(Strategy::EnforcePopular),
-            "receive-only" => Some(Strategy::ReceiveOnly),
-            "send-only" => Some(Strategy::SendOnly),
-            _ => None,
-        }
-    }
-}
-
-/// Where a sync stands.
-#[derive(Debug)]
-pub(super) enum SyncState {
-    Voting {
-        votes: BTreeMap<PeerId, SyncVote>,
-    },
-    Transferring {
-        revision: u64,
-        members: BTreeSet<PeerId>,
-        done: BTreeSet<PeerId>,
-    },
-}
-
 impl Coordinator {
-    pub(super) fn in_sync(&self, id: PeerId) -> bool {
-        let g = self.peers.get(&id).map_or(u32::MAX, |p| p.group);
-        match self.sync.get(&g) {
-            Some(SyncState::Voting { votes }) => votes.contains_key(&id),
-            Some(SyncState::Transferring { members, done, .. }) => {
-                members.contains(&id) && !done.contains(&id)
-            }
-            None => false,
-        }
-    }
-
     pub(super) fn on_sync_vote(
         &mut self,
         id: PeerId,
@@ -296,9 +246,9 @@ impl Coordinator {
             .filter(|(_, v)| v.strategy != Strategy::ReceiveOnly)
             .map(|(id, v)| (*id, v))
             .collect();
-        let secret = super::mix(
-            self.config.secret_seed ^ expected.wrapping_mul(0xA076_1D64_78BD_642F) ^ self.epoch,
-        );
+        let secret = mix(self.config.secret_seed
+            ^ expected.wrapping_mul(0xA076_1D64_78BD_642F)
+            ^ self.epoch);
         let mut plans = Vec::new();
         for (id, v) in &votes {
             let mut pulls = Vec::new();
@@ -342,11 +292,5 @@ impl Coordinator {
                 done: BTreeSet::new(),
             },
         );
-    }
-
-    fn kick_peer(&mut self, id: PeerId, reason: &str) {
-        if let Some(conn) = self.peers.get(&id).map(|p| p.conn) {
-            self.kick_conn(conn, reason);
-        }
     }
 }

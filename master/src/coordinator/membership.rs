@@ -1,0 +1,163 @@
+//! Peers coming and going: registration (`Hello`), leaving (`Goodbye`), kicks, and removal.
+//!
+//! Removing a peer is the one place that reaches into every job: its votes are dropped, the
+//! connection round it was part of fails, its group's ring is marked broken and the group's
+//! collectives abort naming it, and a sync goes on without it. Everything a peer can break ends
+//! here, so a dead peer never blocks a vote.
+
+use std::net::IpAddr;
+
+use concord_transport::PROTOCOL_VERSION;
+
+use super::state::{CollKey, Conn, ConnId, Coordinator, Output, Peer};
+use crate::proto::{MasterMsg, PeerId, PeerMsg};
+
+impl Coordinator {
+    /// The first message of a connection: registers the peer (not yet accepted into a ring).
+    pub(super) fn on_hello(&mut self, conn: ConnId, ip: IpAddr, msg: PeerMsg) {
+        let PeerMsg::Hello {
+            version,
+            data_port,
+            advertise_ip,
+            group,
+        } = msg
+        else {
+            self.kick_conn(
+                conn,
+                &format!("first message must be Hello, got {}", kind(&msg)),
+            );
+            return;
+        };
+        debug_assert_eq!(
+            version, PROTOCOL_VERSION,
+            "the codec refuses other versions"
+        );
+        if self.peers.len() >= self.config.max_peers {
+            let reason = format!("the master is full ({} peers)", self.config.max_peers);
+            self.out.push_back(Output::Send {
+                conn,
+                msg: MasterMsg::Refused {
+                    version: PROTOCOL_VERSION,
+                    reason,
+                },
+            });
+            self.close(conn, "full");
+            return;
+        }
+        let host = if advertise_ip.is_empty() {
+            ip.to_string()
+        } else {
+            advertise_ip
+        };
+        let data_addr = match host.parse::<IpAddr>() {
+            Ok(IpAddr::V6(v6)) => format!("[{v6}]:{data_port}"),
+            _ => format!("{host}:{data_port}"),
+        };
+        let id = self.next_peer_id;
+        self.next_peer_id += 1;
+        self.conns.insert(conn, Conn::Peer(id));
+        self.peers.insert(
+            id,
+            Peer {
+                conn,
+                data_addr,
+                group,
+                accepted: false,
+                ping_sent_at: None,
+            },
+        );
+        self.send(
+            id,
+            MasterMsg::Welcome {
+                version: PROTOCOL_VERSION,
+                peer_id: id,
+            },
+        );
+    }
+
+    /// The peer leaves on purpose: forget it and close its connection.
+    pub(super) fn on_goodbye(&mut self, id: PeerId) {
+        let conn = self.peers[&id].conn;
+        self.remove_peer(id, &format!("peer {id} left"));
+        self.conns.remove(&conn);
+        self.out.push_back(Output::Close { conn });
+    }
+
+    /// Forgets a peer and fails whatever it was part of.
+    pub(super) fn remove_peer(&mut self, id: PeerId, reason: &str) {
+        let Some(peer) = self.peers.remove(&id) else {
+            return;
+        };
+        self.accept_votes.remove(&id);
+        self.pending_votes.remove(&id);
+        self.sync_remove_peer(id);
+        if !peer.accepted {
+            return;
+        }
+        if self.round.as_ref().is_some_and(|r| r.members.contains(&id)) {
+            self.fail_round(reason);
+        }
+        let g = peer.group;
+        if let Some(ring) = self.rings.get_mut(&g) {
+            if ring.contains(&id) {
+                ring.retain(|p| *p != id);
+                self.broken.insert(g, reason.to_string());
+            }
+        }
+        // The group's ring lost a member: nothing can run on it until it is rebuilt. Other
+        // groups' collectives go on.
+        let keys: Vec<CollKey> = self.colls.keys().copied().filter(|k| k.0 == g).collect();
+        for key in keys {
+            self.abort_coll(key, reason, vec![id]);
+        }
+    }
+
+    /// Tells the connection why, then closes it (removing its peer, if it registered).
+    pub(super) fn kick_conn(&mut self, conn: ConnId, reason: &str) {
+        let reason = match self.conns.get(&conn) {
+            Some(Conn::Peer(id)) => format!("peer {id} kicked: {reason}"),
+            _ => format!("connection {conn} kicked: {reason}"),
+        };
+        tracing::warn!("{reason}");
+        self.out.push_back(Output::Send {
+            conn,
+            msg: MasterMsg::Kicked {
+                reason: reason.clone(),
+            },
+        });
+        self.close(conn, &reason);
+    }
+
+    /// Kicks a registered peer by id (nothing when it is already gone).
+    pub(super) fn kick_peer(&mut self, id: PeerId, reason: &str) {
+        if let Some(conn) = self.peers.get(&id).map(|p| p.conn) {
+            self.kick_conn(conn, reason);
+        }
+    }
+
+    /// Closes a connection after what is queued for it, removing its peer.
+    pub(super) fn close(&mut self, conn: ConnId, reason: &str) {
+        if let Some(Conn::Peer(id)) = self.conns.remove(&conn) {
+            self.remove_peer(id, reason);
+        }
+        self.out.push_back(Output::Close { conn });
+    }
+}
+
+/// A message's name, for kick reasons.
+pub(super) fn kind(msg: &PeerMsg) -> &'static str {
+    match msg {
+        PeerMsg::Hello { .. } => "Hello",
+        PeerMsg::AcceptVote => "AcceptVote",
+        PeerMsg::RepairVote => "RepairVote",
+        PeerMsg::PendingQuery => "PendingQuery",
+        PeerMsg::ConnectResult { .. } => "ConnectResult",
+        PeerMsg::CollInit { .. } => "CollInit",
+        PeerMsg::CollComplete { .. } => "CollComplete",
+        PeerMsg::Goodbye => "Goodbye",
+        PeerMsg::Pong => "Pong",
+        PeerMsg::SyncVote { .. } => "SyncVote",
+        PeerMsg::SyncDone { .. } => "SyncDone",
+        PeerMsg::CollCancel { .. } => "CollCancel",
+    }
+}
