@@ -298,5 +298,13 @@ fn malformed(what: impl Into<String>) -> ProtoError {
     ProtoError::Malformed(what.into())
 }
 
-mod codec;
-pub use codec::{decode_master, decode_peer, encode_master, encode_peer, split_frame};
+mod master_msg;
+mod peer_msg;
+mod wire;
+
+pub use master_msg::{decode_master, encode_master};
+pub use peer_msg::{decode_peer, encode_peer};
+pub use wire::split_frame;
+
+#[cfg(test)]
+mod tests;

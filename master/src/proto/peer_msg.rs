@@ -1,0 +1,162 @@
+//! The wire form of [`PeerMsg`], the messages a peer sends to the master.
+//!
+//! `Hello` opens with the `magic | version` that lets two releases name each other's versions.
+//! Encoder and decoder sit side by side so that each message's field order can be checked at a
+//! glance.
+
+use super::wire::{Dec, Enc};
+use super::{
+    malformed, CollectiveDesc, EntryDesc, PeerMsg, ProtoError, CONTROL_MAGIC, MAX_ENTRIES,
+};
+
+/// Encodes a peer-to-master message, length prefix included.
+pub fn encode_peer(msg: &PeerMsg) -> Vec<u8> {
+    let e = match msg {
+        PeerMsg::Hello {
+            version,
+            data_port,
+            advertise_ip,
+            group,
+        } => {
+            let mut e = Enc::new(1);
+            e.u32(CONTROL_MAGIC)
+                .u32(*version)
+                .u16(*data_port)
+                .str(advertise_ip)
+                .u32(*group);
+            e
+        }
+        PeerMsg::AcceptVote => Enc::new(2),
+        PeerMsg::PendingQuery => Enc::new(3),
+        PeerMsg::ConnectResult { epoch, ok, detail } => {
+            let mut e = Enc::new(4);
+            e.u64(*epoch).u8(*ok as u8).str(detail);
+            e
+        }
+        PeerMsg::CollInit { tag, desc } => {
+            let mut e = Enc::new(5);
+            e.u64(*tag).u64(desc.count).str(&desc.dtype).str(&desc.op);
+            e
+        }
+        PeerMsg::CollComplete {
+            tag,
+            seq,
+            ok,
+            detail,
+        } => {
+            let mut e = Enc::new(6);
+            e.u64(*tag).u64(*seq).u8(*ok as u8).str(detail);
+            e
+        }
+        PeerMsg::Goodbye => Enc::new(7),
+        PeerMsg::Pong => Enc::new(9),
+        PeerMsg::RepairVote => Enc::new(12),
+        PeerMsg::SyncVote {
+            revision,
+            strategy,
+            entries,
+        } => {
+            let mut e = Enc::new(10);
+            e.u64(*revision).str(strategy).u32(entries.len() as u32);
+            for x in entries {
+                e.str(&x.key)
+                    .str(&x.dtype)
+                    .u64(x.bytes)
+                    .u64(x.hash)
+                    .u8(x.allow_content_inequality as u8);
+            }
+            e
+        }
+        PeerMsg::SyncDone {
+            revision,
+            ok,
+            detail,
+        } => {
+            let mut e = Enc::new(11);
+            e.u64(*revision).u8(*ok as u8).str(detail);
+            e
+        }
+        PeerMsg::CollCancel { tag, seq, reason } => {
+            let mut e = Enc::new(8);
+            e.u64(*tag).u64(*seq).str(reason);
+            e
+        }
+    };
+    e.finish()
+}
+
+/// Decodes the body of a peer-to-master message (without its length prefix).
+pub fn decode_peer(body: &[u8]) -> Result<PeerMsg, ProtoError> {
+    let mut d = Dec::new(body);
+    let msg = match d.u8()? {
+        1 => {
+            let version = d.magic_version()?;
+            PeerMsg::Hello {
+                version,
+                data_port: d.u16()?,
+                advertise_ip: d.str()?,
+                group: d.u32()?,
+            }
+        }
+        2 => PeerMsg::AcceptVote,
+        3 => PeerMsg::PendingQuery,
+        4 => PeerMsg::ConnectResult {
+            epoch: d.u64()?,
+            ok: d.bool()?,
+            detail: d.str()?,
+        },
+        5 => PeerMsg::CollInit {
+            tag: d.u64()?,
+            desc: CollectiveDesc {
+                count: d.u64()?,
+                dtype: d.str()?,
+                op: d.str()?,
+            },
+        },
+        6 => PeerMsg::CollComplete {
+            tag: d.u64()?,
+            seq: d.u64()?,
+            ok: d.bool()?,
+            detail: d.str()?,
+        },
+        7 => PeerMsg::Goodbye,
+        9 => PeerMsg::Pong,
+        12 => PeerMsg::RepairVote,
+        10 => {
+            let (revision, strategy, n) = (d.u64()?, d.str()?, d.u32()? as usize);
+            if n > MAX_ENTRIES {
+                return Err(malformed(format!(
+                    "{n} shared-state entries over the limit"
+                )));
+            }
+            let mut entries = Vec::with_capacity(n);
+            for _ in 0..n {
+                entries.push(EntryDesc {
+                    key: d.str()?,
+                    dtype: d.str()?,
+                    bytes: d.u64()?,
+                    hash: d.u64()?,
+                    allow_content_inequality: d.bool()?,
+                });
+            }
+            PeerMsg::SyncVote {
+                revision,
+                strategy,
+                entries,
+            }
+        }
+        11 => PeerMsg::SyncDone {
+            revision: d.u64()?,
+            ok: d.bool()?,
+            detail: d.str()?,
+        },
+        8 => PeerMsg::CollCancel {
+            tag: d.u64()?,
+            seq: d.u64()?,
+            reason: d.str()?,
+        },
+        k => return Err(malformed(format!("unknown peer message kind {k}"))),
+    };
+    d.end()?;
+    Ok(msg)
+}
