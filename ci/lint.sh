@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Formatting and clippy, warnings denied. Installs the two components where rustup can.
+# Formatting, clippy and the API docs (missing docs, broken links), warnings denied. Installs
+# rustfmt and clippy where rustup can.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for tool in rustfmt clippy; do
@@ -10,3 +11,4 @@ for tool in rustfmt clippy; do
 done
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet

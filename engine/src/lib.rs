@@ -16,9 +16,13 @@
 //! # Ok::<(), concord::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
+#[doc(hidden)]
 pub mod affinity;
 mod api;
 mod aside;
+#[doc(hidden)]
 pub mod collective;
 mod config;
 mod control;
@@ -29,13 +33,17 @@ pub mod gpu;
 mod pace;
 mod peer;
 mod plane;
+#[doc(hidden)]
 pub mod protocol;
 mod raw_buf;
 mod results;
 mod state;
+#[doc(hidden)]
 pub mod sim;
+#[doc(hidden)]
 pub mod verify;
 
+pub use collective::Traffic;
 pub use api::{
     Collectives, Communicator, CommunicatorBuilder, Completion, DeviceCompletion, DeviceHandle,
     Handle, PeerProbe,

@@ -13,7 +13,7 @@ pub struct ReduceInfo {
     pub world: usize,
     /// Sequence number the master gave the attempt.
     pub seq: u64,
-    /// Ring epoch it ran on ([`Communicator::ring_members`] lists who took part).
+    /// Ring epoch it ran on ([`Communicator::ring_members`](crate::Communicator::ring_members) lists who took part).
     pub epoch: u64,
     /// Bytes this peer sent and received on the ring.
     pub traffic: Traffic,
@@ -21,10 +21,10 @@ pub struct ReduceInfo {
     pub device: Option<crate::gpu::DeviceStages>,
 }
 
-/// Tagged buffers, as [`Communicator::all_reduce_many_with_retry`] takes and gives back.
+/// Tagged buffers, as [`Communicator::all_reduce_many_with_retry`](crate::Communicator::all_reduce_many_with_retry) takes and gives back.
 pub type Batch<T> = Vec<(u64, Vec<T>)>;
 
-/// What [`Communicator::all_reduce_many_with_retry`] did.
+/// What [`Communicator::all_reduce_many_with_retry`](crate::Communicator::all_reduce_many_with_retry) did.
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct RetryReport<T> {

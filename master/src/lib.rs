@@ -11,6 +11,7 @@
 //! server.run(None, || false)?; // serves until the process ends
 //! # Ok::<(), concord_master::server::ServerError>(())
 //! ```
+#![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod coordinator;

@@ -14,6 +14,8 @@
 //! Every wire structure starts with a magic number and the protocol version, so that a peer of
 //! another version is refused with a message naming both versions.
 
+#![warn(missing_docs)]
+
 pub mod buffers;
 pub mod frame;
 pub mod handshake;

@@ -132,7 +132,7 @@ impl<T: Element> Future for Handle<'_, T> {
 // may await them. `Unpin` lets them be `.await`ed and polled by hand.
 impl<T: Element> Unpin for Handle<'_, T> {}
 
-/// An async all-reduce of GPU memory in flight (see [`Collectives::all_reduce_device_async`]).
+/// An async all-reduce of GPU memory in flight (see [`Collectives::all_reduce_device_async`](crate::Collectives::all_reduce_device_async)).
 /// It owns the device buffer until the operation is over; dropping it blocks until then, as
 /// [`Handle`] does.
 #[must_use = "a handle must be waited on (dropping it blocks until the operation is over)"]
