@@ -1,6 +1,6 @@
 //! A thread that steps aside while callers drive its connection (the master reader for the
 //! master connection, the first RX thread for the first ring connection; see
-//! `core::MasterIn` and `dataplane::Driver`).
+//! `control::master_in::MasterIn` and `plane::Driver`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};

@@ -1,6 +1,6 @@
 //! In-place inputs come back intact when a peer dies mid-collective, in either phase: the data
 //! plane saves each range's original just before its first write, and a failure puts the saved
-//! ranges back (host buffers here; `gpu.rs` does the same for device buffers).
+//! ranges back (host buffers here; `gpu/` does the same for device buffers).
 
 mod common;
 

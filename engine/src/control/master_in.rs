@@ -12,7 +12,7 @@ use crate::Error;
 ///
 /// The reader thread (`concord-master-rx`) reads it, except while a caller waits for a small
 /// blocking collective with polling on: then the caller reads it itself ("drives", together
-/// with the first ring connection, see [`crate::dataplane::Driver`]) and the reader thread
+/// with the first ring connection, see [`crate::plane::Driver`]) and the reader thread
 /// steps aside, so that the go-ahead, the frames and the outcome reach the caller without a
 /// hand-off between threads. Whoever holds `reader` reads one whole message and handles it as
 /// the reader thread would ([`handle_master`]).

@@ -64,7 +64,7 @@ pub(crate) struct PeerState {
     /// need not wake it (a thread wake-up per collective costs on small machines).
     pub(crate) watch_at: Option<Instant>,
     /// First frames of collectives registered under the lock, sent by whoever releases it
-    /// (see [`crate::dataplane::FirstSends`]).
+    /// (see [`crate::plane::FirstSends`]).
     pub(crate) first_sends: Vec<FirstSends>,
 }
 

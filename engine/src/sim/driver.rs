@@ -382,7 +382,7 @@ impl SimPeer {
     }
 
     /// The deadline of one collective in flight passed: the watchdog asks the master to abort
-    /// it everywhere (as `core::watchdog` does).
+    /// it everywhere (as `control::watchdog` does).
     pub(crate) fn deadline_passed(&mut self, ctx: &mut Ctx, rng: &mut super::rng::Rng) {
         let tags: Vec<u64> = self
             .launches

@@ -206,7 +206,7 @@ impl SimPeer {
         }
     }
 
-    /// Starts the data movement of an attempt the master let go (as `core::Inner::run`).
+    /// Starts the data movement of an attempt the master let go (as `peer::Inner::run`).
     fn run(&mut self, ctx: &mut Ctx, tag: u64, seq: u64) {
         let (epoch, ring) = self
             .proto
