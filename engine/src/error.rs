@@ -68,9 +68,10 @@ pub enum Error {
     /// The master or a neighbour broke the protocol.
     #[error("protocol violation: {0}")]
     Protocol(String),
-    /// CUDA is missing here, or a CUDA call failed.
+    /// CUDA is missing here, or a CUDA call failed (the kernels crate's error, which keeps the
+    /// driver's as its source).
     #[error("CUDA: {0}")]
-    Cuda(String),
+    Cuda(#[source] concord_kernels::KernelError),
     /// A bounded wait ran out.
     #[error("timed out: {0}")]
     Timeout(String),

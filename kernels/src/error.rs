@@ -79,6 +79,10 @@ pub enum KernelError {
         /// Why, in words.
         reason: String,
     },
+    /// A device buffer cannot be used the way it was handed over (another GPU's buffer, a
+    /// size that does not match); says what and why.
+    #[error("{0}")]
+    Device(String),
     /// A CUDA call failed.
     #[error("CUDA error during {during}: {message}")]
     Cuda {

@@ -2,6 +2,7 @@
 //! entries, downloaded and uploaded whole).
 
 use concord_kernels::cuda::cudarc::driver::{CudaSlice, DeviceRepr};
+use concord_kernels::KernelError;
 
 use crate::Element;
 
@@ -14,26 +15,24 @@ impl<T: Element + DeviceRepr> DeviceElement for T {}
 /// buffer's own stream, so they are ordered after whatever its owner queued there).
 pub(crate) trait DeviceBytes: Send {
     /// Replaces `out` with the buffer's bytes.
-    fn download(&self, out: &mut Vec<u8>) -> Result<(), String>;
+    fn download(&self, out: &mut Vec<u8>) -> Result<(), KernelError>;
     /// Overwrites the buffer with `bytes`, which must be exactly its size.
-    fn upload(&mut self, bytes: &[u8]) -> Result<(), String>;
+    fn upload(&mut self, bytes: &[u8]) -> Result<(), KernelError>;
 }
 
 impl<T: DeviceElement> DeviceBytes for CudaSlice<T> {
-    fn download(&self, out: &mut Vec<u8>) -> Result<(), String> {
+    fn download(&self, out: &mut Vec<u8>) -> Result<(), KernelError> {
         concord_kernels::cuda::download(self, out, "copying a shared-state entry to the host")
-            .map_err(|e| e.to_string())
     }
 
-    fn upload(&mut self, bytes: &[u8]) -> Result<(), String> {
+    fn upload(&mut self, bytes: &[u8]) -> Result<(), KernelError> {
         if bytes.len() != self.num_bytes() {
-            return Err(format!(
+            return Err(KernelError::Device(format!(
                 "a shared-state entry of {} bytes cannot take {} bytes",
                 self.num_bytes(),
                 bytes.len()
-            ));
+            )));
         }
         concord_kernels::cuda::upload(self, bytes, "copying a shared-state entry to the device")
-            .map_err(|e| e.to_string())
     }
 }

@@ -2,6 +2,7 @@
 //! connection, and a pool of pinned mirrors; and the raw pointers of the user's buffers, ordered
 //! after the streams their owners queued work on.
 
+use concord_kernels::KernelError;
 use std::sync::{Arc, Mutex};
 
 use concord_kernels::cuda::cudarc::driver::{CudaContext, CudaSlice};
@@ -37,17 +38,11 @@ impl std::fmt::Debug for Gpu {
     }
 }
 
-/// A kernels-crate error as the engine's `Error::Cuda` text (the engine-facing signatures stay
-/// `Result<_, String>`).
-pub(super) fn text(e: concord_kernels::KernelError) -> String {
-    e.to_string()
-}
-
 impl Gpu {
     /// Opens the GPU of `ctx`: compiles the kernels (NVRTC, once) and makes the staging stream.
-    pub(crate) fn new(ctx: Arc<CudaContext>, lane_bytes: usize) -> Result<Self, String> {
-        let device = DeviceContext::open(ctx).map_err(text)?;
-        let stage = device.new_queue().map_err(text)?;
+    pub(crate) fn new(ctx: Arc<CudaContext>, lane_bytes: usize) -> Result<Self, KernelError> {
+        let device = DeviceContext::open(ctx)?;
+        let stage = device.new_queue()?;
         Ok(Gpu::with(device, stage, lane_bytes))
     }
 
@@ -68,8 +63,8 @@ impl Gpu {
     }
 
     /// Makes the context current on the calling thread.
-    pub(super) fn bind(&self) -> Result<(), String> {
-        self.device.bind().map_err(text)
+    pub(super) fn bind(&self) -> Result<(), KernelError> {
+        self.device.bind()
     }
 
     /// The device, in words.
@@ -78,10 +73,10 @@ impl Gpu {
     }
 
     /// The lane of connection `i`, made (with the lanes before it) on first use.
-    pub(super) fn lane(&self, i: usize) -> Result<Arc<Mutex<Lane>>, String> {
+    pub(super) fn lane(&self, i: usize) -> Result<Arc<Mutex<Lane>>, KernelError> {
         let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
         while lanes.len() <= i {
-            let queue = self.device.new_queue().map_err(text)?;
+            let queue = self.device.new_queue()?;
             self.lane_queues
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -93,32 +88,31 @@ impl Gpu {
     }
 
     /// Waits for every lane's stream.
-    pub(super) fn sync_lanes(&self) -> Result<(), String> {
+    pub(super) fn sync_lanes(&self) -> Result<(), KernelError> {
         let queues = self
             .lane_queues
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         for q in queues {
-            q.sync("copying received chunks to the device")
-                .map_err(text)?;
+            q.sync("copying received chunks to the device")?;
         }
         Ok(())
     }
 
     /// Device memory of `len` bytes on the staging stream (an in-place backup).
-    pub(super) fn alloc(&self, len: usize) -> Result<DevMem, String> {
-        DevMem::alloc(&self.stage, len, "allocating device memory").map_err(text)
+    pub(super) fn alloc(&self, len: usize) -> Result<DevMem, KernelError> {
+        DevMem::alloc(&self.stage, len, "allocating device memory")
     }
 
     /// A mirror of `len` bytes: an idle one of that size from the pool, or a new one.
-    pub(super) fn take_mirror(&self, len: usize) -> Result<HostMem, String> {
+    pub(super) fn take_mirror(&self, len: usize) -> Result<HostMem, KernelError> {
         let mut pool = self.mirrors.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(i) = pool.iter().position(|m| m.len() == len) {
             return Ok(pool.swap_remove(i));
         }
         drop(pool);
-        self.device.host_mem(len).map_err(text)
+        self.device.host_mem(len)
     }
 
     /// Gives a mirror no copy uses any more back to the pool (or frees it when the pool is
@@ -132,10 +126,8 @@ impl Gpu {
     }
 
     /// Waits for every stream of this context (the failure path; the user's streams included).
-    pub(super) fn synchronize_all(&self) -> Result<(), String> {
-        self.device
-            .synchronize("waiting for the GPU to finish")
-            .map_err(text)
+    pub(super) fn synchronize_all(&self) -> Result<(), KernelError> {
+        self.device.synchronize("waiting for the GPU to finish")
     }
 
     /// `d = a op b` for `n` elements (finished with the Avg division by `finish` when given).
@@ -154,37 +146,40 @@ impl Gpu {
         dtype: DType,
         op: ReduceOp,
         finish: Option<usize>,
-    ) -> Result<(), String> {
+    ) -> Result<(), KernelError> {
         // SAFETY: the caller's contract, passed on unchanged.
-        unsafe { self.device.reduce(queue, d, a, b, n, dtype, op, finish) }.map_err(text)
+        unsafe { self.device.reduce(queue, d, a, b, n, dtype, op, finish) }
     }
 
     /// The staging stream, once `slice` is known to be this GPU's buffer.
-    fn stage_for<T>(&self, slice: &CudaSlice<T>) -> Result<&Queue, String> {
+    fn stage_for<T>(&self, slice: &CudaSlice<T>) -> Result<&Queue, KernelError> {
         if self.stage.stream().is_some() && self.device.owns(slice.context()) {
             return Ok(&self.stage);
         }
-        Err(format!(
+        Err(KernelError::Device(format!(
             "this buffer lives on CUDA device {}, but this communicator already works with \
              {}; use one communicator per GPU",
             slice.ordinal(),
             self.device()
-        ))
+        )))
     }
 }
 
 /// The raw pointer of a user slice the collective reads, after making the staging stream wait
 /// for what its owner queued on its own stream (say, the backward pass).
-pub(crate) fn device_ptr<T: DeviceElement>(gpu: &Gpu, slice: &CudaSlice<T>) -> Result<u64, String> {
+pub(crate) fn device_ptr<T: DeviceElement>(
+    gpu: &Gpu,
+    slice: &CudaSlice<T>,
+) -> Result<u64, KernelError> {
     let stage = gpu.stage_for(slice)?;
-    concord_kernels::cuda::read_ptr(stage, slice).map_err(text)
+    concord_kernels::cuda::read_ptr(stage, slice)
 }
 
 /// As [`device_ptr`], for a slice the collective writes.
 pub(crate) fn device_ptr_mut<T: DeviceElement>(
     gpu: &Gpu,
     slice: &mut CudaSlice<T>,
-) -> Result<u64, String> {
+) -> Result<u64, KernelError> {
     let stage = gpu.stage_for(slice)?;
-    concord_kernels::cuda::write_ptr(stage, slice).map_err(text)
+    concord_kernels::cuda::write_ptr(stage, slice)
 }

@@ -6,6 +6,7 @@
 //! host buffer while the GPU still copies the other, and publishes a frame only after that
 //! frame's event completed.
 
+use concord_kernels::KernelError;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use concord_kernels::cuda::{DevMem, DeviceContext, Event, HostMem, Queue};
@@ -23,15 +24,15 @@ pub(super) struct Lane {
 
 impl Lane {
     /// A lane on `queue` (a new stream of `device`) whose buffers hold `bytes` (one sub-chunk).
-    pub(super) fn new(device: &DeviceContext, queue: Queue, bytes: usize) -> Result<Lane, String> {
-        let text = |e: concord_kernels::KernelError| e.to_string();
-        let scratch = DevMem::alloc(&queue, bytes, "allocating device scratch").map_err(text)?;
+    pub(super) fn new(
+        device: &DeviceContext,
+        queue: Queue,
+        bytes: usize,
+    ) -> Result<Lane, KernelError> {
+        let scratch = DevMem::alloc(&queue, bytes, "allocating device scratch")?;
         Ok(Lane {
             queue,
-            host: [
-                device.host_mem(bytes).map_err(text)?,
-                device.host_mem(bytes).map_err(text)?,
-            ],
+            host: [device.host_mem(bytes)?, device.host_mem(bytes)?],
             slot: 0,
             scratch,
         })

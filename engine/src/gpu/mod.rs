@@ -23,8 +23,8 @@
 //! a connection's lane and the frames queued on it; `buffer.rs` says which buffers qualify
 //! ([`DeviceElement`]) and moves shared-state entries (`DeviceBytes`). The raw CUDA under them
 //! (pinned memory, device memory, streams, copies, events) is `concord_kernels::cuda`'s, each
-//! primitive behind one helper there; its errors reach the engine as the `String` of
-//! `Error::Cuda`.
+//! primitive behind one helper there; its errors (`KernelError`, the driver's error kept as the
+//! source) reach the user as `Error::Cuda`.
 //!
 //! Everything here needs a CUDA driver; [`cuda_status`] says whether there is one, and why not.
 //! The same code also runs against an *emulated* device (device memory is host memory, streams

@@ -5,6 +5,7 @@
 //! A [`DeviceOp`] is shared by the caller, the data plane's TX and RX threads and the handle;
 //! it owns the mirror and the in-place backup until every copy that uses them has completed.
 
+use concord_kernels::KernelError;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use concord_kernels::cuda::{DevMem, Event, HostMem, Queue};
 use concord_kernels::{DType, ReduceOp};
 
-use super::device::{text, Gpu};
+use super::device::Gpu;
 use super::lane::{DeviceFrame, LaneGuard};
 use crate::raw_buf::RawBuf;
 
@@ -92,7 +93,7 @@ impl DeviceOp {
         len: usize,
         dtype: DType,
         op: ReduceOp,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, KernelError> {
         gpu.bind()?;
         let mirror = gpu.take_mirror(len)?;
         let (src, backup) = match src {
@@ -102,7 +103,7 @@ impl DeviceOp {
                 let b = backup.ptr(&gpu.stage);
                 // SAFETY: both are valid for `len` bytes: `dst` by the caller's contract, the
                 // backup just allocated; ordered on the staging stream.
-                unsafe { gpu.stage.d2d(b, dst, len, "backing up the input") }.map_err(text)?;
+                unsafe { gpu.stage.d2d(b, dst, len, "backing up the input") }?;
                 (b, Some(backup))
             }
         };
@@ -140,7 +141,11 @@ impl DeviceOp {
     /// Queues the copy of the input's `range` (bytes) into the mirror and records `ready`;
     /// `copies` all-gather frames will follow. Called once the ring plan is known; never
     /// blocks on a GPU.
-    pub(crate) fn stage_input(&self, range: Range<usize>, copies: usize) -> Result<(), String> {
+    pub(crate) fn stage_input(
+        &self,
+        range: Range<usize>,
+        copies: usize,
+    ) -> Result<(), KernelError> {
         self.copies_left.store(copies, Ordering::Release);
         self.gpu.bind()?;
         if !range.is_empty() {
@@ -156,13 +161,14 @@ impl DeviceOp {
                     self.src + range.start as u64,
                     "copying the input to the host",
                 )
-            }
-            .map_err(text)?;
+            }?;
         }
-        let ev = self.gpu.stage.record().map_err(text)?;
-        self.ready
-            .set(ev)
-            .map_err(|_| "internal error: a device collective's input was staged twice".to_string())
+        let ev = self.gpu.stage.record()?;
+        self.ready.set(ev).map_err(|_| {
+            KernelError::Device(
+                "internal error: a device collective's input was staged twice".into(),
+            )
+        })
     }
 
     /// Where this collective's time went so far.
@@ -178,37 +184,37 @@ impl DeviceOp {
     }
 
     /// Blocks until the staged input is in the mirror (TX, before step 0).
-    pub(crate) fn input_ready(&self) -> Result<(), String> {
+    pub(crate) fn input_ready(&self) -> Result<(), KernelError> {
         let start = Instant::now();
         let r = self.wait_input();
         add_ns(&self.input_wait_ns, start);
         r
     }
 
-    fn wait_input(&self) -> Result<(), String> {
+    fn wait_input(&self) -> Result<(), KernelError> {
         match self.ready.get() {
-            Some(ev) => ev
-                .synchronize("copying the input to the host")
-                .map_err(text),
-            None => Err("internal error: the input of a device collective was not staged".into()),
+            Some(ev) => ev.synchronize("copying the input to the host"),
+            None => Err(KernelError::Device(
+                "internal error: the input of a device collective was not staged".into(),
+            )),
         }
     }
 
     /// Orders the lane's stream after the staged input and the in-place backup: once per lane
     /// and collective (the stream keeps that order for everything queued later).
-    fn after_ready(&self, lane: &LaneGuard, queue: &Queue) -> Result<(), String> {
+    fn after_ready(&self, lane: &LaneGuard, queue: &Queue) -> Result<(), KernelError> {
         let bit = 1u64 << (lane.index % 64);
         if self.lanes_ordered.fetch_or(bit, Ordering::AcqRel) & bit != 0 {
             return Ok(());
         }
         match self.ready.get() {
-            Some(ev) => queue.wait(ev).map_err(text),
+            Some(ev) => queue.wait(ev),
             None => Ok(()),
         }
     }
 
     /// The lane of connection `conn`, locked for one frame.
-    pub(crate) fn lane(&self, conn: usize) -> Result<LaneGuard, String> {
+    pub(crate) fn lane(&self, conn: usize) -> Result<LaneGuard, KernelError> {
         Ok(LaneGuard {
             lane: self.gpu.lane(conn)?,
             index: conn,
@@ -218,7 +224,7 @@ impl DeviceOp {
     /// All-gather: `mirror[range]` holds final bytes; queues their copy to the device. The
     /// collective's last such frame waits for every lane, so that when the data plane reports
     /// the collective done, every copy is.
-    pub(crate) fn copy_in(&self, lane: &LaneGuard, range: Range<usize>) -> Result<(), String> {
+    pub(crate) fn copy_in(&self, lane: &LaneGuard, range: Range<usize>) -> Result<(), KernelError> {
         let start = Instant::now();
         let r = self.copy_in_timed(lane, range);
         add_ns(&self.copy_ns, start);
@@ -226,7 +232,7 @@ impl DeviceOp {
         r
     }
 
-    fn copy_in_timed(&self, guard: &LaneGuard, range: Range<usize>) -> Result<(), String> {
+    fn copy_in_timed(&self, guard: &LaneGuard, range: Range<usize>) -> Result<(), KernelError> {
         let lane = guard.lock();
         self.gpu.bind()?;
         // An in-place destination is written only after its backup was taken.
@@ -244,8 +250,7 @@ impl DeviceOp {
                 bytes,
                 "copying a received chunk to the device",
             )
-        }
-        .map_err(text)?;
+        }?;
         drop(lane);
         if self.copies_left.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.gpu.sync_lanes()?;
@@ -264,7 +269,7 @@ impl DeviceOp {
         lane: &LaneGuard,
         range: Range<usize>,
         finish: Option<usize>,
-    ) -> Result<DeviceFrame, String> {
+    ) -> Result<DeviceFrame, KernelError> {
         let start = Instant::now();
         let r = self.enqueue_reduce(lane, range, finish);
         add_ns(&self.reduce_ns, start);
@@ -273,12 +278,11 @@ impl DeviceOp {
     }
 
     /// Waits for a frame queued by [`DeviceOp::reduce_async`].
-    pub(crate) fn reduce_done(&self, frame: DeviceFrame) -> Result<(), String> {
+    pub(crate) fn reduce_done(&self, frame: DeviceFrame) -> Result<(), KernelError> {
         let start = Instant::now();
         let r = frame
             .event
-            .synchronize("reducing a received chunk on the GPU")
-            .map_err(text);
+            .synchronize("reducing a received chunk on the GPU");
         add_ns(&self.reduce_ns, start);
         r
     }
@@ -288,7 +292,7 @@ impl DeviceOp {
         lane: &LaneGuard,
         range: Range<usize>,
         finish: Option<usize>,
-    ) -> Result<Event, String> {
+    ) -> Result<Event, KernelError> {
         let lane_guard = lane;
         let mut guard = lane_guard.lock();
         let lane = &mut *guard;
@@ -306,8 +310,7 @@ impl DeviceOp {
         unsafe {
             lane.queue
                 .h2d(scratch, frame, "copying a received chunk to the device")
-        }
-        .map_err(text)?;
+        }?;
         let n = len / self.dtype.size_bytes();
         let off = range.start as u64;
         // SAFETY: `dst + off` and `src + off` are valid for `n` elements (caller's contract,
@@ -334,15 +337,14 @@ impl DeviceOp {
         unsafe {
             lane.queue
                 .d2h(out, self.dst + off, "copying a reduced chunk to the host")
-        }
-        .map_err(text)?;
-        let event = lane.queue.record().map_err(text)?;
+        }?;
+        let event = lane.queue.record()?;
         lane.slot ^= 1;
         Ok(event)
     }
 
     /// One peer, or nothing to move: `dst = src` on the device.
-    pub(crate) fn copy_all(&self) -> Result<(), String> {
+    pub(crate) fn copy_all(&self) -> Result<(), KernelError> {
         if self.src != self.dst {
             // SAFETY: both valid for `len` bytes (caller's contract; the backup by construction).
             unsafe {
@@ -352,25 +354,20 @@ impl DeviceOp {
                     self.len,
                     "copying the input to the output",
                 )
-            }
-            .map_err(text)?;
+            }?;
         }
         self.settle()
     }
 
     /// After success: waits for the staging stream, so the mirror and backup may be reused.
-    pub(crate) fn settle(&self) -> Result<(), String> {
-        let r = self
-            .gpu
-            .stage
-            .sync("finishing the collective")
-            .map_err(text);
+    pub(crate) fn settle(&self) -> Result<(), KernelError> {
+        let r = self.gpu.stage.sync("finishing the collective");
         self.settled.store(r.is_ok(), Ordering::Release);
         r
     }
 
     /// After a failure: waits for every copy in flight, then puts an in-place input back.
-    pub(crate) fn restore(&self) -> Result<(), String> {
+    pub(crate) fn restore(&self) -> Result<(), KernelError> {
         self.gpu.synchronize_all()?;
         if self.backup.is_some() {
             // SAFETY: both valid for `len` bytes; nothing else uses them any more.
@@ -378,8 +375,7 @@ impl DeviceOp {
                 self.gpu
                     .stage
                     .d2d(self.dst, self.src, self.len, "restoring the input")
-            }
-            .map_err(text)?;
+            }?;
         }
         self.settle()
     }

@@ -213,7 +213,7 @@ impl Inner {
                 device.stage_input(c, op.copy_recvs())
             };
             if let Err(e) = staged {
-                g.proto.collective_finished(tag, seq, Err(e));
+                g.proto.collective_finished(tag, seq, Err(e.to_string()));
                 return;
             }
             if world == 1 || l.count == 0 {

@@ -100,7 +100,7 @@ fn finish_pending(s: &Shared, p: Pending) {
     match result {
         Err(why) => {
             op.failed.store(true, Ordering::Release);
-            s.report(&op, Err(why), true);
+            s.report(&op, Err(why.to_string()), true);
         }
         Ok(()) => {
             let done = op.received(m, bytes);
@@ -413,7 +413,7 @@ fn land_device<'a>(
         Ok(()) => Ok(Landed::Done(busy)),
         Err(why) => {
             drop(busy);
-            fail_alone(s, op, why);
+            fail_alone(s, op, why.to_string());
             Ok(Landed::Failed)
         }
     }

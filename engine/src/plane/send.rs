@@ -153,7 +153,7 @@ fn send_one(
         if let Err(why) = device.input_ready() {
             op.failed.store(true, Ordering::Release);
             drop(busy);
-            s.report(op, Err(why), true);
+            s.report(op, Err(why.to_string()), true);
             return Ok(TrySend::Idle);
         }
     }
