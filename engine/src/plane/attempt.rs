@@ -7,11 +7,11 @@ use concord_kernels::{DType, ReduceOp, Stores};
 
 use std::sync::Arc;
 
+use super::atomics::{AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex};
 use crate::collective::ring::RingPlan;
 use crate::collective::Traffic;
 use crate::gpu::DeviceOp;
 use crate::raw_buf::RawBuf;
-use super::atomics::{AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex};
 
 /// Collectives with fewer sends per step than this (on average) use one connection: below
 /// about four sub-chunks per step, striping cost more in wake-ups than it gained (measured with
