@@ -1,0 +1,218 @@
+//! The peer's side of the control protocol, as a sans-IO state machine.
+//!
+//! Inputs: the user's requests (`start_*`), messages from the master ([`PeerProto::handle`]) and
+//! what the I/O shell reports back (`connect_finished`, `collective_finished`). Outputs: messages
+//! for the master ([`PeerProto::poll_transmit`]), [`Effect`]s for the shell, and states that
+//! blocked callers wait on. It never reads a clock or touches a socket, so the same logic runs in
+//! the real [`crate::Communicator`] and in a simulation.
+//!
+//! It also enforces the rule of one operation kind at a time: a topology update cannot start
+//! while collectives are in flight, and the reverse.
+//!
+//! The state lives here, with registration, the loss of the master and the routing of master
+//! messages; each kind of operation has its file, and all of them build on the plain data of
+//! `phases`:
+//!
+//! - `phases`: the phases, effects and group sizes the shell reads, and the cancel-reason marks;
+//! - `topology`: topology votes, the pending question, connection rounds, the ring in force;
+//! - `collectives`: per-tag votes, completion, cancel and the master's verdicts;
+//! - `shared_state`: the shared-state sync vote, plan and verdict.
+
+mod collectives;
+mod phases;
+mod shared_state;
+mod topology;
+
+use std::collections::{BTreeMap, VecDeque};
+
+use concord_master::proto::{MasterMsg, PeerId, PeerMsg, RingMember};
+use concord_transport::PROTOCOL_VERSION;
+
+pub use phases::{CollPhase, Effect, GroupInfo, SyncPhase, TopoPhase};
+pub(crate) use phases::{CANCEL_MARK, TIMEOUT_MARK};
+
+use crate::Error;
+
+/// The peer's protocol state.
+#[derive(Debug)]
+pub struct PeerProto {
+    peer_id: Option<PeerId>,
+    /// Set once the master refused, kicked us or went away: every wait ends with it.
+    fatal: Option<Error>,
+    topo: TopoPhase,
+    /// The ring in force: epoch, members, our rank.
+    ring: Option<(u64, Vec<RingMember>)>,
+    pending: Option<Option<bool>>,
+    colls: BTreeMap<u64, CollPhase>,
+    out: VecDeque<PeerMsg>,
+    history: VecDeque<(u64, Vec<PeerId>)>,
+    sync: SyncPhase,
+    groups: GroupInfo,
+}
+
+impl PeerProto {
+    /// A peer about to register; queues the hello.
+    pub fn new(data_port: u16, advertise_ip: String) -> Self {
+        Self::with_group(data_port, advertise_ip, 0)
+    }
+
+    /// A peer of peer group `group` about to register; queues the hello.
+    pub fn with_group(data_port: u16, advertise_ip: String, group: u32) -> Self {
+        let mut out = VecDeque::new();
+        out.push_back(PeerMsg::Hello {
+            version: PROTOCOL_VERSION,
+            data_port,
+            advertise_ip,
+            group,
+        });
+        PeerProto {
+            peer_id: None,
+            fatal: None,
+            topo: TopoPhase::Waiting,
+            ring: None,
+            pending: None,
+            colls: BTreeMap::new(),
+            out,
+            history: VecDeque::new(),
+            sync: SyncPhase::Idle,
+            groups: GroupInfo::default(),
+        }
+    }
+
+    /// Next message for the master.
+    pub fn poll_transmit(&mut self) -> Option<PeerMsg> {
+        self.out.pop_front()
+    }
+
+    /// Our id, once welcomed.
+    pub fn peer_id(&self) -> Option<PeerId> {
+        self.peer_id
+    }
+
+    /// The fatal error, if the peer can no longer talk to the master.
+    pub fn fatal(&self) -> Option<&Error> {
+        self.fatal.as_ref()
+    }
+
+    fn usable(&self) -> Result<(), Error> {
+        match &self.fatal {
+            Some(e) => Err(e.clone()),
+            None if self.peer_id.is_none() => {
+                Err(Error::Usage("not registered with the master yet".into()))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// A message from the master. An `Err` is a protocol violation by the master (fatal).
+    pub fn handle(&mut self, msg: MasterMsg) -> Result<Vec<Effect>, Error> {
+        match msg {
+            MasterMsg::Welcome { peer_id, .. } => {
+                if self.peer_id.is_some() {
+                    return violation("Welcome twice");
+                }
+                self.peer_id = Some(peer_id);
+                Ok(Vec::new())
+            }
+            MasterMsg::Refused { version, reason } => {
+                let error = if version != PROTOCOL_VERSION {
+                    Error::VersionMismatch {
+                        ours: PROTOCOL_VERSION,
+                        theirs: version,
+                    }
+                } else {
+                    Error::Refused(reason)
+                };
+                Ok(self.master_lost(error))
+            }
+            MasterMsg::Kicked { reason } => Ok(self.master_lost(Error::Kicked(reason))),
+            MasterMsg::Ping => {
+                self.out.push_back(PeerMsg::Pong);
+                Ok(Vec::new())
+            }
+            MasterMsg::SyncPlan {
+                revision,
+                secret,
+                pulls,
+            } => self.on_sync_plan(revision, secret, pulls),
+            MasterMsg::SyncComplete { revision } => self.on_sync_complete(revision),
+            MasterMsg::SyncFailed { reason } => self.on_sync_failed(reason),
+            MasterMsg::PendingAnswer { pending } => self.on_pending_answer(pending),
+            MasterMsg::Topology {
+                epoch,
+                secret,
+                ring,
+            } => self.on_topology(epoch, secret, ring),
+            MasterMsg::TopologyDone {
+                epoch,
+                world,
+                global_world,
+                groups,
+                largest_group,
+            } => self.on_topology_done(
+                epoch,
+                world,
+                GroupInfo {
+                    global_world,
+                    groups,
+                    largest_group,
+                },
+            ),
+            MasterMsg::TopologyFailed { epoch: _, reason } => self.on_topology_failed(reason),
+            MasterMsg::CollCommence { tag, seq, epoch } => self.on_coll_commence(tag, seq, epoch),
+            MasterMsg::CollRefused { tag, reason } => self.on_coll_refused(tag, reason),
+            MasterMsg::CollDone { tag, seq } => self.on_coll_done(tag, seq),
+            MasterMsg::CollAborted {
+                tag,
+                seq,
+                reason,
+                lost,
+            } => self.on_coll_aborted(tag, seq, reason, lost),
+        }
+    }
+
+    /// The master connection is gone: every wait ends with `error`.
+    pub fn master_lost(&mut self, error: Error) -> Vec<Effect> {
+        if self.fatal.is_none() {
+            self.fatal = Some(error.clone());
+        }
+        let mut effects = self.fail_everything(error);
+        effects.push(Effect::BreakRing);
+        effects
+    }
+
+    fn fail_everything(&mut self, error: Error) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        for (tag, phase) in self.colls.iter_mut() {
+            if let CollPhase::Run { seq } | CollPhase::Completing { seq } = phase {
+                effects.push(Effect::Retire {
+                    tag: *tag,
+                    seq: *seq,
+                });
+            }
+            if !matches!(phase, CollPhase::Done | CollPhase::Failed(_)) {
+                *phase = CollPhase::Failed(error.clone());
+            }
+        }
+        if !matches!(self.topo, TopoPhase::Idle | TopoPhase::Done { .. }) {
+            self.topo = TopoPhase::Failed {
+                reason: error.to_string(),
+            };
+        }
+        if !matches!(
+            self.sync,
+            SyncPhase::Idle | SyncPhase::Complete { .. } | SyncPhase::Failed(_)
+        ) {
+            self.sync = SyncPhase::Failed(error);
+        }
+        effects
+    }
+}
+
+/// The answer to a master message that is illegal in the peer's state: a fatal protocol error.
+fn violation(what: &str) -> Result<Vec<Effect>, Error> {
+    Err(Error::Protocol(format!("the master sent {what}")))
+}
+
+#[cfg(test)]
+mod tests;

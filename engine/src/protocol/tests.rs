@@ -1,0 +1,115 @@
+//! Unit tests of the peer's protocol: one operation kind at a time, aborts, master loss, and
+//! out-of-turn master messages.
+
+use super::*;
+use concord_master::proto::CollectiveDesc;
+
+fn welcomed() -> PeerProto {
+    let mut p = PeerProto::new(9, String::new());
+    assert!(matches!(p.poll_transmit(), Some(PeerMsg::Hello { .. })));
+    p.handle(MasterMsg::Welcome {
+        version: PROTOCOL_VERSION,
+        peer_id: 4,
+    })
+    .unwrap();
+    let ring = vec![RingMember {
+        peer_id: 4,
+        data_addr: "x:1".into(),
+    }];
+    p.handle(MasterMsg::Topology {
+        epoch: 1,
+        secret: 0,
+        ring: ring.clone(),
+    })
+    .unwrap();
+    p.install_ring(1, ring);
+    p.connect_finished(1, Ok(()));
+    assert!(matches!(
+        p.poll_transmit(),
+        Some(PeerMsg::ConnectResult { ok: true, .. })
+    ));
+    p.handle(MasterMsg::TopologyDone {
+        epoch: 1,
+        world: 1,
+        global_world: 1,
+        groups: 1,
+        largest_group: 1,
+    })
+    .unwrap();
+    p
+}
+
+fn desc() -> CollectiveDesc {
+    CollectiveDesc {
+        count: 1,
+        dtype: "float".into(),
+        op: "sum".into(),
+    }
+}
+
+#[test]
+fn one_operation_kind_at_a_time_and_unique_tags() {
+    let mut p = welcomed();
+    p.start_collective(1, desc()).unwrap();
+    assert!(
+        matches!(p.start_collective(1, desc()), Err(Error::Usage(m)) if m.contains("already in flight"))
+    );
+    assert!(matches!(p.start_update_topology(), Err(Error::Usage(m)) if m.contains("in flight")));
+    p.start_pending_query()
+        .expect("the pending query may run beside collectives");
+}
+
+#[test]
+fn abort_of_a_running_collective_interrupts_the_ring() {
+    let mut p = welcomed();
+    p.start_collective(1, desc()).unwrap();
+    p.handle(MasterMsg::CollCommence {
+        tag: 1,
+        seq: 5,
+        epoch: 1,
+    })
+    .unwrap();
+    let fx = p
+        .handle(MasterMsg::CollAborted {
+            tag: 1,
+            seq: 5,
+            reason: "gone".into(),
+            lost: vec![2],
+        })
+        .unwrap();
+    assert_eq!(
+        fx,
+        vec![Effect::BreakRing, Effect::Retire { tag: 1, seq: 5 }],
+        "a lost peer breaks the ring"
+    );
+    assert!(
+        matches!(p.take_collective(1), Some(Err(Error::Aborted { lost, .. })) if lost == vec![2])
+    );
+    assert_eq!(p.collectives_in_flight(), 0);
+}
+
+#[test]
+fn master_loss_fails_every_wait() {
+    let mut p = welcomed();
+    p.start_collective(1, desc()).unwrap();
+    p.master_lost(Error::MasterLost("eof".into()));
+    assert!(matches!(
+        p.take_collective(1),
+        Some(Err(Error::MasterLost(_)))
+    ));
+    assert!(p.start_collective(2, desc()).is_err());
+}
+
+#[test]
+fn out_of_turn_master_messages_are_violations() {
+    let mut p = welcomed();
+    p.start_collective(3, desc()).unwrap();
+    assert!(p.handle(MasterMsg::CollDone { tag: 3, seq: 1 }).is_err());
+    assert!(p
+        .handle(MasterMsg::CollCommence {
+            tag: 4,
+            seq: 1,
+            epoch: 1
+        })
+        .is_err());
+}
