@@ -134,16 +134,7 @@ fn launch_local(n: usize, steps: usize, cuda: bool) -> Result<(), String> {
                 .ok()
         })
         .collect();
-    match (losses.first(), losses.last()) {
-        (Some(first), Some(last)) if last < first => {
-            println!("loss fell from {first:.6} to {last:.6}");
-            Ok(())
-        }
-        _ => Err(format!(
-            "the loss did not fall over {} steps: {losses:?}",
-            losses.len()
-        )),
-    }
+    mlp::check_loss_fell(&losses)
 }
 
 fn main() -> ExitCode {

@@ -242,16 +242,7 @@ fn launch_local(n: usize, outer_steps: u64, late_joiner: bool) -> Result<(), Str
                 .ok()
         })
         .collect();
-    match (losses.first(), losses.last()) {
-        (Some(first), Some(last)) if last < first => {
-            println!("loss fell from {first:.6} to {last:.6}");
-            Ok(())
-        }
-        _ => Err(format!(
-            "the loss did not fall over {} outer steps: {losses:?}",
-            losses.len()
-        )),
-    }
+    mlp::check_loss_fell(&losses)
 }
 
 fn main() -> ExitCode {

@@ -97,3 +97,17 @@ impl Rng {
 pub fn target(x: &[f32; IN]) -> f32 {
     (x[0] * 1.5).sin() + x[1] * x[2] - 0.5 * x[3]
 }
+
+/// The launchers' last check: the loss (first to last as printed) fell.
+pub fn check_loss_fell(losses: &[f32]) -> Result<(), String> {
+    match (losses.first(), losses.last()) {
+        (Some(first), Some(last)) if last < first => {
+            println!("loss fell from {first:.6} to {last:.6}");
+            Ok(())
+        }
+        _ => Err(format!(
+            "the loss did not fall over {} steps: {losses:?}",
+            losses.len()
+        )),
+    }
+}

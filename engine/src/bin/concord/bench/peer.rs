@@ -33,6 +33,32 @@ struct HostBuffers {
     pool: Vec<Vec<u8>>,
 }
 
+impl HostBuffers {
+    /// Refills this peer's input (and poisons the output, so that a stale result cannot pass
+    /// the check) when `due`; says whether it did.
+    fn refill(
+        &mut self,
+        args: &BenchArgs,
+        rank: usize,
+        bytes: usize,
+        iter_id: u64,
+        due: bool,
+    ) -> bool {
+        if due {
+            check::fill(args.dtype, args.op, rank, iter_id, &mut self.src[..bytes]);
+            self.dst[..bytes].fill(0xA5);
+        }
+        due
+    }
+
+    /// The elements of the output that differ from the reference result.
+    fn wrong(&mut self, args: &BenchArgs, world: usize, bytes: usize, iter_id: u64) -> u64 {
+        let want = &mut self.want[..bytes];
+        check::reference(args.dtype, args.op, world, iter_id, want);
+        check::count_wrong(args.dtype, &self.dst[..bytes], want)
+    }
+}
+
 pub(super) fn run_peer(args: &BenchArgs) -> Result<(), String> {
     let mut comm = join(args)?;
     let world = comm.world_size();
@@ -173,11 +199,8 @@ fn iterate_device(
     tag: &mut u64,
 ) -> Result<Sample, String> {
     let (dtype, op) = (args.dtype, args.op);
-    let (src, dst) = (&mut host.src[..bytes], &mut host.dst[..bytes]);
-    if checked || first {
-        check::fill(dtype, op, comm.rank(), iter_id, src);
-        dst.fill(0xA5); // A stale result must not pass the check.
-        gpu.upload(src, dst)?;
+    if host.refill(args, comm.rank(), bytes, iter_id, checked || first) {
+        gpu.upload(&host.src[..bytes], &host.dst[..bytes])?;
     }
     if args.in_place {
         gpu.copy_src_to_dst()?;
@@ -191,10 +214,8 @@ fn iterate_device(
     let info = r.map_err(|e| format!("all-reduce of {bytes} bytes in device memory: {e}"))?;
     let mut wrong = 0;
     if checked {
-        gpu.download(dst)?;
-        let want = &mut host.want[..bytes];
-        check::reference(dtype, op, comm.world_size(), iter_id, want);
-        wrong = check::count_wrong(dtype, dst, want);
+        gpu.download(&mut host.dst[..bytes])?;
+        wrong = host.wrong(args, comm.world_size(), bytes, iter_id);
     }
     Ok(Sample {
         elapsed,
@@ -217,11 +238,8 @@ fn iterate_host(
     tag: &mut u64,
 ) -> Result<Sample, String> {
     let (dtype, op) = (args.dtype, args.op);
+    host.refill(args, comm.rank(), bytes, iter_id, checked || first);
     let (src, dst) = (&mut host.src[..bytes], &mut host.dst[..bytes]);
-    if checked || first {
-        check::fill(dtype, op, comm.rank(), iter_id, src);
-        dst.fill(0xA5); // A stale result must not pass the check.
-    }
     if args.in_place {
         dst.copy_from_slice(src);
     }
@@ -239,12 +257,11 @@ fn iterate_host(
     let elapsed = start.elapsed();
     let cpu_s = cpu_seconds() - cpu0;
     let info = r.map_err(|e| format!("all-reduce of {bytes} bytes: {e}"))?;
-    let mut wrong = 0;
-    if checked {
-        let want = &mut host.want[..bytes];
-        check::reference(dtype, op, comm.world_size(), iter_id, want);
-        wrong = check::count_wrong(dtype, dst, want);
-    }
+    let wrong = if checked {
+        host.wrong(args, comm.world_size(), bytes, iter_id)
+    } else {
+        0
+    };
     Ok(Sample {
         elapsed,
         cpu_s,
