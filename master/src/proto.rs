@@ -158,9 +158,73 @@ pub enum PeerMsg {
         tag: u64,
         /// Sequence number of the attempt (0 while it is still being voted on).
         seq: u64,
+        /// What kind of abort this is (a deadline, a user's cancel, a failure here).
+        kind: AbortKind,
         /// Why, in words ("timed out after 120 s", "cancelled").
         reason: String,
     },
+}
+
+/// What kind of abort ended a collective: the part a program acts on (the reason says it in
+/// words). It travels as a field of `CollCancel` and `CollAborted`, never inside the reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AbortKind {
+    /// The group lost a peer of the collective (it died, left or was kicked): the ring must be
+    /// rebuilt (`update_topology`) before a retry.
+    LostPeer,
+    /// A peer's deadline for the collective passed.
+    Timeout,
+    /// A user cancelled it.
+    Cancelled,
+    /// It failed on one peer (a reduction or a device step failed).
+    Failed,
+    /// The master did not start it: the ring is being rebuilt or broken, or too many
+    /// collectives are in flight.
+    Refused,
+}
+
+impl AbortKind {
+    /// Every kind, in wire order.
+    pub const ALL: [AbortKind; 5] = [
+        AbortKind::LostPeer,
+        AbortKind::Timeout,
+        AbortKind::Cancelled,
+        AbortKind::Failed,
+        AbortKind::Refused,
+    ];
+
+    /// The kind's byte on the wire.
+    pub fn to_wire(self) -> u8 {
+        match self {
+            AbortKind::LostPeer => 0,
+            AbortKind::Timeout => 1,
+            AbortKind::Cancelled => 2,
+            AbortKind::Failed => 3,
+            AbortKind::Refused => 4,
+        }
+    }
+
+    /// The kind of a wire byte, `None` for a byte no kind has.
+    pub fn from_wire(byte: u8) -> Option<AbortKind> {
+        AbortKind::ALL.into_iter().find(|k| k.to_wire() == byte)
+    }
+
+    /// A short lowercase name ("lost-peer", "timeout", ...), for logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            AbortKind::LostPeer => "lost-peer",
+            AbortKind::Timeout => "timeout",
+            AbortKind::Cancelled => "cancelled",
+            AbortKind::Failed => "failed",
+            AbortKind::Refused => "refused",
+        }
+    }
+}
+
+impl std::fmt::Display for AbortKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Messages the master sends to a peer.
@@ -243,7 +307,9 @@ pub enum MasterMsg {
         tag: u64,
         /// Sequence number (0 when it had not started).
         seq: u64,
-        /// Why.
+        /// What kind of abort this is.
+        kind: AbortKind,
+        /// Why, in words.
         reason: String,
         /// Peers lost, if any.
         lost: Vec<PeerId>,
@@ -292,6 +358,11 @@ pub enum ProtoError {
     /// Bytes that are not a valid message.
     #[error("malformed control message: {0}")]
     Malformed(String),
+}
+
+/// The abort kind of a wire byte; an unknown byte is a malformed message.
+fn abort_kind(byte: u8) -> Result<AbortKind, ProtoError> {
+    AbortKind::from_wire(byte).ok_or_else(|| malformed(format!("unknown abort kind {byte}")))
 }
 
 fn malformed(what: impl Into<String>) -> ProtoError {

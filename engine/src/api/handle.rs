@@ -10,7 +10,8 @@ use std::task::{Context, Poll};
 use crate::gpu::cudarc::driver::CudaSlice;
 use crate::gpu::{DeviceElement, DeviceOp};
 use crate::peer::Inner;
-use crate::protocol::CANCEL_MARK;
+use concord_master::proto::AbortKind;
+
 use crate::results::ReduceInfo;
 use crate::{Element, Error};
 
@@ -269,5 +270,5 @@ impl Outcome<'_> {
 /// Asks the master to abort `tag` everywhere, naming this peer.
 fn request_cancel(inner: &Inner, tag: u64) {
     let me = inner.lock().proto.peer_id().unwrap_or(0);
-    inner.cancel(tag, format!("{CANCEL_MARK} by peer {me}"));
+    inner.cancel(tag, AbortKind::Cancelled, format!("cancelled by peer {me}"));
 }

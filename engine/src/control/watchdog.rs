@@ -4,8 +4,8 @@ use std::sync::Weak;
 use std::time::{Duration, Instant};
 
 use crate::peer::{flush, Inner};
-use crate::protocol::TIMEOUT_MARK;
 use crate::Error;
+use concord_master::proto::AbortKind;
 
 /// How long a peer waits for the master's answer to a cancel before failing the operation alone.
 const CANCEL_GRACE: Duration = Duration::from_secs(5);
@@ -37,13 +37,13 @@ pub(crate) fn watchdog(inner: Weak<Inner>) {
         let me = g.proto.peer_id().unwrap_or(0);
         for (tag, timeout) in late {
             let reason = format!(
-                "{TIMEOUT_MARK} after {} ms (deadline of peer {me})",
+                "timed out after {} ms (deadline of peer {me})",
                 timeout.as_millis()
             );
             if let Some(l) = g.launched.get_mut(&tag) {
                 l.cancelled_at = Some(now);
             }
-            if !g.proto.cancel(tag, reason) {
+            if !g.proto.cancel(tag, AbortKind::Timeout, reason) {
                 continue;
             }
             next = Some(next.map_or(now + CANCEL_GRACE, |n| n.min(now + CANCEL_GRACE)));

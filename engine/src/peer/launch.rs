@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use concord_kernels::{DType, ReduceOp};
-use concord_master::proto::CollectiveDesc;
+use concord_master::proto::{AbortKind, CollectiveDesc};
 
 use super::{flush, Inner, Launch, PeerState};
 use crate::collective::ring::RingPlan;
@@ -112,12 +112,12 @@ impl Inner {
         Some(self.release(launch, outcome))
     }
 
-    /// Asks every peer to abort `tag`.
-    pub(crate) fn cancel(&self, tag: u64, reason: String) {
+    /// Asks every peer to abort `tag` (`kind` and `reason` as [`crate::protocol::PeerProto::cancel`] takes them).
+    pub(crate) fn cancel(&self, tag: u64, kind: AbortKind, reason: String) {
         let mut guard = self.lock();
         let g = &mut *guard;
         if let Some(l) = g.launched.get_mut(&tag) {
-            if l.cancelled_at.is_none() && g.proto.cancel(tag, reason) {
+            if l.cancelled_at.is_none() && g.proto.cancel(tag, kind, reason) {
                 l.cancelled_at = Some(Instant::now());
                 flush(g);
                 self.notify(g);
@@ -288,7 +288,7 @@ impl PlaneEvents for Inner {
         match result {
             // Only this collective failed: abort it everywhere, keep the ring.
             Err(why) if ring_intact => {
-                g.proto.cancel(tag, why);
+                g.proto.cancel(tag, AbortKind::Failed, why);
             }
             result => g.proto.collective_finished(tag, seq, result.map(drop)),
         }

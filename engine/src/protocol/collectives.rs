@@ -6,11 +6,9 @@
 //! read for [`TIMEOUT_MARK`] and [`CANCEL_MARK`] so that every peer reports the same kind of
 //! error as the peer that cancelled.
 
-use concord_master::proto::{CollectiveDesc, PeerId, PeerMsg};
+use concord_master::proto::{AbortKind, CollectiveDesc, PeerId, PeerMsg};
 
-use super::{
-    violation, CollPhase, Effect, PeerProto, SyncPhase, TopoPhase, CANCEL_MARK, TIMEOUT_MARK,
-};
+use super::{violation, CollPhase, Effect, PeerProto, SyncPhase, TopoPhase};
 use crate::Error;
 
 impl PeerProto {
@@ -87,15 +85,21 @@ impl PeerProto {
         }
     }
 
-    /// Asks the master to abort collective `tag` on every peer (`reason` says why). Returns
-    /// false when the tag is not in flight here.
-    pub fn cancel(&mut self, tag: u64, reason: String) -> bool {
+    /// Asks the master to abort collective `tag` on every peer: `kind` says what kind of abort
+    /// (a deadline, a user's cancel, a failure here), `reason` says why in words. Returns false
+    /// when the tag is not in flight here.
+    pub fn cancel(&mut self, tag: u64, kind: AbortKind, reason: String) -> bool {
         let seq = match self.colls.get(&tag) {
             Some(CollPhase::Voting) => 0,
             Some(CollPhase::Run { seq } | CollPhase::Completing { seq }) => *seq,
             _ => return false,
         };
-        self.out.push_back(PeerMsg::CollCancel { tag, seq, reason });
+        self.out.push_back(PeerMsg::CollCancel {
+            tag,
+            seq,
+            kind,
+            reason,
+        });
         true
     }
 
@@ -164,6 +168,7 @@ impl PeerProto {
         &mut self,
         tag: u64,
         seq: u64,
+        kind: AbortKind,
         reason: String,
         lost: Vec<PeerId>,
     ) -> Result<Vec<Effect>, Error> {
@@ -177,12 +182,12 @@ impl PeerProto {
         if !lost.is_empty() {
             effects.push(Effect::BreakRing);
         }
-        let error = if reason.contains(TIMEOUT_MARK) {
-            Error::Timeout(format!("collective {tag}: {reason}"))
-        } else if reason.contains(CANCEL_MARK) {
-            Error::Cancelled { tag, reason }
-        } else {
-            Error::Aborted { tag, reason, lost }
+        let error = match kind {
+            AbortKind::Timeout => Error::Timeout(format!("collective {tag}: {reason}")),
+            AbortKind::Cancelled => Error::Cancelled { tag, reason },
+            AbortKind::LostPeer | AbortKind::Failed | AbortKind::Refused => {
+                Error::Aborted { tag, reason, lost }
+            }
         };
         self.colls.insert(tag, CollPhase::Failed(error));
         if running {

@@ -29,7 +29,6 @@ use concord_master::proto::{MasterMsg, PeerId, PeerMsg, RingMember};
 use concord_transport::PROTOCOL_VERSION;
 
 pub use phases::{CollPhase, Effect, GroupInfo, SyncPhase, TopoPhase};
-pub(crate) use phases::{CANCEL_MARK, TIMEOUT_MARK};
 
 use crate::Error;
 
@@ -165,9 +164,10 @@ impl PeerProto {
             MasterMsg::CollAborted {
                 tag,
                 seq,
+                kind,
                 reason,
                 lost,
-            } => self.on_coll_aborted(tag, seq, reason, lost),
+            } => self.on_coll_aborted(tag, seq, kind, reason, lost),
         }
     }
 

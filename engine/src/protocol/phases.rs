@@ -1,5 +1,5 @@
 //! What the protocol shows its shell: the phase of each kind of operation, the effects a master
-//! message asks for, the group sizes, and the words a cancel reason carries.
+//! message asks for, and the group sizes.
 //!
 //! These are plain data at the bottom of the protocol: the state machine's files build on them,
 //! and the engine's blocked callers wait on them.
@@ -7,11 +7,6 @@
 use concord_master::proto::{Pull, RingMember};
 
 use crate::Error;
-
-/// Words a cancel reason carries so that every peer reports the right kind of error.
-pub(crate) const TIMEOUT_MARK: &str = "timed out";
-/// See [`TIMEOUT_MARK`].
-pub(crate) const CANCEL_MARK: &str = "cancelled";
 
 /// Where the peer stands in a topology update.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //! out-of-turn master messages.
 
 use super::*;
-use concord_master::proto::CollectiveDesc;
+use concord_master::proto::{AbortKind, CollectiveDesc};
 
 fn welcomed() -> PeerProto {
     let mut p = PeerProto::new(9, String::new());
@@ -73,6 +73,7 @@ fn abort_of_a_running_collective_interrupts_the_ring() {
         .handle(MasterMsg::CollAborted {
             tag: 1,
             seq: 5,
+            kind: AbortKind::LostPeer,
             reason: "gone".into(),
             lost: vec![2],
         })
@@ -112,4 +113,53 @@ fn out_of_turn_master_messages_are_violations() {
             epoch: 1
         })
         .is_err());
+}
+
+#[test]
+fn the_abort_kind_decides_the_error_not_the_reason_words() {
+    let cases = [
+        (AbortKind::Timeout, "peer 3: gave up"),
+        (AbortKind::Cancelled, "peer 3: timed out"),
+        (AbortKind::LostPeer, "peer 3: cancelled, timed out"),
+        (AbortKind::Failed, "timed out"),
+        (AbortKind::Refused, "cancelled"),
+    ];
+    for (tag, (kind, reason)) in (1u64..).zip(cases) {
+        let mut p = welcomed();
+        p.start_collective(tag, desc()).unwrap();
+        p.handle(MasterMsg::CollAborted {
+            tag,
+            seq: 0,
+            kind,
+            reason: reason.into(),
+            lost: Vec::new(),
+        })
+        .unwrap();
+        let error = p.take_collective(tag).unwrap().unwrap_err();
+        let as_kind = match error {
+            Error::Timeout(_) => AbortKind::Timeout,
+            Error::Cancelled { .. } => AbortKind::Cancelled,
+            Error::Aborted { .. } => kind, // Lost, failed and refused are all retryable aborts.
+            other => panic!("{kind}: {other}"),
+        };
+        assert_eq!(as_kind, kind, "{reason}");
+    }
+}
+
+#[test]
+fn a_cancel_sends_its_kind_as_a_field() {
+    let mut p = welcomed();
+    p.start_collective(1, desc()).unwrap();
+    while p.poll_transmit().is_some() {}
+    assert!(p.cancel(1, AbortKind::Timeout, "no words about the kind".into()));
+    assert!(matches!(
+        p.poll_transmit(),
+        Some(PeerMsg::CollCancel {
+            tag: 1,
+            seq: 0,
+            kind: AbortKind::Timeout,
+            ..
+        })
+    ));
+    assert!(!p.cancel(2, AbortKind::Cancelled, "not in flight".into()));
 }

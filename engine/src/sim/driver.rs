@@ -16,7 +16,7 @@
 //! `all_reduce_many_with_retry` does, until all succeed or fewer than two peers remain.
 
 use concord_kernels::{DType, ReduceOp};
-use concord_master::proto::CollectiveDesc;
+use concord_master::proto::{AbortKind, CollectiveDesc};
 
 use super::check::Done;
 use super::ctx::Ctx;
@@ -24,7 +24,7 @@ use super::net::Event;
 use super::peer::{Launch, SimPeer, Stage};
 use super::plane::{Neighbour, Plane};
 use super::{count_of, data_tag, floats, input_value, op_of};
-use crate::protocol::{TopoPhase, TIMEOUT_MARK};
+use crate::protocol::TopoPhase;
 
 /// Tag of the per-step agreement collective (never a data tag).
 pub(crate) const SYNC_TAG: u64 = u64::MAX - 1;
@@ -393,9 +393,9 @@ impl SimPeer {
         let Some(&tag) = tags.get(rng.index(tags.len().max(1))) else {
             return;
         };
-        let reason = format!("{TIMEOUT_MARK} after 0 ms (deadline of peer {})", self.id());
+        let reason = format!("timed out after 0 ms (deadline of peer {})", self.id());
         ctx.trace(|| format!("FAULT: #{} cancels tag {tag}: {reason}", self.idx));
-        self.proto.cancel(tag, reason);
+        self.proto.cancel(tag, AbortKind::Timeout, reason);
         self.pump(ctx);
     }
 

@@ -178,7 +178,12 @@ impl Coordinator {
                 ok,
                 detail,
             } => self.on_coll_complete(id, tag, seq, ok, detail),
-            PeerMsg::CollCancel { tag, seq, reason } => self.on_coll_cancel(id, tag, seq, &reason),
+            PeerMsg::CollCancel {
+                tag,
+                seq,
+                kind,
+                reason,
+            } => self.on_coll_cancel(id, tag, seq, kind, &reason),
         }
     }
 

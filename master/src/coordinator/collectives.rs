@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::state::{Coll, CollKey, Coordinator, Peer};
-use crate::proto::{CollectiveDesc, MasterMsg, PeerId};
+use crate::proto::{AbortKind, CollectiveDesc, MasterMsg, PeerId};
 
 impl Coordinator {
     pub(super) fn on_coll_init(
@@ -33,14 +33,15 @@ impl Coordinator {
         }
         let g = self.peers[&id].group;
         let key = (g, tag);
-        if let Some((reason, told)) = self.cancelled_votes.get_mut(&key) {
+        if let Some((kind, reason, told)) = self.cancelled_votes.get_mut(&key) {
             if told.insert(id) {
-                let reason = reason.clone();
+                let (kind, reason) = (*kind, reason.clone());
                 self.send(
                     id,
                     MasterMsg::CollAborted {
                         tag,
                         seq: 0,
+                        kind,
                         reason,
                         lost: Vec::new(),
                     },
@@ -80,6 +81,7 @@ impl Coordinator {
                             MasterMsg::CollAborted {
                                 tag,
                                 seq: 0,
+                                kind: AbortKind::Refused,
                                 reason,
                                 lost: Vec::new(),
                             },
@@ -120,7 +122,7 @@ impl Coordinator {
                     }
                 } else {
                     let reason = format!("peer {id} failed collective {tag}: {detail}");
-                    self.abort_coll((g, tag), &reason, Vec::new());
+                    self.abort_coll((g, tag), AbortKind::Failed, &reason, Vec::new());
                     self.broken.entry(g).or_insert(reason);
                 }
                 Ok(())
@@ -137,6 +139,7 @@ impl Coordinator {
         id: PeerId,
         tag: u64,
         seq: u64,
+        kind: AbortKind,
         reason: &str,
     ) -> Result<(), String> {
         let key = (self.peers[&id].group, tag);
@@ -169,11 +172,12 @@ impl Coordinator {
             if let Some(Coll::Voting { descs }) = self.colls.get(&key) {
                 if self.cancelled_votes.len() < self.config.max_collectives {
                     let told = descs.keys().copied().collect();
-                    self.cancelled_votes.insert(key, (reason.clone(), told));
+                    self.cancelled_votes
+                        .insert(key, (kind, reason.clone(), told));
                 }
             }
             // The connections stay up: only this collective's frames stop.
-            self.abort_coll(key, &reason, Vec::new());
+            self.abort_coll(key, kind, &reason, Vec::new());
         } else if seq >= self.next_seq {
             return Err(format!(
                 "cancelled collective {tag} with sequence {seq}, never started"
@@ -195,7 +199,7 @@ impl Coordinator {
         };
         let peers = &self.peers;
         self.cancelled_votes
-            .retain(|(g, _), (_, told)| !told.is_superset(&in_group(peers, *g)));
+            .retain(|(g, _), (_, _, told)| !told.is_superset(&in_group(peers, *g)));
         let keys: Vec<CollKey> = self.colls.keys().copied().collect();
         for key in keys {
             let (g, tag) = key;
@@ -266,7 +270,13 @@ impl Coordinator {
     }
 
     /// Ends a collective on every peer that took part, saying why.
-    pub(super) fn abort_coll(&mut self, key: CollKey, reason: &str, lost: Vec<PeerId>) {
+    pub(super) fn abort_coll(
+        &mut self,
+        key: CollKey,
+        kind: AbortKind,
+        reason: &str,
+        lost: Vec<PeerId>,
+    ) {
         let tag = key.1;
         let Some(coll) = self.colls.remove(&key) else {
             return;
@@ -279,6 +289,7 @@ impl Coordinator {
             let msg = MasterMsg::CollAborted {
                 tag,
                 seq,
+                kind,
                 reason: reason.to_string(),
                 lost: lost.clone(),
             };

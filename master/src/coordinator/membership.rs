@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use concord_transport::PROTOCOL_VERSION;
 
 use super::state::{CollKey, Conn, ConnId, Coordinator, Output, Peer};
-use crate::proto::{MasterMsg, PeerId, PeerMsg};
+use crate::proto::{AbortKind, MasterMsg, PeerId, PeerMsg};
 
 impl Coordinator {
     /// The first message of a connection: registers the peer (not yet accepted into a ring).
@@ -108,7 +108,7 @@ impl Coordinator {
         // groups' collectives go on.
         let keys: Vec<CollKey> = self.colls.keys().copied().filter(|k| k.0 == g).collect();
         for key in keys {
-            self.abort_coll(key, reason, vec![id]);
+            self.abort_coll(key, AbortKind::LostPeer, reason, vec![id]);
         }
     }
 

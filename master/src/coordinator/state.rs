@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use crate::proto::{CollectiveDesc, EntryDesc, MasterMsg, PeerId};
+use crate::proto::{AbortKind, CollectiveDesc, EntryDesc, MasterMsg, PeerId};
 
 /// Identifies one connection of the master (assigned by the I/O shell).
 pub type ConnId = u64;
@@ -159,7 +159,7 @@ pub struct Coordinator {
     pub(super) colls: BTreeMap<CollKey, Coll>,
     /// Votes cancelled before every member voted: (reason, peers told). A late voter of the tag
     /// is told at once instead of starting a vote nobody else will join.
-    pub(super) cancelled_votes: BTreeMap<CollKey, (String, BTreeSet<PeerId>)>,
+    pub(super) cancelled_votes: BTreeMap<CollKey, (AbortKind, String, BTreeSet<PeerId>)>,
     /// The shared-state sync under way, if any.
     pub(super) sync: BTreeMap<u32, SyncState>,
     /// Each peer's shared-state revision after its last completed sync.

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use concord_transport::PROTOCOL_VERSION;
 
 use super::{ConnId, Coordinator, CoordinatorConfig, Output};
-use crate::proto::{CollectiveDesc, MasterMsg, PeerMsg};
+use crate::proto::{AbortKind, CollectiveDesc, MasterMsg, PeerMsg};
 
 struct H {
     c: Coordinator,
@@ -316,7 +316,7 @@ fn disconnect_during_a_vote_aborts_it_for_the_survivors() {
     let out = h.drain();
     for conn in [1, 2] {
         assert!(
-            matches!(&H::sent_to(&out, conn)[0], MasterMsg::CollAborted { tag: 5, lost, .. } if lost == &vec![3]),
+            matches!(&H::sent_to(&out, conn)[0], MasterMsg::CollAborted { tag: 5, kind: AbortKind::LostPeer, lost, .. } if lost == &vec![3]),
             "{out:?}"
         );
     }
@@ -597,12 +597,13 @@ fn a_cancel_aborts_the_collective_everywhere_and_keeps_the_ring() {
         PeerMsg::CollCancel {
             tag: 4,
             seq: 1,
+            kind: AbortKind::Timeout,
             reason: "timed out after 1 s".into(),
         },
     );
     for conn in 1..=2 {
         assert!(
-            matches!(&H::sent_to(&out, conn)[0], MasterMsg::CollAborted { reason, lost, .. } if reason.contains("timed out") && lost.is_empty())
+            matches!(&H::sent_to(&out, conn)[0], MasterMsg::CollAborted { kind: AbortKind::Timeout, reason, lost, .. } if reason.contains("timed out") && lost.is_empty())
         );
     }
     // The ring is intact: the next collective starts without a topology update.
@@ -630,6 +631,7 @@ fn a_cancel_aborts_the_collective_everywhere_and_keeps_the_ring() {
         PeerMsg::CollCancel {
             tag: 4,
             seq: 1,
+            kind: AbortKind::Cancelled,
             reason: "late".into(),
         },
     );
@@ -651,6 +653,7 @@ fn a_vote_cancelled_early_aborts_late_voters_too() {
         PeerMsg::CollCancel {
             tag: 9,
             seq: 0,
+            kind: AbortKind::Timeout,
             reason: "timed out after 5 ms".into(),
         },
     );
@@ -667,7 +670,7 @@ fn a_vote_cancelled_early_aborts_late_voters_too() {
             },
         );
         assert!(
-            matches!(&H::sent_to(&out, late)[0], MasterMsg::CollAborted { tag: 9, reason, .. } if reason.contains("timed out")),
+            matches!(&H::sent_to(&out, late)[0], MasterMsg::CollAborted { tag: 9, kind: AbortKind::Timeout, reason, .. } if reason.contains("timed out")),
             "{out:?}"
         );
     }

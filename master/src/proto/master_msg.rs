@@ -6,7 +6,7 @@
 
 use super::wire::{Dec, Enc};
 use super::{
-    malformed, MasterMsg, ProtoError, Pull, RingMember, CONTROL_MAGIC, MAX_ENTRIES,
+    abort_kind, malformed, MasterMsg, ProtoError, Pull, RingMember, CONTROL_MAGIC, MAX_ENTRIES,
     MAX_RING_MEMBERS,
 };
 
@@ -78,11 +78,16 @@ pub fn encode_master(msg: &MasterMsg) -> Vec<u8> {
         MasterMsg::CollAborted {
             tag,
             seq,
+            kind,
             reason,
             lost,
         } => {
             let mut e = Enc::new(10);
-            e.u64(*tag).u64(*seq).str(reason).u32(lost.len() as u32);
+            e.u64(*tag)
+                .u64(*seq)
+                .u8(kind.to_wire())
+                .str(reason)
+                .u32(lost.len() as u32);
             for p in lost {
                 e.u64(*p);
             }
@@ -194,7 +199,9 @@ pub fn decode_master(body: &[u8]) -> Result<MasterMsg, ProtoError> {
             seq: d.u64()?,
         },
         10 => {
-            let (tag, seq, reason, n) = (d.u64()?, d.u64()?, d.str()?, d.u32()? as usize);
+            let (tag, seq) = (d.u64()?, d.u64()?);
+            let kind = abort_kind(d.u8()?)?;
+            let (reason, n) = (d.str()?, d.u32()? as usize);
             if n > MAX_RING_MEMBERS {
                 return Err(malformed(format!("{n} lost peers over the limit")));
             }
@@ -205,6 +212,7 @@ pub fn decode_master(body: &[u8]) -> Result<MasterMsg, ProtoError> {
             MasterMsg::CollAborted {
                 tag,
                 seq,
+                kind,
                 reason,
                 lost,
             }

@@ -6,7 +6,8 @@
 
 use super::wire::{Dec, Enc};
 use super::{
-    malformed, CollectiveDesc, EntryDesc, PeerMsg, ProtoError, CONTROL_MAGIC, MAX_ENTRIES,
+    abort_kind, malformed, CollectiveDesc, EntryDesc, PeerMsg, ProtoError, CONTROL_MAGIC,
+    MAX_ENTRIES,
 };
 
 /// Encodes a peer-to-master message, length prefix included.
@@ -76,9 +77,14 @@ pub fn encode_peer(msg: &PeerMsg) -> Vec<u8> {
             e.u64(*revision).u8(*ok as u8).str(detail);
             e
         }
-        PeerMsg::CollCancel { tag, seq, reason } => {
+        PeerMsg::CollCancel {
+            tag,
+            seq,
+            kind,
+            reason,
+        } => {
             let mut e = Enc::new(8);
-            e.u64(*tag).u64(*seq).str(reason);
+            e.u64(*tag).u64(*seq).u8(kind.to_wire()).str(reason);
             e
         }
     };
@@ -153,6 +159,7 @@ pub fn decode_peer(body: &[u8]) -> Result<PeerMsg, ProtoError> {
         8 => PeerMsg::CollCancel {
             tag: d.u64()?,
             seq: d.u64()?,
+            kind: abort_kind(d.u8()?)?,
             reason: d.str()?,
         },
         k => return Err(malformed(format!("unknown peer message kind {k}"))),

@@ -56,6 +56,7 @@ fn every_message_round_trips() {
         PeerMsg::CollCancel {
             tag: 3,
             seq: 4,
+            kind: AbortKind::Timeout,
             reason: "timed out".into(),
         },
     ];
@@ -105,6 +106,7 @@ fn every_message_round_trips() {
         MasterMsg::CollAborted {
             tag: 1,
             seq: 2,
+            kind: AbortKind::Failed,
             reason: "z".into(),
             lost: vec![4, 5],
         },
@@ -158,6 +160,7 @@ fn garbage_never_panics() {
     let frame = encode_master(&MasterMsg::CollAborted {
         tag: 1,
         seq: 2,
+        kind: AbortKind::LostPeer,
         reason: "z".into(),
         lost: vec![4],
     });
@@ -187,4 +190,38 @@ fn garbage_never_panics() {
         split_frame(&u32::MAX.to_le_bytes()).is_err(),
         "huge length is refused"
     );
+}
+
+#[test]
+fn abort_kinds_travel_as_a_field_and_unknown_ones_are_refused() {
+    for kind in AbortKind::ALL {
+        assert_eq!(AbortKind::from_wire(kind.to_wire()), Some(kind));
+        let msg = MasterMsg::CollAborted {
+            tag: 7,
+            seq: 1,
+            kind,
+            reason: "any words at all".into(),
+            lost: Vec::new(),
+        };
+        assert_eq!(decode_master(&encode_master(&msg)[4..]), Ok(msg));
+        let msg = PeerMsg::CollCancel {
+            tag: 7,
+            seq: 1,
+            kind,
+            reason: String::new(),
+        };
+        assert_eq!(decode_peer(&encode_peer(&msg)[4..]), Ok(msg));
+    }
+    // The kind byte follows the tag and the sequence number; 5 is no kind.
+    let mut frame = encode_peer(&PeerMsg::CollCancel {
+        tag: 7,
+        seq: 1,
+        kind: AbortKind::Timeout,
+        reason: "timed out".into(),
+    });
+    let at = frame.len() - 4 - "timed out".len() - 1;
+    assert_eq!(frame[at], AbortKind::Timeout.to_wire());
+    frame[at] = 5;
+    let err = decode_peer(&frame[4..]).unwrap_err().to_string();
+    assert!(err.contains("unknown abort kind 5"), "{err}");
 }
