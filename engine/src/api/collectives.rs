@@ -25,7 +25,7 @@ use super::all_reduce::check_same_len;
 use super::handle::Completion;
 use super::handle::{Buffers, DeviceHandle, Handle};
 use crate::gpu::cudarc::driver::CudaSlice;
-use crate::gpu::{DeviceElement, DeviceOp};
+use crate::gpu::{DeviceElement, DeviceAttempt};
 use crate::peer::Inner;
 use crate::raw_buf::RawBuf;
 use crate::{Element, Error};
@@ -216,7 +216,7 @@ impl<'c> Collectives<'c> {
         let len = std::mem::size_of::<T>() * buf.len();
         let prepared = self.inner.gpu(buf.context()).and_then(|g| {
             let d = crate::gpu::device_ptr_mut(&g, &mut buf).map_err(Error::Cuda)?;
-            DeviceOp::new(g, None, d, len, T::DTYPE, op)
+            DeviceAttempt::new(g, None, d, len, T::DTYPE, op)
                 .map(Arc::new)
                 .map_err(Error::Cuda)
         });

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use crate::gpu::cudarc::driver::CudaSlice;
-use crate::gpu::{DeviceElement, DeviceOp};
+use crate::gpu::{DeviceElement, DeviceAttempt};
 use crate::peer::Inner;
 use concord_master::proto::AbortKind;
 
@@ -141,7 +141,7 @@ pub struct DeviceHandle<'c, T: DeviceElement> {
     pub(super) inner: Arc<Inner>,
     pub(super) tag: u64,
     pub(super) buf: Option<CudaSlice<T>>,
-    pub(super) device: Option<Arc<DeviceOp>>,
+    pub(super) device: Option<Arc<DeviceAttempt>>,
     pub(super) launch_error: Option<Error>,
     pub(super) _borrow: PhantomData<&'c mut crate::Communicator>,
 }

@@ -67,9 +67,9 @@ impl LaneGuard {
     }
 }
 
-/// A reduce-scatter frame whose GPU work is queued (see [`DeviceOp::reduce_async`]).
+/// A reduce-scatter frame whose GPU work is queued (see [`DeviceAttempt::reduce_async`]).
 ///
-/// [`DeviceOp::reduce_async`]: super::DeviceOp::reduce_async
+/// [`DeviceAttempt::reduce_async`]: super::DeviceAttempt::reduce_async
 #[derive(Debug)]
 pub(crate) struct DeviceFrame {
     /// Recorded after the copy back to the mirror; complete at once on the emulated device.

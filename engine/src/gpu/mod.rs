@@ -18,7 +18,7 @@
 //!   it; a failure copies it back). No host copy is made beyond the staging.
 //!
 //! The files: `device.rs` is the communicator's GPU (`Gpu`: its context, staging stream, lanes
-//! and mirror pool) and the pointers of user buffers; `op.rs` is one collective (`DeviceOp`:
+//! and mirror pool) and the pointers of user buffers; `attempt.rs` is one attempt of a collective (`DeviceAttempt`:
 //! input staging, reduce and all-gather steps, settle and restore, `conclude`); `lane.rs` holds
 //! a connection's lane and the frames queued on it; `buffer.rs` says which buffers qualify
 //! ([`DeviceElement`]) and moves shared-state entries (`DeviceBytes`). The raw CUDA under them
@@ -31,20 +31,20 @@
 //! run each operation at once, the CPU kernels reduce), which the tests use to exercise the
 //! pipeline on machines without a GPU; users never get it by accident (it is a hidden entry point).
 
+mod attempt;
 mod buffer;
 mod device;
 mod lane;
-mod op;
 
 /// The `cudarc` whose buffers Concord accepts (use this one, or the same version, to allocate).
 pub use concord_kernels::cuda::cudarc;
 
+pub use attempt::DeviceStages;
+pub(crate) use attempt::{conclude, DeviceAttempt};
 pub(crate) use buffer::DeviceBytes;
 pub use buffer::DeviceElement;
 pub(crate) use device::{device_ptr, device_ptr_mut, Gpu};
 pub(crate) use lane::DeviceFrame;
-pub use op::DeviceStages;
-pub(crate) use op::{conclude, DeviceOp};
 
 /// Whether CUDA can be used here: `Ok(the device)` or `Err(why not)`. Never panics, also on hosts
 /// without a driver.

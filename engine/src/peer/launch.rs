@@ -12,7 +12,7 @@ use super::{flush, Inner, Launch, PeerState};
 use crate::collective::ring::RingPlan;
 use crate::collective::sizing::sub_bytes_for;
 use crate::collective::Traffic;
-use crate::gpu::DeviceOp;
+use crate::gpu::DeviceAttempt;
 use crate::plane::{Attempt, PlaneEvent, PlaneEvents};
 use crate::protocol::Effect;
 use crate::raw_buf::RawBuf;
@@ -36,7 +36,7 @@ impl Inner {
         src: RawBuf,
         dst: RawBuf,
         backup: Option<RawBuf>,
-        device: Option<Arc<DeviceOp>>,
+        device: Option<Arc<DeviceAttempt>>,
         dtype: DType,
         op: ReduceOp,
         tag: u64,
@@ -64,7 +64,7 @@ impl Inner {
             backup,
             device,
             dtype,
-            op,
+            reduce: op,
             count,
             deadline,
             timeout,
@@ -151,17 +151,17 @@ impl Inner {
             .running
             .as_ref()
             .map_or((0, 0, 0), |(s, w, e, _)| (*s, *w, *e));
-        if let Some((_, _, _, op)) = &launch.running {
-            if !op.retire_and_wait(self.config.op_timeout) {
+        if let Some((_, _, _, attempt)) = &launch.running {
+            if !attempt.retire_and_wait(self.config.op_timeout) {
                 // A thread is stuck in a socket call: break the ring so that it returns.
                 let plane = self.lock().plane.take();
                 drop(plane);
-                op.retire_and_wait(Duration::from_secs(3600));
+                attempt.retire_and_wait(Duration::from_secs(3600));
             }
             if outcome.is_err() {
                 // SAFETY: retired and idle: no data-plane thread touches the buffers any more,
                 // and the caller's contract keeps them alive until this returns.
-                unsafe { op.restore_saved() };
+                unsafe { attempt.restore_saved() };
             }
         }
         outcome.map(|()| ReduceInfo {
@@ -198,19 +198,19 @@ impl Inner {
                 self.config.sub_chunk_bytes,
             ),
         );
-        let op = Arc::new(
-            Attempt::new(tag, seq, plan, l.dtype, l.op, l.src, l.dst)
+        let attempt = Arc::new(
+            Attempt::new(tag, seq, plan, l.dtype, l.reduce, l.src, l.dst)
                 .with_device(l.device.clone())
                 .with_backup(l.backup),
         );
-        l.running = Some((seq, world, epoch, Arc::clone(&op)));
+        l.running = Some((seq, world, epoch, Arc::clone(&attempt)));
         if let Some(device) = &l.device {
             let staged = if world == 1 || l.count == 0 {
                 device.copy_all()
             } else {
                 // Step 0 sends this peer's own chunk: only that one needs the host.
-                let c = op.plan.chunk_bytes(op.plan.send_chunk(0));
-                device.stage_input(c, op.copy_recvs())
+                let c = attempt.plan.chunk_bytes(attempt.plan.send_chunk(0));
+                device.stage_input(c, attempt.copy_recvs())
             };
             if let Err(e) = staged {
                 g.proto.collective_finished(tag, seq, Err(e.to_string()));
@@ -223,9 +223,9 @@ impl Inner {
         }
         if world == 1 || l.count == 0 {
             // Nothing to move: the result is the input (divided by one for avg).
-            let _busy = op.enter();
+            let _busy = attempt.enter();
             // SAFETY: the launch's buffers are alive (launch contract) and no other thread has
-            // this op; src and dst are distinct buffers, or the same one (in place: no copy).
+            // this attempt; src and dst are distinct buffers, or the same one (in place: no copy).
             let dst = unsafe {
                 if l.src.ptr != l.dst.ptr {
                     l.dst
@@ -234,12 +234,12 @@ impl Inner {
                 }
                 l.dst.slice_mut(0..l.dst.len)
             };
-            let r = concord_kernels::finish(dst, l.dtype, l.op, 1).map_err(|e| e.to_string());
+            let r = concord_kernels::finish(dst, l.dtype, l.reduce, 1).map_err(|e| e.to_string());
             g.proto.collective_finished(tag, seq, r);
             return;
         }
         let registered = match &g.plane {
-            Some(plane) => plane.register(op),
+            Some(plane) => plane.register(attempt),
             None => Err("this peer has no ring connections; call update_topology()".into()),
         };
         match registered {

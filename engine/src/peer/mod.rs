@@ -21,7 +21,7 @@ use concord_master::proto::encode_peer;
 use crate::collective::Traffic;
 use crate::config::Config;
 use crate::control::master_in::MasterIn;
-use crate::gpu::{DeviceOp, Gpu};
+use crate::gpu::{DeviceAttempt, Gpu};
 use crate::pace::Pace;
 use crate::plane::{Attempt, DataPlane, FirstSends};
 use crate::protocol::{CollPhase, PeerProto};
@@ -36,15 +36,15 @@ pub(crate) struct Launch {
     /// In place (`src` is `dst`): where each range's original goes before its first write.
     pub(crate) backup: Option<RawBuf>,
     /// Device buffers: `src` and `dst` are the device side's pinned mirror.
-    pub(crate) device: Option<Arc<DeviceOp>>,
+    pub(crate) device: Option<Arc<DeviceAttempt>>,
     pub(crate) dtype: DType,
-    pub(crate) op: ReduceOp,
+    pub(crate) reduce: ReduceOp,
     pub(crate) count: usize,
     pub(crate) deadline: Instant,
     pub(crate) timeout: Duration,
     /// When this peer asked the master to abort it (deadline passed or user cancel).
     pub(crate) cancelled_at: Option<Instant>,
-    /// (seq, world, epoch, op) once the master let it go.
+    /// (seq, world, epoch, attempt) once the master let it go.
     pub(crate) running: Option<(u64, usize, u64, Arc<Attempt>)>,
     pub(crate) traffic: Traffic,
     /// When it was launched, let go by the master, and finished by the data plane here (for

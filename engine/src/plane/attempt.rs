@@ -10,7 +10,7 @@ use std::sync::Arc;
 use super::atomics::{AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex};
 use crate::collective::ring::RingPlan;
 use crate::collective::Traffic;
-use crate::gpu::DeviceOp;
+use crate::gpu::DeviceAttempt;
 use crate::raw_buf::RawBuf;
 
 /// Collectives with fewer sends per step than this (on average) use one connection: below
@@ -62,12 +62,12 @@ pub(crate) struct Attempt {
     pub(crate) seq: u64,
     pub(crate) plan: RingPlan,
     pub(crate) dtype: DType,
-    pub(crate) op: ReduceOp,
+    pub(crate) reduce: ReduceOp,
     pub(crate) src: RawBuf,
     pub(crate) dst: RawBuf,
     /// Device buffers: `src` and `dst` are then both the pinned mirror, and the device side
     /// does the reductions (see `crate::gpu`).
-    pub(crate) device: Option<Arc<DeviceOp>>,
+    pub(crate) device: Option<Arc<DeviceAttempt>>,
     /// In place (`src` is `dst`): each range's original goes here before its first write.
     pub(crate) backup: Option<RawBuf>,
     /// Per (chunk, sub-chunk) range: its original is in `backup`.
@@ -112,10 +112,10 @@ impl Drop for Busy<'_> {
 impl Busy<'_> {
     /// The same guard, owning its operation (an RX thread keeps it across frames while the
     /// GPU finishes one).
-    pub(crate) fn into_owned(self, op: &Arc<Attempt>) -> BusyOwned {
-        assert!(std::ptr::eq(self.0, &**op), "a guard of this operation");
+    pub(crate) fn into_owned(self, attempt: &Arc<Attempt>) -> BusyOwned {
+        assert!(std::ptr::eq(self.0, &**attempt), "a guard of this attempt");
         std::mem::forget(self);
-        BusyOwned(Arc::clone(op))
+        BusyOwned(Arc::clone(attempt))
     }
 }
 
@@ -136,7 +136,7 @@ impl Attempt {
         seq: u64,
         plan: RingPlan,
         dtype: DType,
-        op: ReduceOp,
+        reduce: ReduceOp,
         src: RawBuf,
         dst: RawBuf,
     ) -> Self {
@@ -156,7 +156,7 @@ impl Attempt {
             seq,
             plan,
             dtype,
-            op,
+            reduce,
             src,
             dst,
             device: None,
@@ -192,7 +192,7 @@ impl Attempt {
     }
 
     /// Marks the collective as one on device buffers (`src` and `dst` are its mirror).
-    pub(crate) fn with_device(mut self, device: Option<Arc<DeviceOp>>) -> Self {
+    pub(crate) fn with_device(mut self, device: Option<Arc<DeviceAttempt>>) -> Self {
         self.device = device;
         self
     }

@@ -168,9 +168,9 @@ impl DataPlane {
     /// Adds an operation. Its first frames go out when the returned [`FirstSends`] is sent,
     /// which the caller does once it no longer holds the communicator's lock (sending may
     /// finish the operation, whose report takes that lock).
-    pub(crate) fn register(&self, op: Arc<Attempt>) -> Result<FirstSends, String> {
-        if op.is_empty() {
-            self.shared.finish(&op, Ok(Traffic::default()));
+    pub(crate) fn register(&self, attempt: Arc<Attempt>) -> Result<FirstSends, String> {
+        if attempt.is_empty() {
+            self.shared.finish(&attempt, Ok(Traffic::default()));
             return Ok(FirstSends(None));
         }
         {
@@ -178,12 +178,12 @@ impl DataPlane {
             if let Some(why) = &r.failure {
                 return Err(why.clone());
             }
-            r.ops.push(Arc::clone(&op));
+            r.ops.push(Arc::clone(&attempt));
             r.generation += 1;
             self.shared.update_small(&r);
         }
         self.shared.registry_cv.notify_all();
-        Ok(FirstSends(Some((Arc::clone(&self.shared), op))))
+        Ok(FirstSends(Some((Arc::clone(&self.shared), attempt))))
     }
 
     /// What a caller needs to receive on this plane while it waits (see [`Driver`]).
@@ -203,8 +203,8 @@ impl DataPlane {
     pub(crate) fn retire(&self, tag: u64, seq: u64) {
         let mut r = self.shared.lock();
         if let Some(i) = r.ops.iter().position(|o| o.tag == tag && o.seq == seq) {
-            let op = r.ops.swap_remove(i);
-            op.retire();
+            let attempt = r.ops.swap_remove(i);
+            attempt.retire();
             r.generation += 1;
             self.shared.update_small(&r);
         }

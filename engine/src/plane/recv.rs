@@ -85,13 +85,13 @@ fn lookup(s: &Shared, tag: u64, seq: u64) -> Result<Option<Arc<Attempt>>, String
 
 fn finish_pending(s: &Shared, p: Pending) {
     let Pending {
-        op,
+        attempt,
         busy,
         m,
         bytes,
         frame,
     } = p;
-    let result = op
+    let result = attempt
         .device
         .as_ref()
         .expect("a device collective")
@@ -99,14 +99,14 @@ fn finish_pending(s: &Shared, p: Pending) {
     drop(busy);
     match result {
         Err(why) => {
-            op.failed.store(true, Ordering::Release);
-            s.report(&op, Err(why.to_string()), true);
+            attempt.failed.store(true, Ordering::Release);
+            s.report(&attempt, Err(why.to_string()), true);
         }
         Ok(()) => {
-            let done = op.received(m, bytes);
-            s.wake_tx_for(&op);
+            let done = attempt.received(m, bytes);
+            s.wake_tx_for(&attempt);
             if done {
-                s.finish(&op, Ok(op.traffic()));
+                s.finish(&attempt, Ok(attempt.traffic()));
             }
         }
     }
@@ -175,8 +175,8 @@ pub(super) fn rx_loop(s: &Shared, conn: usize) {
 /// schedule, then land the payload (device, copy or reduce) and publish it for TX.
 fn recv_one(s: &Shared, conn: usize, c: &mut RxConn, may_wait: bool) -> Result<(), String> {
     let h = next_header(s, conn, c)?;
-    let op = match find_attempt(s, c, h, may_wait)? {
-        Found::Attempt(op) => op,
+    let attempt = match find_attempt(s, c, h, may_wait)? {
+        Found::Attempt(attempt) => attempt,
         Found::Held => return Ok(()),
         Found::Drop => {
             return c
@@ -185,14 +185,14 @@ fn recv_one(s: &Shared, conn: usize, c: &mut RxConn, may_wait: bool) -> Result<(
                 .map_err(|e| s.recv_error(e))
         }
     };
-    let frame = check_frame(s, &op, &h)?;
-    let Some(busy) = op.enter() else {
+    let frame = check_frame(s, &attempt, &h)?;
+    let Some(busy) = attempt.enter() else {
         return c
             .stream
             .discard(h.len as usize)
             .map_err(|e| s.recv_error(e));
     };
-    let plan = &op.plan;
+    let plan = &attempt.plan;
     let kind = plan.recv_kind(frame.step);
     if frame.sub == 0 && (frame.step == 0 || frame.step + 1 == plan.world) {
         let phase = if kind == RecvKind::Copy {
@@ -200,30 +200,30 @@ fn recv_one(s: &Shared, conn: usize, c: &mut RxConn, may_wait: bool) -> Result<(
         } else {
             "reduce-scatter"
         };
-        crate::fault::kill_point(phase, Some(op.tag));
+        crate::fault::kill_point(phase, Some(attempt.tag));
     }
     // Only a device reduce-scatter frame may overtake the pending one.
-    if op.device.is_none() || kind == RecvKind::Copy {
+    if attempt.device.is_none() || kind == RecvKind::Copy {
         if let Some(p) = c.pending.take() {
             finish_pending(s, p);
         }
     }
-    let landed = if op.device.is_some() {
-        land_device(s, conn, c, &op, busy, &frame, kind)?
+    let landed = if attempt.device.is_some() {
+        land_device(s, conn, c, &attempt, busy, &frame, kind)?
     } else if kind == RecvKind::Copy {
-        land_copy(s, c, &op, &frame)?;
+        land_copy(s, c, &attempt, &frame)?;
         Landed::Done(busy)
     } else {
-        land_reduce(s, c, &op, busy, &frame, kind)?
+        land_reduce(s, c, &attempt, busy, &frame, kind)?
     };
     match landed {
         Landed::Pending | Landed::Failed => {}
         Landed::Done(busy) => {
             drop(busy);
-            let done = op.received(frame.receive, (HEADER_BYTES + frame.range.len()) as u64);
-            s.send_ready(&op);
+            let done = attempt.received(frame.receive, (HEADER_BYTES + frame.range.len()) as u64);
+            s.send_ready(&attempt);
             if done {
-                s.finish(&op, Ok(op.traffic()));
+                s.finish(&attempt, Ok(attempt.traffic()));
             }
         }
     }
@@ -309,7 +309,7 @@ fn find_attempt(
         }
     };
     Ok(match found {
-        Some(op) if !op.failed.load(Ordering::Acquire) => Found::Attempt(op),
+        Some(attempt) if !attempt.failed.load(Ordering::Acquire) => Found::Attempt(attempt),
         _ => Found::Drop,
     })
 }
@@ -317,11 +317,11 @@ fn find_attempt(
 /// Checks that the attempt's schedule has this frame, of this size, and that it arrives once.
 fn check_frame(
     s: &Shared,
-    op: &Attempt,
+    attempt: &Attempt,
     h: &concord_transport::frame::DataHeader,
 ) -> Result<Frame, String> {
     let from = s.prev_id;
-    let plan = &op.plan;
+    let plan = &attempt.plan;
     let (t, j) = (h.step as usize, h.sub as usize);
     let valid = t < plan.steps() && j < plan.subs(plan.recv_chunk(t));
     let range = if valid {
@@ -336,8 +336,8 @@ fn check_frame(
             h.tag,
         ));
     }
-    let receive = op.recv_prefix[t] + j;
-    if !op.claim_recv(receive) {
+    let receive = attempt.recv_prefix[t] + j;
+    if !attempt.claim_recv(receive) {
         return Err(format!(
             "ring predecessor {from} sent step {t} sub-chunk {j} of collective {} twice",
             h.tag
@@ -351,10 +351,10 @@ fn check_frame(
     })
 }
 
-/// Fails `op` alone (the connection and the other attempts carry on).
-fn fail_alone(s: &Shared, op: &Attempt, why: String) {
-    op.failed.store(true, Ordering::Release);
-    s.report(op, Err(why), true);
+/// Fails `attempt` alone (the connection and the other attempts carry on).
+fn fail_alone(s: &Shared, attempt: &Attempt, why: String) {
+    attempt.failed.store(true, Ordering::Release);
+    s.report(attempt, Err(why), true);
 }
 
 /// A device collective's frame: all-gather frames land in the mirror and are copied to the
@@ -364,12 +364,12 @@ fn land_device<'a>(
     s: &Shared,
     conn: usize,
     c: &mut RxConn,
-    op: &'a Arc<Attempt>,
+    attempt: &'a Arc<Attempt>,
     busy: super::attempt::Busy<'a>,
     frame: &Frame,
     kind: RecvKind,
 ) -> Result<Landed<'a>, String> {
-    let device = op.device.as_ref().expect("a device collective");
+    let device = attempt.device.as_ref().expect("a device collective");
     let range = frame.range.clone();
     let len = range.len();
     let outcome = match device.lane(conn) {
@@ -380,7 +380,7 @@ fn land_device<'a>(
         Ok(lane) if kind == RecvKind::Copy => {
             // SAFETY: inside a busy guard; this RX thread is the only writer of the receive's
             // range, and the TX thread reads it only after its ready flag is set.
-            let out = unsafe { op.dst.slice_mut(range.clone()) };
+            let out = unsafe { attempt.dst.slice_mut(range.clone()) };
             c.stream.read_exact(out).map_err(|e| s.recv_error(e))?;
             device.copy_in(&lane, range)
         }
@@ -388,7 +388,7 @@ fn land_device<'a>(
             let stream = &mut c.stream;
             lane.receive(len, |buf| stream.read_exact(buf))
                 .map_err(|e| s.recv_error(e))?;
-            let finish = (kind == RecvKind::ReduceFinish).then_some(op.plan.world);
+            let finish = (kind == RecvKind::ReduceFinish).then_some(attempt.plan.world);
             match device.reduce_async(&lane, range, finish) {
                 Ok(gpu_frame) => {
                     // The previous frame's host buffer takes the lane's next frame: finish it
@@ -397,8 +397,8 @@ fn land_device<'a>(
                         finish_pending(s, p);
                     }
                     c.pending = Some(Pending {
-                        busy: busy.into_owned(op),
-                        op: Arc::clone(op),
+                        busy: busy.into_owned(attempt),
+                        attempt: Arc::clone(attempt),
                         m: frame.receive,
                         bytes: (HEADER_BYTES + len) as u64,
                         frame: gpu_frame,
@@ -413,7 +413,7 @@ fn land_device<'a>(
         Ok(()) => Ok(Landed::Done(busy)),
         Err(why) => {
             drop(busy);
-            fail_alone(s, op, why.to_string());
+            fail_alone(s, attempt, why.to_string());
             Ok(Landed::Failed)
         }
     }
@@ -421,14 +421,15 @@ fn land_device<'a>(
 
 /// An all-gather frame of a host collective: read straight into place. In place, the range's
 /// original goes to the backup before the first write (a failure puts it back;
-/// `op.backup_stores` streams large backups, which only a failure reads).
-fn land_copy(s: &Shared, c: &mut RxConn, op: &Attempt, frame: &Frame) -> Result<(), String> {
+/// `attempt.backup_stores` streams large backups, which only a failure reads).
+fn land_copy(s: &Shared, c: &mut RxConn, attempt: &Attempt, frame: &Frame) -> Result<(), String> {
     // SAFETY: inside a busy guard; this RX thread is the only writer of the receive's range,
     // and the TX thread reads it only after its ready flag is set.
-    let out = unsafe { op.dst.slice_mut(frame.range.clone()) };
+    let out = unsafe { attempt.dst.slice_mut(frame.range.clone()) };
+    let chunk = attempt.plan.recv_chunk(frame.step);
     // SAFETY: inside a busy guard; this RX thread is the only writer of the range now.
-    if let Some(save) = unsafe { op.claim_save(op.plan.recv_chunk(frame.step), frame.sub) } {
-        concord_kernels::copy(save, out, op.backup_stores).map_err(|e| e.to_string())?;
+    if let Some(save) = unsafe { attempt.claim_save(chunk, frame.sub) } {
+        concord_kernels::copy(save, out, attempt.backup_stores).map_err(|e| e.to_string())?;
     }
     c.stream.read_exact(out).map_err(|e| s.recv_error(e))
 }
@@ -439,7 +440,7 @@ fn land_copy(s: &Shared, c: &mut RxConn, op: &Attempt, frame: &Frame) -> Result<
 fn land_reduce<'a>(
     s: &Shared,
     c: &mut RxConn,
-    op: &'a Attempt,
+    attempt: &'a Attempt,
     busy: super::attempt::Busy<'a>,
     frame: &Frame,
     kind: RecvKind,
@@ -451,31 +452,37 @@ fn land_reduce<'a>(
     let staged = &c.staging[..len];
     // SAFETY: inside a busy guard; this RX thread is the only writer of the receive's range,
     // and the TX thread reads it only after its ready flag is set.
-    let out = unsafe { op.dst.slice_mut(frame.range.clone()) };
-    let finish = (kind == RecvKind::ReduceFinish).then_some(op.plan.world);
-    let chunk = op.plan.recv_chunk(frame.step);
+    let out = unsafe { attempt.dst.slice_mut(frame.range.clone()) };
+    let finish = (kind == RecvKind::ReduceFinish).then_some(attempt.plan.world);
+    let chunk = attempt.plan.recv_chunk(frame.step);
     let reduce = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        if injected_panic_tag() == Some(op.tag) {
-            panic!("injected fault: CONCORD_FAULT_PANIC_TAG={}", op.tag);
+        if injected_panic_tag() == Some(attempt.tag) {
+            panic!("injected fault: CONCORD_FAULT_PANIC_TAG={}", attempt.tag);
         }
         // SAFETY: inside a busy guard; this RX thread is the only writer of the range now,
         // and the backup range is claimed only right before it is filled.
-        match unsafe { op.claim_save(chunk, frame.sub) } {
+        match unsafe { attempt.claim_save(chunk, frame.sub) } {
             Some(save) => concord_kernels::reduce_into_saving(
                 out,
                 staged,
                 save,
-                op.backup_stores,
-                op.dtype,
-                op.op,
+                attempt.backup_stores,
+                attempt.dtype,
+                attempt.reduce,
                 finish,
             ),
             None => {
                 // SAFETY: inside a busy guard, by the range's writer; in place, saved by an
                 // earlier writer (the claim above found it done).
-                let mine = unsafe { op.original(chunk, frame.sub) };
+                let mine = unsafe { attempt.original(chunk, frame.sub) };
                 concord_kernels::reduce_out_with(
-                    out, mine, staged, op.dtype, op.op, finish, op.stores,
+                    out,
+                    mine,
+                    staged,
+                    attempt.dtype,
+                    attempt.reduce,
+                    finish,
+                    attempt.stores,
                 )
             }
         }
@@ -486,6 +493,6 @@ fn land_reduce<'a>(
         Err(panic) => format!("the reduction panicked: {}", panic_message(&panic)),
     };
     drop(busy);
-    fail_alone(s, op, failure);
+    fail_alone(s, attempt, failure);
     Ok(Landed::Failed)
 }

@@ -11,19 +11,19 @@ use super::connection::Connection;
 use super::shared::Shared;
 
 impl Shared {
-    /// Sends `op`'s ready frames now, from this thread, if they may go inline (see
+    /// Sends `attempt`'s ready frames now, from this thread, if they may go inline (see
     /// [`INLINE_MAX_TOTAL_BYTES`]) and the first connection is free; else wakes the TX threads.
     /// Never call it holding the communicator's lock: a send may finish the operation.
-    pub(super) fn send_ready(&self, op: &Attempt) {
-        if op.striped || op.device.is_some() || !self.inline.load(Ordering::Relaxed) {
-            return self.wake_tx_for(op);
+    pub(super) fn send_ready(&self, attempt: &Attempt) {
+        if attempt.striped || attempt.device.is_some() || !self.inline.load(Ordering::Relaxed) {
+            return self.wake_tx_for(attempt);
         }
         let Some(Ok(mut stream)) = self.tx.first().map(Mutex::try_lock) else {
             // Its TX thread is sending: it may be about to park without seeing this frame.
-            return self.wake_tx_for(op);
+            return self.wake_tx_for(attempt);
         };
         loop {
-            match send_one(self, op, 0, &mut stream) {
+            match send_one(self, attempt, 0, &mut stream) {
                 Ok(TrySend::Sent) => {}
                 Ok(TrySend::Idle) => return,
                 Err(e) => {
@@ -34,9 +34,9 @@ impl Shared {
         }
     }
 
-    /// Wakes the TX threads that may send `op`'s frames (only the first for an unstriped one).
-    pub(super) fn wake_tx_for(&self, op: &Attempt) {
-        if op.striped {
+    /// Wakes the TX threads that may send `attempt`'s frames (only the first for an unstriped one).
+    pub(super) fn wake_tx_for(&self, attempt: &Attempt) {
+        if attempt.striped {
             self.wake_tx();
         } else if let Some(t) = self.tx_threads.get().and_then(|v| v.first()) {
             t.unpark();
@@ -51,16 +51,16 @@ pub(crate) struct FirstSends(pub(super) Option<(Arc<Shared>, Arc<Attempt>)>);
 
 impl FirstSends {
     pub(crate) fn send(mut self) {
-        if let Some((shared, op)) = self.0.take() {
-            shared.send_ready(&op);
+        if let Some((shared, attempt)) = self.0.take() {
+            shared.send_ready(&attempt);
         }
     }
 }
 
 impl Drop for FirstSends {
     fn drop(&mut self) {
-        if let Some((shared, op)) = self.0.take() {
-            shared.wake_tx_for(&op);
+        if let Some((shared, attempt)) = self.0.take() {
+            shared.wake_tx_for(&attempt);
         }
     }
 }
@@ -92,8 +92,8 @@ pub(super) fn tx_loop(s: &Shared, conn: usize) {
         let mut progressed = false;
         let mut stream = s.tx[conn].lock().unwrap_or_else(|p| p.into_inner());
         for off in 0..n {
-            let op = &cache[(turn + off) % n];
-            match send_one(s, op, conn, &mut stream) {
+            let attempt = &cache[(turn + off) % n];
+            match send_one(s, attempt, conn, &mut stream) {
                 Ok(TrySend::Sent) => {
                     turn = (turn + off + 1) % n.max(1);
                     progressed = true;
@@ -125,54 +125,54 @@ pub(super) fn tx_loop(s: &Shared, conn: usize) {
 
 fn send_one(
     s: &Shared,
-    op: &Attempt,
+    attempt: &Attempt,
     conn: usize,
     stream: &mut Connection,
 ) -> Result<TrySend, String> {
-    if conn > 0 && !op.striped {
+    if conn > 0 && !attempt.striped {
         return Ok(TrySend::Idle);
     }
-    let Some(busy) = op.enter() else {
+    let Some(busy) = attempt.enter() else {
         return Ok(TrySend::Idle);
     };
     // Dynamic striping: whichever TX thread is free claims the next ready send, so a slow
     // connection carries fewer frames instead of setting the pace.
     let (t, j) = loop {
-        let Some((k, t, j)) = op.next_send() else {
+        let Some((k, t, j)) = attempt.next_send() else {
             return Ok(TrySend::Idle);
         };
-        if !op.send_ready(t, j) {
+        if !attempt.send_ready(t, j) {
             return Ok(TrySend::Idle);
         }
-        if op.claim_send(k) {
+        if attempt.claim_send(k) {
             break (t, j);
         }
     };
-    if let (0, Some(device)) = (t, &op.device) {
+    if let (0, Some(device)) = (t, &attempt.device) {
         // Step 0 sends the input, which is on its way from the device to the mirror.
         if let Err(why) = device.input_ready() {
-            op.failed.store(true, Ordering::Release);
+            attempt.failed.store(true, Ordering::Release);
             drop(busy);
-            s.report(op, Err(why.to_string()), true);
+            s.report(attempt, Err(why.to_string()), true);
             return Ok(TrySend::Idle);
         }
     }
-    let plan = &op.plan;
+    let plan = &attempt.plan;
     let range = plan.sub_bytes(plan.send_chunk(t), j);
     // SAFETY: inside a busy guard the buffers are alive. Step 0 reads the caller's input, which
     // nobody writes; later steps read a range the RX thread finished (flag acquired in
     // `send_ready`) and writes again only after this frame reached the successor (ring.rs).
     let payload = unsafe {
         if t == 0 {
-            op.src.slice(range)
+            attempt.src.slice(range)
         } else {
-            op.dst.slice(range)
+            attempt.dst.slice(range)
         }
     };
     let header = DataHeader {
         len: payload.len() as u32,
-        tag: op.tag,
-        seq: op.seq,
+        tag: attempt.tag,
+        seq: attempt.seq,
         step: t as u32,
         sub: j as u32,
     };
@@ -180,8 +180,8 @@ fn send_one(
         .write_frame(&header, payload)
         .map_err(|e| format!("sending to ring successor {}: {e}", s.next_id))?;
     drop(busy);
-    if op.sent((HEADER_BYTES + header.len as usize) as u64) {
-        s.finish(op, Ok(op.traffic()));
+    if attempt.sent((HEADER_BYTES + header.len as usize) as u64) {
+        s.finish(attempt, Ok(attempt.traffic()));
     }
     Ok(TrySend::Sent)
 }

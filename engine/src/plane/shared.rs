@@ -34,8 +34,8 @@ impl Registry {
     /// The operation of a frame: `Some(Some)` registered, `Some(None)` retired (drop the
     /// frame), `None` not registered yet; `Err` once the plane failed.
     pub(super) fn find(&self, tag: u64, seq: u64) -> Result<Option<Option<Arc<Attempt>>>, String> {
-        if let Some(op) = self.ops.iter().find(|o| o.tag == tag && o.seq == seq) {
-            return Ok(Some(Some(Arc::clone(op))));
+        if let Some(attempt) = self.ops.iter().find(|o| o.tag == tag && o.seq == seq) {
+            return Ok(Some(Some(Arc::clone(attempt))));
         }
         if self.retired.contains(&(tag, seq)) {
             return Ok(Some(None));
@@ -98,19 +98,20 @@ impl Shared {
 
     /// Recomputes [`Shared::small`] after the set of operations changed (registry lock held).
     pub(super) fn update_small(&self, r: &Registry) {
-        let small = r
-            .ops
-            .iter()
-            .all(|op| op.plan.count * op.plan.elem_bytes <= SPIN_MAX_COLLECTIVE_BYTES);
+        let small = r.ops.iter().all(|attempt| {
+            attempt.plan.count * attempt.plan.elem_bytes <= SPIN_MAX_COLLECTIVE_BYTES
+        });
         let total: usize = r
             .ops
             .iter()
-            .map(|op| op.plan.count * op.plan.elem_bytes)
+            .map(|attempt| attempt.plan.count * attempt.plan.elem_bytes)
             .sum();
         let inline = total <= INLINE_MAX_TOTAL_BYTES
-            && r.ops.iter().all(|op| !op.striped && op.device.is_none());
+            && r.ops
+                .iter()
+                .all(|attempt| !attempt.striped && attempt.device.is_none());
         self.inline.store(inline, Ordering::Relaxed);
-        let state = match (small, r.ops.iter().any(|op| op.striped)) {
+        let state = match (small, r.ops.iter().any(|attempt| attempt.striped)) {
             (false, _) => POLL_NONE,
             (true, false) => POLL_FIRST,
             (true, true) => POLL_ALL,
@@ -130,13 +131,18 @@ impl Shared {
         }
     }
 
-    pub(super) fn finish(&self, op: &Attempt, result: Result<Traffic, String>) {
-        self.report(op, result, false);
+    pub(super) fn finish(&self, attempt: &Attempt, result: Result<Traffic, String>) {
+        self.report(attempt, result, false);
     }
 
-    pub(super) fn report(&self, op: &Attempt, result: Result<Traffic, String>, ring_intact: bool) {
-        if op.claim_report() {
-            let (tag, seq) = (op.tag, op.seq);
+    pub(super) fn report(
+        &self,
+        attempt: &Attempt,
+        result: Result<Traffic, String>,
+        ring_intact: bool,
+    ) {
+        if attempt.claim_report() {
+            let (tag, seq) = (attempt.tag, attempt.seq);
             if let Some(owner) = self.events.upgrade() {
                 owner.on_plane_event(PlaneEvent::Finished {
                     tag,
@@ -162,7 +168,7 @@ impl Shared {
         };
         // A neighbour leaving between collectives is ordinary; losing one mid-collective is not.
         // (A collective finished here but not yet retired does not count.)
-        let unfinished = ops.iter().filter(|op| !op.is_reported()).count();
+        let unfinished = ops.iter().filter(|attempt| !attempt.is_reported()).count();
         if unfinished == 0 {
             tracing::debug!("data plane closed: {why}");
         } else {
@@ -171,9 +177,9 @@ impl Shared {
         self.registry_cv.notify_all();
         self.stop_all();
         self.wake_tx();
-        for op in ops {
-            op.failed.store(true, Ordering::Release);
-            self.finish(&op, Err(why.clone()));
+        for attempt in ops {
+            attempt.failed.store(true, Ordering::Release);
+            self.finish(&attempt, Err(why.clone()));
         }
     }
 }
@@ -193,7 +199,7 @@ pub(super) struct RxConn {
 /// result for TX, counts it) right after, or before it would block on an empty socket: a frame
 /// whose result is unpublished may be what the rest of the ring waits for.
 pub(super) struct Pending {
-    pub(super) op: Arc<Attempt>,
+    pub(super) attempt: Arc<Attempt>,
     pub(super) busy: BusyOwned,
     pub(super) m: usize,
     pub(super) bytes: u64,

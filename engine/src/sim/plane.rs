@@ -1,7 +1,7 @@
 //! One peer's data plane for one ring epoch, in the simulation: the real [`RingPlan`] schedule
 //! and the real kernel reductions, over simulated connections.
 //!
-//! It mirrors `crate::dataplane` (see its README): an operation is registered when the master
+//! It mirrors `crate::plane` (see its README): an operation is registered when the master
 //! says go; step-0 sub-chunks leave at once; every received sub-chunk is reduced (or copied)
 //! into the destination and, from then on, forwarded as the same sub-chunk of the next step.
 //! Frames that overtake the go-ahead wait until the operation is registered; frames of a

@@ -2,7 +2,7 @@
 //! frames reduced on their lane's stream, all-gather frames copied back to the device, and the
 //! end (settle on success, restore an in-place input on failure).
 //!
-//! A [`DeviceOp`] is shared by the caller, the data plane's TX and RX threads and the handle;
+//! A [`DeviceAttempt`] is shared by the caller, the data plane's TX and RX threads and the handle;
 //! it owns the mirror and the in-place backup until every copy that uses them has completed.
 
 use concord_kernels::KernelError;
@@ -20,7 +20,7 @@ use crate::raw_buf::RawBuf;
 
 /// The device side of one collective on device buffers (shared by the caller, the data plane
 /// threads and the handle).
-pub(crate) struct DeviceOp {
+pub(crate) struct DeviceAttempt {
     gpu: Arc<Gpu>,
     /// What the reduction reads: the user's `src`, or the in-place backup.
     src: u64,
@@ -28,7 +28,7 @@ pub(crate) struct DeviceOp {
     dst: u64,
     len: usize,
     dtype: DType,
-    op: ReduceOp,
+    reduce: ReduceOp,
     backup: Option<DevMem>,
     mirror: Option<HostMem>,
     /// Set once the copy of step 0's input into the mirror is queued, with its event.
@@ -70,9 +70,9 @@ fn add_ns(counter: &AtomicU64, since: Instant) {
     counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
 }
 
-impl std::fmt::Debug for DeviceOp {
+impl std::fmt::Debug for DeviceAttempt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeviceOp")
+        f.debug_struct("DeviceAttempt")
             .field("len", &self.len)
             .field("dtype", &self.dtype)
             .field("in_place", &self.backup.is_some())
@@ -80,7 +80,7 @@ impl std::fmt::Debug for DeviceOp {
     }
 }
 
-impl DeviceOp {
+impl DeviceAttempt {
     /// Prepares a collective of `len` bytes from `src` (or, in place, from a backup of `dst`)
     /// into `dst`: the backup is queued on the staging stream after the owner's work.
     ///
@@ -107,13 +107,13 @@ impl DeviceOp {
                 (b, Some(backup))
             }
         };
-        Ok(DeviceOp {
+        Ok(DeviceAttempt {
             gpu,
             src,
             dst,
             len,
             dtype,
-            op,
+            reduce: op,
             backup,
             mirror: Some(mirror),
             ready: OnceLock::new(),
@@ -262,7 +262,7 @@ impl DeviceOp {
     /// (`range.len()` bytes); queues host → device, `dst[range] = src[range] op frame` (divided
     /// by `finish` for Avg when given) and device → `mirror[range]` on the lane's stream, and
     /// switches the lane to its other host buffer. The returned frame is done (the mirror holds
-    /// the result, the host buffer is free) once [`DeviceOp::reduce_done`] returned for it; the
+    /// the result, the host buffer is free) once [`DeviceAttempt::reduce_done`] returned for it; the
     /// caller must do that before receiving the lane's next-but-one frame.
     pub(crate) fn reduce_async(
         &self,
@@ -277,7 +277,7 @@ impl DeviceOp {
         r.map(|event| DeviceFrame { event })
     }
 
-    /// Waits for a frame queued by [`DeviceOp::reduce_async`].
+    /// Waits for a frame queued by [`DeviceAttempt::reduce_async`].
     pub(crate) fn reduce_done(&self, frame: DeviceFrame) -> Result<(), KernelError> {
         let start = Instant::now();
         let r = frame
@@ -324,7 +324,7 @@ impl DeviceOp {
                 scratch,
                 n,
                 self.dtype,
-                self.op,
+                self.reduce,
                 finish,
             )?
         };
@@ -381,7 +381,7 @@ impl DeviceOp {
     }
 }
 
-impl Drop for DeviceOp {
+impl Drop for DeviceAttempt {
     fn drop(&mut self) {
         if !self.settled.load(Ordering::Acquire) {
             // Copies may still target the mirror: let them end before it is reused or freed.
@@ -400,7 +400,7 @@ impl Drop for DeviceOp {
 /// Ends a device collective: on success waits for its last copies; on failure restores an
 /// in-place input. A CUDA error on the way wins over success and joins a failure's message.
 pub(crate) fn conclude(
-    device: &DeviceOp,
+    device: &DeviceAttempt,
     result: Result<crate::ReduceInfo, crate::Error>,
 ) -> Result<crate::ReduceInfo, crate::Error> {
     match result {
