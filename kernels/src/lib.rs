@@ -54,6 +54,7 @@
 mod cpu;
 mod dispatch;
 mod error;
+mod job;
 mod stores;
 mod types;
 
@@ -67,7 +68,7 @@ pub use error::KernelError;
 pub use stores::Stores;
 pub use types::{DType, ReduceOp};
 
-use dispatch::Job;
+use job::Job;
 
 /// `dst[i] = dst[i] op src[i]` on the process-wide path (`Avg` behaves as `Sum` here; the
 /// division happens in [`finish`]).

@@ -7,7 +7,7 @@ use concord_kernels::{DType, ReduceOp};
 
 use super::communicator::Communicator;
 use crate::gpu::cudarc::driver::CudaSlice;
-use crate::gpu::{self, DeviceElement, DeviceAttempt};
+use crate::gpu::{self, DeviceAttempt, DeviceElement};
 use crate::raw_buf::RawBuf;
 use crate::results::ReduceInfo;
 use crate::{Element, Error};
@@ -165,7 +165,8 @@ impl Communicator {
         tag: u64,
     ) -> Result<ReduceInfo, Error> {
         let timeout = self.inner.config.op_timeout;
-        let device = Arc::new(DeviceAttempt::new(gpu, src, dst, len, dtype, op).map_err(Error::Cuda)?);
+        let device =
+            Arc::new(DeviceAttempt::new(gpu, src, dst, len, dtype, op).map_err(Error::Cuda)?);
         let mirror = device.mirror();
         // SAFETY: the device buffers are borrowed for this whole call, and the mirror belongs to
         // `device`; the call returns only through `complete`, after the data plane let go.

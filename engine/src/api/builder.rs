@@ -12,7 +12,16 @@ use crate::Error;
 /// Builds a [`Communicator`].
 #[derive(Debug)]
 pub struct CommunicatorBuilder {
-    pub(crate) config: Config,
+    config: Config,
+}
+
+impl Communicator {
+    /// Starts building a communicator for the master at `master` ("host:port").
+    pub fn builder(master: impl Into<String>) -> CommunicatorBuilder {
+        CommunicatorBuilder {
+            config: Config::new(master.into()),
+        }
+    }
 }
 
 impl CommunicatorBuilder {

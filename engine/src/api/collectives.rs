@@ -25,7 +25,7 @@ use super::all_reduce::check_same_len;
 use super::handle::Completion;
 use super::handle::{Buffers, DeviceHandle, Handle};
 use crate::gpu::cudarc::driver::CudaSlice;
-use crate::gpu::{DeviceElement, DeviceAttempt};
+use crate::gpu::{DeviceAttempt, DeviceElement};
 use crate::peer::Inner;
 use crate::raw_buf::RawBuf;
 use crate::{Element, Error};

@@ -17,7 +17,6 @@ use concord_master::proto::{encode_peer, PeerId, PeerMsg};
 use concord_transport::socket::{connect_with_retry, listen, resolve, SocketOptions};
 use concord_transport::{resolve_backend, BackendChoice, BackendKind};
 
-use super::builder::CommunicatorBuilder;
 use crate::config::{validate, Config};
 use crate::control::master_link::read_master;
 use crate::control::watchdog::watchdog;
@@ -55,23 +54,16 @@ impl std::fmt::Debug for Communicator {
 }
 
 impl Communicator {
-    /// Starts building a communicator for the master at `master` ("host:port").
-    pub fn builder(master: impl Into<String>) -> CommunicatorBuilder {
-        CommunicatorBuilder {
-            config: Config::new(master.into()),
-        }
-    }
-
     pub(crate) fn connect(config: Config) -> Result<Self, Error> {
         validate(&config)?;
         let backend = resolve_transport(config.transport)?;
-        let listener =
-            listen(config.data_listen, 128).map_err(|e| match e {
-                concord_transport::TransportError::Io { context, source } => {
-                    Error::io(format!("data port {}: {context}", config.data_listen), source)
-                }
-                other => other.into(),
-            })?;
+        let listener = listen(config.data_listen, 128).map_err(|e| match e {
+            concord_transport::TransportError::Io { context, source } => Error::io(
+                format!("data port {}: {context}", config.data_listen),
+                source,
+            ),
+            other => other.into(),
+        })?;
         let data_port = listener
             .local_addr()
             .map_err(|e| Error::io("reading the data port's address", e))?

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use crate::gpu::cudarc::driver::CudaSlice;
-use crate::gpu::{DeviceElement, DeviceAttempt};
+use crate::gpu::{DeviceAttempt, DeviceElement};
 use crate::peer::Inner;
 use concord_master::proto::AbortKind;
 

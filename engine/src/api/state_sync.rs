@@ -67,8 +67,7 @@ impl Communicator {
         let stop = AtomicBool::new(false);
         let inner = &*self.inner;
         let (outcome, bytes_received, bytes_sent) = std::thread::scope(|s| {
-            let server =
-                s.spawn(|| state::serve(&inner.listener, &clean, secret, revision, &stop));
+            let server = s.spawn(|| state::serve(&inner.listener, &clean, secret, revision, &stop));
             let pulled = if dirty.is_empty() {
                 Ok(0)
             } else {

@@ -2,12 +2,26 @@
 //!
 //! Intrinsics live only under `x86_64/`; everything else here is portable.
 
-use crate::dispatch::PathFns;
-use crate::CpuPath;
+use crate::job::PathFns;
 
 pub(crate) mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
+
+/// The scalar path's table (the reference).
+pub(crate) static SCALAR: &PathFns = &scalar::FNS;
+/// The AVX2 path's table.
+#[cfg(target_arch = "x86_64")]
+pub(crate) static AVX2: &PathFns = &x86_64::avx2::FNS;
+/// The AVX-512 path's table.
+#[cfg(target_arch = "x86_64")]
+pub(crate) static AVX512: &PathFns = &x86_64::avx512::FNS;
+/// The AVX-512 + AVX512-BF16 path's table.
+#[cfg(target_arch = "x86_64")]
+pub(crate) static AVX512_BF16: &PathFns = &x86_64::avx512_bf16::FNS;
+/// The AVX-512 + AVX512-FP16 path's table.
+#[cfg(target_arch = "x86_64")]
+pub(crate) static AVX512_FP16: &PathFns = &x86_64::avx512_fp16::FNS;
 
 /// The CPU features the AVX2 path needs that this CPU lacks.
 pub(crate) fn avx2_missing() -> Vec<&'static str> {
@@ -80,21 +94,4 @@ pub(crate) fn avx512_fp16_missing() -> Vec<&'static str> {
         }
     }
     missing
-}
-
-/// The function table of `path`. The caller has checked that the CPU supports it.
-pub(crate) fn fns(path: CpuPath) -> &'static PathFns {
-    match path {
-        CpuPath::Scalar => &scalar::FNS,
-        #[cfg(target_arch = "x86_64")]
-        CpuPath::Avx2 => &x86_64::avx2::FNS,
-        #[cfg(target_arch = "x86_64")]
-        CpuPath::Avx512 => &x86_64::avx512::FNS,
-        #[cfg(target_arch = "x86_64")]
-        CpuPath::Avx512Bf16 => &x86_64::avx512_bf16::FNS,
-        #[cfg(target_arch = "x86_64")]
-        CpuPath::Avx512Fp16 => &x86_64::avx512_fp16::FNS,
-        #[cfg(not(target_arch = "x86_64"))]
-        CpuPath::Avx2 | CpuPath::Avx512 | CpuPath::Avx512Bf16 | CpuPath::Avx512Fp16 => &scalar::FNS,
-    }
 }

@@ -9,7 +9,7 @@ use crate::convert::{
     bf16_to_f32, canon_f32, canon_f64, f16_to_f32, f32_to_bf16, f32_to_f16, F32_NAN_BITS,
     F64_NAN_BITS,
 };
-use crate::dispatch::{Job, PathFns};
+use crate::job::{Job, PathFns};
 use crate::{DType, ReduceOp};
 
 /// The scalar path's function table.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use concord::{Communicator, Error, ReduceOp};
 
-use crate::bench::BenchArgs;
+use crate::bench::args::BenchArgs;
 
 /// Tag of the per-iteration agreement on the iteration number (never used by the batch).
 const SYNC_TAG: u64 = u64::MAX - 1;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use concord::{Communicator, ReduceOp, SharedState, SyncStrategy};
 
-use crate::bench::BenchArgs;
+use crate::bench::args::BenchArgs;
 
 const ENTRY_BYTES: usize = 8 << 20;
 

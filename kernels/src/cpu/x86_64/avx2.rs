@@ -12,7 +12,7 @@ use super::common::{
     entry_points, op_code, scalar_part, BF16, F16, F32, KEEP, MAX, MIN, PROD, SUM,
 };
 use crate::cpu::scalar::{self, by_dtype, Elem};
-use crate::dispatch::{Job, PathFns};
+use crate::job::{Job, PathFns};
 use crate::DType;
 
 /// The AVX2 path's function table.

@@ -12,7 +12,7 @@ use std::num::NonZeroUsize;
 
 use super::avx512::{self, apply, load, round_bf16, store_line, Pair, BLOCK, PREFETCH_BYTES};
 use super::common::{op_code, scalar_part, BF16, MAX, MIN, PROD, SUM};
-use crate::dispatch::{Job, PathFns};
+use crate::job::{Job, PathFns};
 use crate::DType;
 
 /// The function table: the AVX-512 one, with bf16 reductions narrowed by AVX512-BF16.

@@ -20,7 +20,7 @@ use super::avx512::{self, store_line, PREFETCH_BYTES};
 use super::avx512_bf16;
 use super::common::{op_code, scalar_part, PROD, SUM};
 use crate::convert::F16_NAN;
-use crate::dispatch::{Job, PathFns};
+use crate::job::{Job, PathFns};
 use crate::DType;
 
 /// The function table: the AVX-512 one, with f16 sums and products in native FP16.

@@ -1,7 +1,7 @@
 //! Small pieces shared by the x86-64 paths.
 
 use crate::cpu::scalar;
-use crate::dispatch::Job;
+use crate::job::Job;
 use crate::ReduceOp;
 
 /// Kinds of element the hand-written loops handle (all computed in f32 lanes).
@@ -45,7 +45,7 @@ pub(crate) unsafe fn scalar_part<const OP: u8>(job: &Job, start: usize) {
 }
 
 /// The entry points an x86-64 path shares with the others, for the target features
-/// `$features`: `combine` and `finish` (the path's [`crate::dispatch::PathFns`]), the dispatch
+/// `$features`: `combine` and `finish` (the path's [`crate::job::PathFns`]), the dispatch
 /// of f32/f16/bf16 jobs to the path's own `run::<KIND, OP, DIV>`, and the scalar code compiled
 /// with the path's features for every other dtype (LLVM vectorises it; same code, same bits).
 /// The expanding module must import `Job`, `DType`, `NonZeroUsize`, `op_code`, the kind and op

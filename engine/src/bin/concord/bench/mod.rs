@@ -3,7 +3,7 @@
 //! Rooms: `args` (flags), `local` (`--local N`: an embedded master and N peer processes),
 //! `peer` (one peer's measurement loop), `report` (the table, the footer and JSON).
 
-mod args;
+pub(crate) mod args;
 mod local;
 mod peer;
 mod report;
