@@ -37,17 +37,17 @@ mod plane;
 pub mod protocol;
 mod raw_buf;
 mod results;
-mod state;
 #[doc(hidden)]
 pub mod sim;
+mod state;
 #[doc(hidden)]
 pub mod verify;
 
-pub use collective::Traffic;
 pub use api::{
     Collectives, Communicator, CommunicatorBuilder, Completion, DeviceCompletion, DeviceHandle,
     Handle, PeerProbe,
 };
+pub use collective::Traffic;
 pub use concord_kernels::{DType, ReduceOp};
 pub use concord_transport::{BackendChoice, BackendKind};
 pub use config::Config;

@@ -45,7 +45,8 @@ fn loom_models_of_the_data_plane_hand_offs() {
         "{stdout}"
     );
     assert!(
-        stdout.contains("test plane::attempt::loom_models::received_flag_publishes_the_data ... ok"),
+        stdout
+            .contains("test plane::attempt::loom_models::received_flag_publishes_the_data ... ok"),
         "{stdout}"
     );
 }
