@@ -373,8 +373,8 @@ mod master_msg;
 mod peer_msg;
 mod wire;
 
-pub use master_msg::{decode_master, encode_master};
-pub use peer_msg::{decode_peer, encode_peer};
+pub use master_msg::{decode_master, encode_master, master_message_bytes};
+pub use peer_msg::{decode_peer, encode_peer, peer_message_bytes};
 pub use wire::split_frame;
 
 #[cfg(test)]

@@ -5,7 +5,9 @@
 //! `Reported` -> `Complete`, or to `Failed`. A vote is refused while collectives are in flight or
 //! the topology is not established: one operation kind at a time.
 
-use concord_master::proto::{EntryDesc, PeerMsg, Pull};
+use concord_master::proto::{
+    peer_message_bytes, EntryDesc, PeerMsg, Pull, MAX_ENTRIES, MAX_MESSAGE_BYTES,
+};
 
 use super::{violation, Effect, PeerProto, SyncPhase, TopoPhase};
 use crate::Error;
@@ -38,12 +40,28 @@ impl PeerProto {
                 "a shared-state sync is already under way".into(),
             ));
         }
-        self.sync = SyncPhase::Voting;
-        self.out.push_back(PeerMsg::SyncVote {
+        if entries.len() > MAX_ENTRIES {
+            return Err(Error::InvalidArgument(format!(
+                "shared state of {} entries: one sync takes at most {MAX_ENTRIES}; sync them in \
+                 parts, or pack small tensors into larger entries",
+                entries.len()
+            )));
+        }
+        let vote = PeerMsg::SyncVote {
             revision,
             strategy: strategy.into(),
             entries,
-        });
+        };
+        let bytes = peer_message_bytes(&vote);
+        if bytes > MAX_MESSAGE_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "the shared-state vote (keys, dtypes, sizes and hashes of every entry) would take \
+                 {bytes} bytes, over the {MAX_MESSAGE_BYTES}-byte message limit: use fewer or \
+                 shorter keys"
+            )));
+        }
+        self.sync = SyncPhase::Voting;
+        self.out.push_back(vote);
         Ok(())
     }
 

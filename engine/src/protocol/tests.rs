@@ -163,3 +163,33 @@ fn a_cancel_sends_its_kind_as_a_field() {
     ));
     assert!(!p.cancel(2, AbortKind::Cancelled, "not in flight".into()));
 }
+
+#[test]
+fn a_shared_state_vote_over_the_message_limit_is_refused_before_it_is_sent() {
+    let mut p = welcomed();
+    while p.poll_transmit().is_some() {}
+    let entry = |i: usize| concord_master::proto::EntryDesc {
+        key: format!("{i:06}{}", "k".repeat(250)),
+        dtype: "float".into(),
+        bytes: 4,
+        hash: 1,
+        allow_content_inequality: false,
+    };
+    // 8,000 keys of 256 bytes: within the entry cap, over the byte limit.
+    let err = p
+        .start_sync(1, "enforce-popular", (0..8000).map(entry).collect())
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidArgument(m) if m.contains("message limit") && m.contains("shorter keys")),
+        "{err}"
+    );
+    let err = p
+        .start_sync(1, "enforce-popular", (0..9000).map(entry).collect())
+        .unwrap_err();
+    assert!(err.to_string().contains("at most 8192"), "{err}");
+    assert!(p.poll_transmit().is_none(), "nothing was queued");
+    // The refusal leaves the peer able to sync a state that fits.
+    p.start_sync(1, "enforce-popular", (0..10).map(entry).collect())
+        .unwrap();
+    assert!(matches!(p.poll_transmit(), Some(PeerMsg::SyncVote { .. })));
+}

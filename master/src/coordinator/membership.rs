@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use concord_transport::PROTOCOL_VERSION;
 
 use super::state::{CollKey, Conn, ConnId, Coordinator, Output, Peer};
-use crate::proto::{AbortKind, MasterMsg, PeerId, PeerMsg};
+use crate::proto::{AbortKind, MasterMsg, PeerId, PeerMsg, MAX_MESSAGE_BYTES, MAX_RING_MEMBERS};
 
 impl Coordinator {
     /// The first message of a connection: registers the peer (not yet accepted into a ring).
@@ -32,16 +32,13 @@ impl Coordinator {
             version, PROTOCOL_VERSION,
             "the codec refuses other versions"
         );
-        if self.peers.len() >= self.config.max_peers {
-            let reason = format!("the master is full ({} peers)", self.config.max_peers);
-            self.out.push_back(Output::Send {
-                conn,
-                msg: MasterMsg::Refused {
-                    version: PROTOCOL_VERSION,
-                    reason,
-                },
-            });
-            self.close(conn, "full");
+        if let Err(why) = check_advertised(&advertise_ip) {
+            self.refuse(conn, format!("advertise_ip {why}"));
+            return;
+        }
+        let max_peers = self.config.max_peers.min(MAX_TOPOLOGY_PEERS);
+        if self.peers.len() >= max_peers {
+            self.refuse(conn, format!("the master is full ({max_peers} peers)"));
             return;
         }
         let host = if advertise_ip.is_empty() {
@@ -112,6 +109,20 @@ impl Coordinator {
         }
     }
 
+    /// Refuses a connection that said hello: tells it why (the reason is logged, never a
+    /// secret), then closes it.
+    fn refuse(&mut self, conn: ConnId, reason: String) {
+        tracing::warn!(conn, "refused a peer: {reason}");
+        self.out.push_back(Output::Send {
+            conn,
+            msg: MasterMsg::Refused {
+                version: PROTOCOL_VERSION,
+                reason,
+            },
+        });
+        self.close(conn, "refused");
+    }
+
     /// Tells the connection why, then closes it (removing its peer, if it registered).
     pub(super) fn kick_conn(&mut self, conn: ConnId, reason: &str) {
         let reason = match self.conns.get(&conn) {
@@ -159,5 +170,48 @@ pub(super) fn kind(msg: &PeerMsg) -> &'static str {
         PeerMsg::SyncVote { .. } => "SyncVote",
         PeerMsg::SyncDone { .. } => "SyncDone",
         PeerMsg::CollCancel { .. } => "CollCancel",
+    }
+}
+
+/// Longest host an advertised data address may name: a DNS name's limit.
+pub(super) const MAX_HOST_BYTES: usize = 253;
+
+/// Longest data address a ring member can have: `[host]:port`.
+const MAX_DATA_ADDR_BYTES: usize = MAX_HOST_BYTES + 2 + 6;
+
+/// Most peers a `Topology` message can list within the message limit, with every address as
+/// long as allowed (peer id, string length, address): the master never admits more, so no ring
+/// it sends can outgrow the limit.
+pub(super) const MAX_TOPOLOGY_PEERS: usize =
+    (MAX_MESSAGE_BYTES - 64) / (8 + 4 + MAX_DATA_ADDR_BYTES);
+// A ring of that many is also one the decoder accepts.
+const _: () = assert!(MAX_TOPOLOGY_PEERS <= MAX_RING_MEMBERS);
+
+/// An advertised address is empty (use the one the master sees), an IP address, or a hostname
+/// (labels of letters, digits and hyphens, at most 253 bytes): the ring dials it, so nothing
+/// else is accepted.
+pub(super) fn check_advertised(host: &str) -> Result<(), String> {
+    if host.is_empty() || host.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    if host.len() > MAX_HOST_BYTES {
+        return Err(format!(
+            "is {} bytes long; at most {MAX_HOST_BYTES} (an IP address or a hostname)",
+            host.len()
+        ));
+    }
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if host.trim_end_matches('.').split('.').all(label_ok) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{:?} is neither an IP address nor a hostname",
+            host.chars().take(64).collect::<String>()
+        ))
     }
 }

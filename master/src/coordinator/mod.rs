@@ -36,4 +36,6 @@ mod topology;
 pub use state::{ConnId, Coordinator, CoordinatorConfig, Output};
 
 #[cfg(test)]
+mod bounds_tests;
+#[cfg(test)]
 mod tests;

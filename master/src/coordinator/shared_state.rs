@@ -13,7 +13,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::state::{mix, Coordinator, Strategy, SyncState, SyncVote};
-use crate::proto::{EntryDesc, MasterMsg, PeerId, Pull, RingMember};
+use crate::proto::{
+    master_message_bytes, EntryDesc, MasterMsg, PeerId, Pull, RingMember, MAX_MESSAGE_BYTES,
+};
+
+/// Most holders a plan names for one entry (each puller gets its own rotation of the
+/// up-to-date holders, so the load still spreads over all of them): enough that a holder dying
+/// mid-transfer leaves others to finish it, few enough that a plan stays small.
+const MAX_SOURCES_PER_PULL: usize = 4;
 
 impl Coordinator {
     pub(super) fn on_sync_vote(
@@ -32,7 +39,7 @@ impl Coordinator {
             return Err("shared-state entries not sorted by unique key".into());
         }
         if let Some(last) = self.revisions.get(&id) {
-            if revision != last + 1 {
+            if Some(revision) != last.checked_add(1) {
                 return Err(format!("shared-state revision jumped from {last} to {revision}; it must rise by exactly one"));
             }
         }
@@ -256,10 +263,20 @@ impl Coordinator {
                 if entry.allow_content_inequality || entry.hash == elected[k] {
                     continue;
                 }
-                let sources: Vec<RingMember> = holders
+                let up_to_date: Vec<PeerId> = holders
                     .iter()
                     .filter(|(h, hv)| h != id && hv.entries[k].hash == elected[k])
-                    .map(|(h, _)| RingMember {
+                    .map(|(h, _)| *h)
+                    .collect();
+                // At most a few holders per entry, a different few for each (entry, puller):
+                // the load spreads over every holder and the plan stays small.
+                let start = (k + *id as usize) % up_to_date.len().max(1);
+                let sources: Vec<RingMember> = up_to_date
+                    .iter()
+                    .cycle()
+                    .skip(start)
+                    .take(up_to_date.len().min(MAX_SOURCES_PER_PULL))
+                    .map(|h| RingMember {
                         peer_id: *h,
                         data_addr: self.peers[h].data_addr.clone(),
                     })
@@ -274,15 +291,39 @@ impl Coordinator {
             plans.push((*id, pulls));
         }
         let members: BTreeSet<PeerId> = votes.keys().copied().collect();
-        for (id, pulls) in plans {
-            self.send(
-                id,
-                MasterMsg::SyncPlan {
+        let plans: Vec<(PeerId, MasterMsg)> = plans
+            .into_iter()
+            .map(|(id, pulls)| {
+                let plan = MasterMsg::SyncPlan {
                     revision: expected,
                     secret,
                     pulls,
-                },
+                };
+                (id, plan)
+            })
+            .collect();
+        if let Some((id, plan)) = plans
+            .iter()
+            .find(|(_, plan)| master_message_bytes(plan) > MAX_MESSAGE_BYTES)
+        {
+            let reason = format!(
+                "the transfer plan of peer {id} would take {} bytes, over the {MAX_MESSAGE_BYTES}-byte \
+                 message limit: sync fewer or shorter-named entries at a time",
+                master_message_bytes(plan)
             );
+            // The votes are out of the group's sync state by now: tell every voter here.
+            for (id, _) in plans {
+                self.send(
+                    id,
+                    MasterMsg::SyncFailed {
+                        reason: reason.clone(),
+                    },
+                );
+            }
+            return;
+        }
+        for (id, plan) in plans {
+            self.send(id, plan);
         }
         self.sync.insert(
             g,

@@ -12,7 +12,18 @@ use super::{
 
 /// Encodes a master-to-peer message, length prefix included.
 pub fn encode_master(msg: &MasterMsg) -> Vec<u8> {
-    let e = match msg {
+    fields(msg).finish()
+}
+
+/// The bytes `msg` takes on the wire, length prefix included: what the coordinator checks
+/// against [`MAX_MESSAGE_BYTES`](super::MAX_MESSAGE_BYTES) before it sends a message whose size
+/// depends on peer input (a shared-state plan).
+pub fn master_message_bytes(msg: &MasterMsg) -> usize {
+    fields(msg).len()
+}
+
+fn fields(msg: &MasterMsg) -> Enc {
+    match msg {
         MasterMsg::Welcome { version, peer_id } => {
             let mut e = Enc::new(1);
             e.u32(CONTROL_MAGIC).u32(*version).u64(*peer_id);
@@ -127,8 +138,7 @@ pub fn encode_master(msg: &MasterMsg) -> Vec<u8> {
             e.str(reason);
             e
         }
-    };
-    e.finish()
+    }
 }
 
 /// Decodes the body of a master-to-peer message (without its length prefix).

@@ -12,7 +12,18 @@ use super::{
 
 /// Encodes a peer-to-master message, length prefix included.
 pub fn encode_peer(msg: &PeerMsg) -> Vec<u8> {
-    let e = match msg {
+    fields(msg).finish()
+}
+
+/// The bytes `msg` takes on the wire, length prefix included: what a sender checks against
+/// [`MAX_MESSAGE_BYTES`](super::MAX_MESSAGE_BYTES) before it queues a message whose size
+/// depends on its inputs (a shared-state vote).
+pub fn peer_message_bytes(msg: &PeerMsg) -> usize {
+    fields(msg).len()
+}
+
+fn fields(msg: &PeerMsg) -> Enc {
+    match msg {
         PeerMsg::Hello {
             version,
             data_port,
@@ -87,8 +98,7 @@ pub fn encode_peer(msg: &PeerMsg) -> Vec<u8> {
             e.u64(*tag).u64(*seq).u8(kind.to_wire()).str(reason);
             e
         }
-    };
-    e.finish()
+    }
 }
 
 /// Decodes the body of a peer-to-master message (without its length prefix).

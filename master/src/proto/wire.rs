@@ -44,6 +44,14 @@ impl Enc {
         self.0.extend_from_slice(&s.as_bytes()[..end]);
         self
     }
+    /// The bytes the message takes on the wire, length prefix included.
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+    /// Fills in the length prefix. Every message is bounded before it is built (the builders
+    /// check [`super::peer_message_bytes`] / [`super::master_message_bytes`] against
+    /// [`MAX_MESSAGE_BYTES`] where its size depends on peer input), so an oversized one here is
+    /// a bug in this crate, not something a peer can cause.
     pub(super) fn finish(mut self) -> Vec<u8> {
         let len = (self.0.len() - 4) as u32;
         assert!(
