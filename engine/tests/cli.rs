@@ -6,25 +6,42 @@ mod common;
 // Skips are written straight to stderr, past the test harness's capture, so they show.
 use std::io::Write as _;
 
-use std::process::{Command, Output};
-use std::time::Duration;
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
 
 fn concord(args: &[&str]) -> Output {
-    let mut child = Command::new(common::concord_bin())
+    finish(spawn(args), args, Duration::from_secs(120)).0
+}
+
+/// Starts `concord args`, its output piped, logging at the default level whatever the
+/// environment says (the tests read its warnings and errors).
+fn spawn(args: &[&str]) -> Child {
+    Command::new(common::concord_bin())
         .args(args)
+        .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .expect("run concord");
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        .expect("run concord")
+}
+
+/// Waits for a `concord` process (killed, and the test failed, after `limit`); returns its
+/// output and how long it ran from `spawn`.
+fn finish(mut child: Child, args: &[&str], limit: Duration) -> (Output, Duration) {
+    let start = Instant::now();
     while child.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
+        if start.elapsed() > limit {
             let _ = child.kill();
-            panic!("concord {args:?} hung");
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "concord {args:?} still ran after {limit:?}:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    child.wait_with_output().unwrap()
+    let took = start.elapsed();
+    (child.wait_with_output().unwrap(), took)
 }
 
 fn assert_refused(args: &[&str], needle: &str) {
@@ -222,5 +239,41 @@ fn striping_over_several_connections_per_neighbour_is_exact() {
                 && stdout.contains("# Out of bounds values : 0 OK"),
             "{stdout}"
         );
+    }
+}
+
+/// Peers started with different `--conns` are told so, by name, on both sides, at once: it
+/// used to be refused as a stranger's connection, 30 s per try.
+#[test]
+fn a_conns_mismatch_is_named_on_both_sides_at_once() {
+    let master = common::MasterProcess::start();
+    let args = |conns: &'static str| {
+        let mut a = vec!["bench", "--master", &master.addr, "--world", "2"];
+        a.extend([
+            "-b", "1K", "-e", "1K", "-n", "1", "-w", "0", "--conns", conns,
+        ]);
+        a
+    };
+    let (one, two) = (args("1"), args("2"));
+    let peers = [spawn(&one), spawn(&two)];
+    for (child, args) in peers.into_iter().zip([&one, &two]) {
+        let (out, took) = finish(child, args, Duration::from_secs(60));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "concord {args:?} should fail");
+        assert!(
+            took < Duration::from_secs(5),
+            "concord {args:?} took {took:?} to fail:\n{stderr}"
+        );
+        for needle in [
+            "conns_per_neighbour",
+            "--conns 1",
+            "--conns 2",
+            "same value",
+        ] {
+            assert!(
+                stderr.contains(needle),
+                "concord {args:?}: expected {needle:?} in:\n{stderr}"
+            );
+        }
     }
 }

@@ -7,9 +7,16 @@
 //! answered with the reason code and closed, so an
 //! unauthorised or stale dialler can never feed data into a collective.
 //!
-//! Hello layout (little endian, 48 bytes):
+//! The hello also carries the dialler's connections per neighbour (`conn_count`): an
+//! authenticated dialler whose pool size differs from the acceptor's is answered with
+//! [`HelloStatus::ConnsMismatch`] and the acceptor's own count, so that both ends can name the
+//! misconfiguration instead of waiting for connections that will never come.
+//!
+//! Hello layout (little endian, 48 bytes; magic and version first, so that a peer of another
+//! protocol version is told so whatever the rest holds):
 //! `magic u32 | version u32 | epoch u64 | from u64 | to u64 | conn_index u32 | conn_count u32 | secret u64`.
-//! Reply layout (16 bytes): `magic u32 | version u32 | status u32 | reserved u32`.
+//! Reply layout (16 bytes): `magic u32 | version u32 | status u32 | detail u32` (status 0: ok,
+//! 1: refused, 2: connections per neighbour differ, detail the acceptor's).
 
 use std::io::{Read, Write};
 
@@ -33,7 +40,8 @@ pub struct DataHello {
     pub to: u64,
     /// Index of this connection in the pool towards `to`.
     pub conn_index: u32,
-    /// Size of the pool.
+    /// Size of the pool: the dialler's connections per neighbour, which the acceptor checks
+    /// against its own.
     pub conn_count: u32,
     /// Ring secret of this epoch, handed out by the master.
     pub secret: u64,
@@ -46,6 +54,12 @@ pub enum HelloStatus {
     Ok,
     /// Wrong epoch, peer, index or secret.
     Refused,
+    /// The dialler is the expected one, but the acceptor opens another number of connections
+    /// per neighbour: a configuration mismatch that no retry mends.
+    ConnsMismatch {
+        /// The acceptor's connections per neighbour.
+        acceptor_conns: u32,
+    },
 }
 
 impl DataHello {
@@ -110,11 +124,13 @@ pub fn write_reply(stream: &mut impl Write, status: HelloStatus) -> Result<()> {
     let mut out = [0u8; REPLY_BYTES];
     out[0..4].copy_from_slice(&REPLY_MAGIC.to_le_bytes());
     out[4..8].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-    let code: u32 = match status {
-        HelloStatus::Ok => 0,
-        HelloStatus::Refused => 1,
+    let (code, detail): (u32, u32) = match status {
+        HelloStatus::Ok => (0, 0),
+        HelloStatus::Refused => (1, 0),
+        HelloStatus::ConnsMismatch { acceptor_conns } => (2, acceptor_conns),
     };
     out[8..12].copy_from_slice(&code.to_le_bytes());
+    out[12..16].copy_from_slice(&detail.to_le_bytes());
     stream
         .write_all(&out)
         .map_err(|e| TransportError::io("answering data hello", e))
@@ -140,8 +156,12 @@ pub fn read_reply(stream: &mut impl Read) -> Result<HelloStatus> {
             what: "the ring neighbour".into(),
         });
     }
+    let detail = u32::from_le_bytes(buf[12..16].try_into().expect("4 bytes"));
     match u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes")) {
         0 => Ok(HelloStatus::Ok),
+        2 => Ok(HelloStatus::ConnsMismatch {
+            acceptor_conns: detail,
+        }),
         _ => Ok(HelloStatus::Refused),
     }
 }
@@ -211,6 +231,31 @@ mod tests {
         assert!(err.contains(&(PROTOCOL_VERSION + 1).to_string()), "{err}");
         assert_eq!(
             read_reply(&mut Cursor::new(d.output)).unwrap(),
+            HelloStatus::Refused
+        );
+    }
+
+    #[test]
+    fn every_reply_round_trips_with_its_detail() {
+        for status in [
+            HelloStatus::Ok,
+            HelloStatus::Refused,
+            HelloStatus::ConnsMismatch { acceptor_conns: 3 },
+        ] {
+            let mut bytes = Vec::new();
+            write_reply(&mut bytes, status).unwrap();
+            assert_eq!(bytes.len(), REPLY_BYTES);
+            assert_eq!(read_reply(&mut Cursor::new(bytes)).unwrap(), status);
+        }
+    }
+
+    #[test]
+    fn an_unknown_status_reads_as_refused() {
+        let mut bytes = Vec::new();
+        write_reply(&mut bytes, HelloStatus::Ok).unwrap();
+        bytes[8..12].copy_from_slice(&7u32.to_le_bytes());
+        assert_eq!(
+            read_reply(&mut Cursor::new(bytes)).unwrap(),
             HelloStatus::Refused
         );
     }

@@ -5,8 +5,15 @@
 //! pool each way). Every connection opens with a [`DataHello`] that the acceptor checks: epoch,
 //! who is calling, the connection's index and the epoch's secret from the master. Anything else
 //! is refused and closed, so a stale or unauthorised dialler never feeds a collective.
+//!
+//! A predecessor that passes those checks but opens another number of connections per
+//! neighbour is told so ([`HelloStatus::ConnsMismatch`]), and both ends fail the round with an
+//! error naming both values: a misconfiguration, not something to wait out. Either direction
+//! failing stops the other at once, so that the round's outcome reaches the master promptly.
 
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use concord_master::proto::{PeerId, RingMember};
@@ -84,9 +91,19 @@ pub(crate) fn establish(listener: &TcpListener, setup: &RingSetup<'_>) -> Result
         });
     }
     let deadline = Instant::now() + setup.timeout;
+    // The first failure of either direction: it stops the other one, and is the round's error.
+    let failed: OnceLock<String> = OnceLock::new();
+    let stop = || (setup.cancelled)() || failed.get().is_some();
+    let record = |r: Result<Vec<TcpStream>, String>| {
+        if let Err(e) = &r {
+            let _ = failed.set(e.clone());
+        }
+        r
+    };
     let (dialled, accepted) = std::thread::scope(|s| {
-        let acceptor = s.spawn(|| accept_from(listener, setup, pred.peer_id, deadline));
-        let dialled = dial(setup, succ, deadline);
+        let acceptor =
+            s.spawn(|| record(accept_from(listener, setup, pred.peer_id, deadline, &stop)));
+        let dialled = record(dial(setup, succ, deadline, &stop));
         (
             dialled,
             acceptor
@@ -94,6 +111,9 @@ pub(crate) fn establish(listener: &TcpListener, setup: &RingSetup<'_>) -> Result
                 .unwrap_or_else(|_| Err("the accepting thread panicked".into())),
         )
     });
+    if let Some(first) = failed.into_inner() {
+        return Err(first);
+    }
     let (next, prev) = (dialled?, accepted?);
     for s in next.iter().chain(&prev) {
         s.set_read_timeout(setup.io_timeout)
@@ -109,17 +129,21 @@ pub(crate) fn establish(listener: &TcpListener, setup: &RingSetup<'_>) -> Result
     })
 }
 
+/// Whether to give up waiting: the master called the round off, or the other direction failed.
+type Stop<'a> = dyn Fn() -> bool + Sync + 'a;
+
 fn dial(
     setup: &RingSetup<'_>,
     succ: &RingMember,
     deadline: Instant,
+    stop: &Stop<'_>,
 ) -> Result<Vec<TcpStream>, String> {
     let addr: SocketAddr = resolve(&succ.data_addr).map_err(|e| e.to_string())?;
     let what = format!("ring successor {}", succ.peer_id);
     (0..setup.conns)
         .map(|i| {
             let left = deadline.saturating_duration_since(Instant::now());
-            let mut stream = connect_until(addr, &setup.options, left, &what, setup.cancelled)
+            let mut stream = connect_until(addr, &setup.options, left, &what, stop)
                 .map_err(|e| e.to_string())?;
             let hello = DataHello {
                 epoch: setup.epoch,
@@ -130,7 +154,7 @@ fn dial(
                 secret: setup.secret,
             };
             hello.send(&mut stream).map_err(|e| e.to_string())?;
-            let reply = read_reply_until(&mut stream, setup, deadline)
+            let reply = read_reply_until(&mut stream, setup, deadline, stop)
                 .map_err(|e| format!("{what} at {addr}: {e}"))?;
             match read_reply(&mut &reply[..]).map_err(|e| format!("{what} at {addr}: {e}"))? {
                 HelloStatus::Ok => Ok(stream),
@@ -138,6 +162,16 @@ fn dial(
                     "{what} at {addr} refused data connection {i} of epoch {}",
                     setup.epoch
                 )),
+                HelloStatus::ConnsMismatch { acceptor_conns } => {
+                    let why = format!(
+                        "{what} expects {acceptor_conns} connection(s) per neighbour (--conns \
+                         {acceptor_conns} / conns_per_neighbour), this peer opens {} (--conns \
+                         {}): give every peer the same value",
+                        setup.conns, setup.conns
+                    );
+                    log_mismatch(&why);
+                    Err(why)
+                }
             }
         })
         .collect()
@@ -149,6 +183,7 @@ fn read_reply_until(
     stream: &mut TcpStream,
     setup: &RingSetup<'_>,
     deadline: Instant,
+    stop: &Stop<'_>,
 ) -> Result<[u8; 16], String> {
     use std::io::Read;
     let mut reply = [0u8; 16];
@@ -166,8 +201,8 @@ fn read_reply_until(
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                if (setup.cancelled)() {
-                    return Err("the master called the connection round off".into());
+                if stop() {
+                    return Err(stopped(setup));
                 }
                 if Instant::now() >= deadline {
                     return Err("no hello reply before the deadline".into());
@@ -180,17 +215,28 @@ fn read_reply_until(
     Ok(reply)
 }
 
+/// Why a direction gave up when told to stop (the other direction's failure, if any, is what
+/// the round reports instead).
+fn stopped(setup: &RingSetup<'_>) -> String {
+    if (setup.cancelled)() {
+        "the master called the connection round off".into()
+    } else {
+        "stopped: the other direction of the ring failed".into()
+    }
+}
+
 fn accept_from(
     listener: &TcpListener,
     setup: &RingSetup<'_>,
     pred: PeerId,
     deadline: Instant,
+    stop: &Stop<'_>,
 ) -> Result<Vec<TcpStream>, String> {
     let mut slots: Vec<Option<TcpStream>> = (0..setup.conns).map(|_| None).collect();
     while slots.iter().any(Option::is_none) {
         let left = deadline.saturating_duration_since(Instant::now());
-        if (setup.cancelled)() {
-            return Err("the master called the connection round off".into());
+        if stop() {
+            return Err(stopped(setup));
         }
         if left.is_zero() {
             let got = slots.iter().filter(|s| s.is_some()).count();
@@ -228,13 +274,22 @@ fn accept_from(
             }
         };
         let index = hello.conn_index as usize;
-        let valid = hello.epoch == setup.epoch
+        let expected = hello.epoch == setup.epoch
             && hello.from == pred
             && hello.to == setup.me
-            && hello.secret == setup.secret
-            && hello.conn_count as usize == setup.conns
-            && index < setup.conns
-            && slots[index].is_none();
+            && hello.secret == setup.secret;
+        if expected && hello.conn_count as usize != setup.conns {
+            let _ = write_reply(
+                &mut stream,
+                HelloStatus::ConnsMismatch {
+                    acceptor_conns: setup.conns as u32,
+                },
+            );
+            let why = conns_mismatch(pred, hello.conn_count, setup.conns);
+            log_mismatch(&why);
+            return Err(why);
+        }
+        let valid = expected && index < setup.conns && slots[index].is_none();
         if !valid {
             tracing::warn!(
                 ?hello,
@@ -248,4 +303,24 @@ fn accept_from(
         slots[index] = Some(stream);
     }
     Ok(slots.into_iter().map(|s| s.expect("all filled")).collect())
+}
+
+/// The error of an acceptor whose predecessor opens another number of connections.
+fn conns_mismatch(pred: PeerId, theirs: u32, ours: usize) -> String {
+    format!(
+        "ring predecessor {pred} opens {theirs} connection(s) per neighbour (--conns {theirs} / \
+         conns_per_neighbour), this peer expects {ours} (--conns {ours}): give every peer the \
+         same value"
+    )
+}
+
+/// Logs a connections-per-neighbour mismatch as an error once per process (every round the
+/// group retries hits it again, both ways: the repeats go to debug).
+fn log_mismatch(why: &str) {
+    static LOGGED: AtomicBool = AtomicBool::new(false);
+    if LOGGED.swap(true, Ordering::Relaxed) {
+        tracing::debug!("{why}");
+    } else {
+        tracing::error!("{why}");
+    }
 }
