@@ -314,3 +314,128 @@ fn groups_run_side_by_side_with_their_own_keys() {
         "{weights:?}"
     );
 }
+
+/// Two data addresses on loopback that nothing listens on right now (for communicators whose
+/// data ports the test must know).
+fn two_free_loopback_addrs() -> [std::net::SocketAddr; 2] {
+    let probe = |_: u32| {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let first = probe(0);
+    let second = (1..)
+        .map(probe)
+        .find(|a| *a != first)
+        .expect("another port");
+    [first, second]
+}
+
+/// Two communicators on threads (data ports `ports`), each syncing one small entry `syncs`
+/// times after `before_syncs` ran: rank 0 changes it every time (send-only), rank 1 pulls it
+/// (receive-only). Returns each peer's final value and sync times.
+fn sync_small_entry(
+    syncs: u64,
+    ports: [std::net::SocketAddr; 2],
+    before_syncs: impl FnOnce(),
+) -> Vec<(f32, Vec<Duration>)> {
+    let master = MasterProcess::start();
+    let ready = std::sync::Arc::new(std::sync::Barrier::new(3));
+    let peers: Vec<_> = ports
+        .into_iter()
+        .map(|port| {
+            let (addr, ready) = (master.addr.clone(), std::sync::Arc::clone(&ready));
+            std::thread::spawn(move || {
+                let mut comm = concord::Communicator::builder(addr)
+                    .data_listen(port)
+                    .op_timeout(Duration::from_secs(60))
+                    .connect()
+                    .unwrap();
+                comm.wait_for_world(2, Duration::from_secs(60)).unwrap();
+                ready.wait(); // The group is up.
+                ready.wait(); // The test is ready for the syncs.
+                let rank = comm.rank();
+                let strategy = if rank == 0 {
+                    SyncStrategy::SendOnly
+                } else {
+                    SyncStrategy::ReceiveOnly
+                };
+                let (mut w, mut revision, mut times) = (vec![0f32; 256], 1, Vec::new());
+                for i in 0..syncs {
+                    if rank == 0 {
+                        w[0] = i as f32 + 1.0;
+                    }
+                    let mut state = SharedState::new(revision);
+                    state.add("w", &mut w);
+                    let start = std::time::Instant::now();
+                    let info = comm.sync_shared_state(&mut state, strategy).unwrap();
+                    times.push(start.elapsed());
+                    revision = info.revision + 1;
+                }
+                (rank, w[0], times)
+            })
+        })
+        .collect();
+    ready.wait();
+    before_syncs();
+    ready.wait();
+    let mut results: Vec<_> = peers.into_iter().map(|p| p.join().unwrap()).collect();
+    results.sort_by_key(|r| r.0);
+    results.into_iter().map(|(_, w, t)| (w, t)).collect()
+}
+
+/// A sync ends as soon as every peer is done: no polling interval of the holder's server sets
+/// a floor under it (it used to be 50 ms). Not a benchmark: a floor of tens of milliseconds
+/// shows however slow the host.
+#[test]
+fn a_small_sync_takes_milliseconds() {
+    if is_peer() {
+        return;
+    }
+    const SYNCS: u64 = 20;
+    let ports = two_free_loopback_addrs();
+    for (rank, (w, mut times)) in sync_small_entry(SYNCS, ports, || {})
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(w, SYNCS as f32, "rank {rank} holds the last change");
+        times.sort();
+        let median = times[times.len() / 2];
+        println!(
+            "rank {rank}: median sync {:.2} ms, min {:.2} ms, max {:.2} ms",
+            median.as_secs_f64() * 1e3,
+            times[0].as_secs_f64() * 1e3,
+            times[times.len() - 1].as_secs_f64() * 1e3
+        );
+        assert!(
+            median < Duration::from_millis(25),
+            "rank {rank}: median sync of one small entry took {median:?}: {times:?}"
+        );
+    }
+}
+
+/// Connections that never send a request do not use up a holder: with more of them open than
+/// it serves at once, the sync still gets its pulls through, without waiting for them to time
+/// out.
+#[test]
+fn idle_connections_do_not_keep_pullers_out() {
+    if is_peer() {
+        return;
+    }
+    let ports = two_free_loopback_addrs();
+    let mut idle = Vec::new();
+    let results = sync_small_entry(1, ports, || {
+        for port in ports {
+            for _ in 0..40 {
+                idle.push(std::net::TcpStream::connect(port).unwrap());
+            }
+        }
+    });
+    for (rank, (w, times)) in results.into_iter().enumerate() {
+        assert_eq!(w, 1.0, "rank {rank} holds the change");
+        assert!(
+            times[0] < Duration::from_secs(5),
+            "rank {rank}: the sync waited for idle connections: {times:?}"
+        );
+    }
+    drop(idle);
+}

@@ -1,16 +1,39 @@
 //! A holder serving the entries it has in the elected version to the peers that pull them.
+//!
+//! One thread accepts; each connection gets a thread of its own, at most [`MAX_HANDLERS`] at
+//! once, that reads its requests, each with its own deadline ([`REQUEST_WAIT`]). A connection
+//! waiting for its next request is idle: when every handler is taken, the connection idle the
+//! longest is closed to make room, so idle connections never keep a puller out; while all of
+//! them are serving, new connections wait in the listen backlog.
+//!
+//! The caller stops the server with a flag. Every wait here checks it at an interval that grows
+//! with the time the sync has run ([`poll_interval`]: 1 ms at first, a sixteenth of the time
+//! so far, at most 50 ms), so a sync of a few small entries ends within a millisecond of being
+//! told, and a long one costs at most a few wake-ups a second per thread.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use concord_transport::PROTOCOL_VERSION;
 
 use socket2::SockRef;
 
 use super::{MAX_KEY_BYTES, MAX_SOURCES, PULL_MAGIC};
+
+/// Most connections served at once, one thread each (every puller opens at most two to a
+/// holder).
+const MAX_HANDLERS: usize = 4 * MAX_SOURCES;
+/// How long a connection may stay silent before (or between) requests; then it is closed.
+const REQUEST_WAIT: Duration = Duration::from_secs(10);
+/// How long a puller may stop reading an answer before it is dropped.
+const WRITE_WAIT: Duration = Duration::from_secs(30);
+/// Bounds of the interval at which waits check the stop flag.
+const POLL_MIN: Duration = Duration::from_millis(1);
+const POLL_MAX: Duration = Duration::from_millis(50);
 
 /// Serves clean entries on `listener` until `stop` is set. Returns the bytes served.
 pub(crate) fn serve(
@@ -20,56 +43,173 @@ pub(crate) fn serve(
     revision: u64,
     stop: &AtomicBool,
 ) -> u64 {
+    let started = Instant::now();
     let served = AtomicU64::new(0);
+    let slots = Slots::new();
+    let job = Job {
+        clean,
+        secret,
+        revision,
+        stop,
+        started,
+        served: &served,
+        slots: &slots,
+    };
     std::thread::scope(|s| {
-        let mut handlers = 0usize;
         while !stop.load(Ordering::Acquire) {
-            let _ = SockRef::from(listener).set_read_timeout(Some(Duration::from_millis(50)));
-            let Ok((stream, _)) = listener.accept() else {
-                continue;
+            let _ = SockRef::from(listener).set_read_timeout(Some(poll_interval(started)));
+            let stream = match listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    // (Out of descriptors, say: wait a little rather than spin.)
+                    tracing::debug!("accepting a shared-state pull: {e}");
+                    std::thread::sleep(poll_interval(started));
+                    continue;
+                }
             };
-            if handlers >= 4 * MAX_SOURCES {
-                continue; // Bounded: a flood of connections is dropped.
-            }
-            handlers += 1;
-            let served = &served;
+            let Some(slot) = slots.claim(&stream, &job) else {
+                continue; // Stopped while every handler was serving, or the stream is unusable.
+            };
+            let job = &job;
             s.spawn(move || {
-                if let Err(e) = serve_one(stream, clean, secret, revision, stop, served) {
+                if let Err(e) = serve_one(stream, slot, job) {
                     tracing::debug!("shared-state pull connection ended: {e}");
                 }
+                job.slots.release(slot);
             });
         }
     });
     served.load(Ordering::Relaxed)
 }
 
-fn serve_one(
-    mut stream: TcpStream,
-    clean: &HashMap<&str, &[u8]>,
+/// How often a wait checks the stop flag, `started` being when the server started.
+fn poll_interval(started: Instant) -> Duration {
+    (started.elapsed() / 16).clamp(POLL_MIN, POLL_MAX)
+}
+
+/// What every handler shares.
+struct Job<'a> {
+    clean: &'a HashMap<&'a str, &'a [u8]>,
     secret: u64,
     revision: u64,
-    stop: &AtomicBool,
-    served: &AtomicU64,
-) -> std::io::Result<()> {
+    stop: &'a AtomicBool,
+    started: Instant,
+    served: &'a AtomicU64,
+    slots: &'a Slots,
+}
+
+/// What a handler is doing.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for a request since then: may be closed to make room.
+    Idle(Instant),
+    /// Reading or answering a request.
+    Busy,
+    /// Closed to make room; its handler is about to free the slot.
+    Closing,
+}
+
+struct Slot {
+    /// A handle on the connection, to close it when it is idle and the room is needed.
+    conn: TcpStream,
+    phase: Phase,
+}
+
+/// The handlers running, by slot.
+struct Slots {
+    slots: Mutex<Vec<Option<Slot>>>,
+    freed: Condvar,
+}
+
+impl Slots {
+    fn new() -> Self {
+        Slots {
+            slots: Mutex::new((0..MAX_HANDLERS).map(|_| None).collect()),
+            freed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Option<Slot>>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A slot for a new connection: a free one, else one an idle connection is closed to free.
+    /// Waits while every handler is serving; `None` once stopped.
+    fn claim(&self, stream: &TcpStream, job: &Job<'_>) -> Option<usize> {
+        let conn = stream.try_clone().ok()?;
+        let mut slots = self.lock();
+        loop {
+            if let Some(i) = slots.iter().position(Option::is_none) {
+                slots[i] = Some(Slot {
+                    conn,
+                    phase: Phase::Idle(Instant::now()),
+                });
+                return Some(i);
+            }
+            let longest_idle = slots
+                .iter_mut()
+                .flatten()
+                .filter_map(|s| match s.phase {
+                    Phase::Idle(since) => Some((since, s)),
+                    Phase::Busy | Phase::Closing => None,
+                })
+                .min_by_key(|(since, _)| *since);
+            if let Some((_, idle)) = longest_idle {
+                let _ = idle.conn.shutdown(Shutdown::Both);
+                idle.phase = Phase::Closing;
+            }
+            if job.stop.load(Ordering::Acquire) {
+                return None;
+            }
+            slots = self
+                .freed
+                .wait_timeout(slots, poll_interval(job.started))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Marks a handler idle (waiting for a request) or busy; a closing one stays closing.
+    fn set_idle(&self, slot: usize, idle: bool) {
+        let mut slots = self.lock();
+        let s = slots[slot].as_mut().expect("a handler owns its slot");
+        if s.phase != Phase::Closing {
+            s.phase = if idle {
+                Phase::Idle(Instant::now())
+            } else {
+                Phase::Busy
+            };
+        }
+    }
+
+    fn release(&self, slot: usize) {
+        let mut slots = self.lock();
+        assert!(slots[slot].is_some(), "a slot is released once");
+        slots[slot] = None;
+        self.freed.notify_all();
+    }
+}
+
+fn serve_one(mut stream: TcpStream, slot: usize, job: &Job<'_>) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+    stream.set_write_timeout(Some(WRITE_WAIT))?;
     loop {
         let mut head = [0u8; 44];
-        match stream.read_exact(&mut head) {
-            Ok(()) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                if stop.load(Ordering::Acquire) {
-                    return Ok(());
-                }
-                continue; // (No partial header can be lost: requests are written in one piece.)
-            }
-            Err(e) => return Err(e),
+        job.slots.set_idle(slot, true);
+        if !read_within(&mut stream, &mut head, job)? {
+            return Ok(()); // Closed between requests, or stopped.
         }
+        job.slots.set_idle(slot, false);
         let u32_at = |i: usize| u32::from_le_bytes(head[i..i + 4].try_into().expect("4"));
         let u64_at = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().expect("8"));
         let (magic, version, their_secret, their_rev) =
@@ -83,17 +223,19 @@ fn serve_one(
             return Err(std::io::Error::other("not a Concord shared-state pull"));
         }
         let mut key = vec![0u8; key_len];
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        stream.read_exact(&mut key)?;
-        stream.set_read_timeout(Some(Duration::from_millis(200)))?;
-        let data = std::str::from_utf8(&key).ok().and_then(|k| clean.get(k));
-        let valid = their_secret == secret && their_rev == revision;
+        if !read_within(&mut stream, &mut key, job)? {
+            return Err(std::io::Error::other("a pull request cut short"));
+        }
+        let data = std::str::from_utf8(&key)
+            .ok()
+            .and_then(|k| job.clean.get(k));
+        let valid = their_secret == job.secret && their_rev == job.revision;
         match data.filter(|d| valid && offset.checked_add(len).is_some_and(|end| end <= d.len())) {
             Some(d) => {
                 stream.write_all(&0u32.to_le_bytes())?;
                 stream.write_all(&d[offset..offset + len])?;
-                served.fetch_add(len as u64, Ordering::Relaxed);
-                crate::fault::kill_point("serve", Some(revision));
+                job.served.fetch_add(len as u64, Ordering::Relaxed);
+                crate::fault::kill_point("serve", Some(job.revision));
             }
             None => {
                 stream.write_all(&1u32.to_le_bytes())?;
@@ -103,4 +245,41 @@ fn serve_one(
             }
         }
     }
+}
+
+/// Fills `buf` within [`REQUEST_WAIT`], checking the stop flag meanwhile. `Ok(false)`: the
+/// puller closed the connection before sending anything, or the server was stopped.
+fn read_within(stream: &mut TcpStream, buf: &mut [u8], job: &Job<'_>) -> std::io::Result<bool> {
+    let deadline = Instant::now() + REQUEST_WAIT;
+    let mut got = 0;
+    while got < buf.len() {
+        if job.stop.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no pull request within {} s: closed",
+                    REQUEST_WAIT.as_secs()
+                ),
+            ));
+        }
+        stream.set_read_timeout(Some(poll_interval(job.started).min(left)))?;
+        match stream.read(&mut buf[got..]) {
+            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
 }
