@@ -242,6 +242,61 @@ fn striping_over_several_connections_per_neighbour_is_exact() {
     }
 }
 
+/// A flag that cannot apply is refused by name rather than silently ignored.
+#[test]
+fn flags_that_cannot_apply_are_refused() {
+    assert_refused(&["bench", "--local", "2", "--elastic"], "--elastic");
+    assert_refused(
+        &["bench", "--local", "2", "--socket-buffer", "0"],
+        "--socket-buffer 0",
+    );
+    assert_refused(
+        &["bench", "--local", "2", "--cuda-device", "1"],
+        "--cuda-device picks the GPU of --device cuda",
+    );
+    let peer = ["bench", "--master", "127.0.0.1:1", "--world", "2"];
+    let with = |extra: &[&'static str]| [&peer[..], extra].concat();
+    assert_refused(&with(&["--elastic", "--state"]), "two different runs");
+    for (mode, flag, value) in [
+        ("--state", "--json", Some("out.json")),
+        ("--state", "--in-place", None),
+        ("--state", "--transport", Some("socket")),
+        ("--state", "--socket-buffer", Some("1M")),
+        ("--state", "--spin-us", Some("0")),
+        ("--state", "-d", Some("half")),
+        ("--state", "-o", Some("max")),
+        ("--state", "-m", Some("4")),
+        ("--state", "--conns", Some("3")),
+        ("--state", "--sub-chunk", Some("1M")),
+        ("--elastic", "--json", Some("out.json")),
+        ("--elastic", "--in-place", None),
+        ("--elastic", "--transport", Some("socket")),
+        ("--elastic", "--socket-buffer", Some("1M")),
+        ("--elastic", "--spin-us", Some("0")),
+        ("--elastic", "-d", Some("int32")),
+        ("--elastic", "-o", Some("min")),
+    ] {
+        let mut args = with(&[mode, flag]);
+        args.extend(value);
+        assert_refused(&args, &format!("{flag} does nothing with {mode}"));
+    }
+}
+
+/// The flags a mode does read still work with it: `--local 2 --state` runs.
+#[test]
+fn local_state_run_still_takes_its_flags() {
+    let out = concord(&[
+        "bench", "--local", "2", "--state", "-e", "64K", "-n", "2", "-w", "1", "-T", "30",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("state sync of 65536 bytes"), "{stdout}");
+}
+
 /// Peers started with different `--conns` are told so, by name, on both sides, at once: it
 /// used to be refused as a stranger's connection, 30 s per try.
 #[test]

@@ -62,7 +62,7 @@ pub(crate) struct BenchArgs {
     /// Needs --master; --world is the group size to wait for before the first iteration.
     #[arg(long, requires = "master")]
     pub(crate) elastic: bool,
-    /// Measure shared-state sync instead: rank 0 changes `-b` bytes of state (in 8 MiB
+    /// Measure shared-state sync instead: rank 0 changes `-e` bytes of state (in 8 MiB
     /// entries) every iteration and the other peers (receive-only) pull it; compared with the
     /// all-reduce busbw of the same bytes, measured in the same run.
     #[arg(long)]
@@ -81,7 +81,7 @@ pub(crate) struct BenchArgs {
     /// `--local`, the embedded master; 0: never poll). Default: CONCORD_SPIN_US, else 100.
     #[arg(long)]
     pub(crate) spin_us: Option<u64>,
-    /// SO_SNDBUF/SO_RCVBUF of data sockets (default: kernel autotuning).
+    /// SO_SNDBUF/SO_RCVBUF of data sockets, in bytes (default: kernel autotuning).
     #[arg(long, value_parser = parse_size)]
     pub(crate) socket_buffer: Option<usize>,
     /// Where the buffers live: `cpu` (host memory) or `cuda` (GPU memory, reduced on the GPU;
@@ -204,6 +204,7 @@ impl BenchArgs {
                     .into(),
             );
         }
+        self.refuse_flags_without_effect()?;
         if self.device == BenchDevice::Cuda {
             if let Err(why) = concord::cuda_status() {
                 return Err(format!(
@@ -213,6 +214,84 @@ impl BenchArgs {
             }
         }
         Ok(())
+    }
+
+    /// Refuses a flag that would silently do nothing: one that applies only with another flag,
+    /// or one that the chosen kind of run (`--state`, `--elastic`) does not read.
+    fn refuse_flags_without_effect(&self) -> Result<(), String> {
+        if self.elastic && self.local.is_some() {
+            return Err(
+                "--elastic runs one peer of a group whose master runs elsewhere; --local \
+                 does not start elastic peers: start `concord master` and one `concord bench \
+                 --master ADDR --world N --elastic` per peer"
+                    .into(),
+            );
+        }
+        if self.elastic && self.state {
+            return Err("--elastic and --state are two different runs: give one of them".into());
+        }
+        if self.socket_buffer == Some(0) {
+            return Err(
+                "--socket-buffer 0: give a buffer size in bytes (K/M suffixes), or leave \
+                 the flag out for the kernel's autotuning"
+                    .into(),
+            );
+        }
+        if self.cuda_device.is_some() && self.device != BenchDevice::Cuda {
+            return Err(
+                "--cuda-device picks the GPU of --device cuda: add --device cuda, or drop \
+                 --cuda-device"
+                    .into(),
+            );
+        }
+        let (mode, what) = match (self.state, self.elastic) {
+            (true, _) => (
+                "--state",
+                "it syncs f32 entries and times f32 sums, on a communicator with the default \
+                 connection settings, and prints one line",
+            ),
+            (false, true) => (
+                "--elastic",
+                "it runs f32 sums on a communicator with the default transport and socket \
+                 settings, and prints JSON lines to stdout",
+            ),
+            (false, false) => return Ok(()),
+        };
+        let defaults = Self::defaults();
+        let mut ignored = vec![
+            ("--json", self.json.is_some()),
+            ("--in-place", self.in_place),
+            ("--transport", self.transport.is_some()),
+            ("--socket-buffer", self.socket_buffer.is_some()),
+            ("--spin-us", self.spin_us.is_some()),
+            ("-d", self.dtype != defaults.dtype),
+            ("-o", self.op != defaults.op),
+        ];
+        if self.state {
+            ignored.extend([
+                ("-m", self.ops.is_some()),
+                ("--conns", self.conns != defaults.conns),
+                ("--sub-chunk", self.sub_chunk != defaults.sub_chunk),
+            ]);
+        }
+        match ignored.into_iter().find(|(_, given)| *given) {
+            Some((flag, _)) => Err(format!(
+                "{flag} does nothing with {mode} ({what}): drop {flag}"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The flags' defaults (what an empty command line gives).
+    fn defaults() -> Self {
+        #[derive(clap::Parser)]
+        struct Bare {
+            #[command(flatten)]
+            args: BenchArgs,
+        }
+        <Bare as clap::Parser>::try_parse_from(["bench"])
+            .expect("every flag has a default or is optional")
+            .args
     }
 
     /// Collectives per iteration.
@@ -253,10 +332,14 @@ impl BenchArgs {
             ("-T", self.timeout_s.to_string()),
             ("--conns", self.conns.to_string()),
             ("--sub-chunk", self.sub_chunk.to_string()),
-            ("--spin-us", self.spin().as_micros().to_string()),
         ] {
             a.push(flag.into());
             a.push(v);
+        }
+        // Given only when given: the children inherit CONCORD_SPIN_US, and a --state child
+        // refuses --spin-us.
+        if let Some(us) = self.spin_us {
+            a.extend(["--spin-us".into(), us.to_string()]);
         }
         if let Some(m) = self.ops {
             a.push("-m".into());
