@@ -297,6 +297,38 @@ fn local_state_run_still_takes_its_flags() {
     assert!(stdout.contains("state sync of 65536 bytes"), "{stdout}");
 }
 
+/// A zero-byte row has no CPU cost per GB: N/A in the table, null in the JSON (it used to
+/// print CPU seconds divided by a clamped 1e-12).
+#[test]
+fn zero_byte_rows_print_no_cpu_figure() {
+    let json = std::env::temp_dir().join(format!("concord-zero-{}.json", std::process::id()));
+    let json_arg = json.display().to_string();
+    let out = concord(&[
+        "bench", "--local", "2", "-b", "0", "-e", "0", "-n", "2", "-w", "1", "--json", &json_arg,
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<&str> = stdout.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(rows.len(), 1, "one zero-byte row:\n{stdout}");
+    let columns: Vec<&str> = rows[0].split_whitespace().collect();
+    assert_eq!(columns[0], "0", "{stdout}");
+    assert_eq!(
+        columns.last(),
+        Some(&"N/A"),
+        "cpu(s/GB) of 0 bytes:\n{stdout}"
+    );
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    std::fs::remove_file(&json).ok();
+    let row = &doc["results"][0];
+    assert_eq!(row["size_bytes"], 0);
+    assert!(row["cpu_s_per_gb"].is_null(), "{row}");
+}
+
 /// Peers started with different `--conns` are told so, by name, on both sides, at once: it
 /// used to be refused as a stranger's connection, 30 s per try.
 #[test]

@@ -313,7 +313,8 @@ fn agree(
         algbw_gbps: algbw,
         busbw_gbps: algbw * 2.0 * (world as f64 - 1.0) / world as f64,
         wrong: if args.check == 1 { wrong_all[0] } else { 0 },
-        cpu_s_per_gb: cpu_all[0] / (moved as f64 * args.iters as f64 / 1e9).max(1e-12),
+        // Per GB of nothing is no figure: a zero-byte row has none.
+        cpu_s_per_gb: (moved > 0).then(|| cpu_all[0] / (moved as f64 * args.iters as f64 / 1e9)),
     })
 }
 

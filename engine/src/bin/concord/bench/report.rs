@@ -18,8 +18,9 @@ pub(super) struct Row {
     pub(super) algbw_gbps: f64,
     pub(super) busbw_gbps: f64,
     pub(super) wrong: u64,
-    /// CPU seconds (user + system, all peer processes) per GB of buffer reduced.
-    pub(super) cpu_s_per_gb: f64,
+    /// CPU seconds (user + system, all peer processes) per GB of buffer reduced; none for a
+    /// zero-byte row (N/A in the table, null in the JSON).
+    pub(super) cpu_s_per_gb: Option<f64>,
 }
 
 /// One table row (rank 0 prints it).
@@ -29,9 +30,12 @@ pub(super) fn print_row(out: &mut impl Write, row: &Row, checked: bool) {
     } else {
         "N/A".into()
     };
+    let cpu_col = row
+        .cpu_s_per_gb
+        .map_or_else(|| "N/A".into(), |c| format!("{c:.3}"));
     let _ = writeln!(
         out,
-        "{:>12} {:>12} {:>8} {:>6} {:>10.1} {:>8.3} {:>8.3} {:>7} {:>9.1} {:>9.1} {:>9.3}",
+        "{:>12} {:>12} {:>8} {:>6} {:>10.1} {:>8.3} {:>8.3} {:>7} {:>9.1} {:>9.1} {:>9}",
         row.size_bytes,
         row.count,
         row.dtype,
@@ -42,7 +46,7 @@ pub(super) fn print_row(out: &mut impl Write, row: &Row, checked: bool) {
         wrong_col,
         row.p10_us,
         row.p90_us,
-        row.cpu_s_per_gb
+        cpu_col
     );
     let _ = out.flush();
 }
