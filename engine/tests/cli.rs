@@ -364,3 +364,51 @@ fn a_conns_mismatch_is_named_on_both_sides_at_once() {
         }
     }
 }
+
+/// `-T` bounds the wait for `--world` peers: a lone peer gives up after it, naming it.
+#[test]
+fn minus_t_bounds_the_wait_for_the_world() {
+    let master = common::MasterProcess::start();
+    let args = ["bench", "--master", &master.addr, "--world", "2", "-T", "2"];
+    let (out, took) = finish(spawn(&args), &args, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a lone peer should give up:\n{stderr}"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "gave up after {took:?}:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("1 of 2 peers") && stderr.contains("-T 2"),
+        "{stderr}"
+    );
+}
+
+/// `-T` bounds the wait to be admitted too: a peer that the group never admits (its member
+/// never votes) gives up after it, naming it, instead of the builder's 600 s.
+#[test]
+fn minus_t_bounds_the_wait_to_be_admitted() {
+    let master = common::MasterProcess::start();
+    // The first peer is admitted alone, at once; it never calls update_topology.
+    let member = concord::Communicator::builder(master.addr.clone())
+        .connect()
+        .expect("the first peer is admitted");
+    let args = ["bench", "--master", &master.addr, "--world", "2", "-T", "2"];
+    let (out, took) = finish(spawn(&args), &args, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "an unadmitted peer should give up:\n{stderr}"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "gave up after {took:?}:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("admitted") && stderr.contains("-T 2"),
+        "{stderr}"
+    );
+    drop(member);
+}

@@ -42,7 +42,8 @@ pub(crate) struct BenchArgs {
     /// one blocking collective per iteration.
     #[arg(short = 'm', long = "ops")]
     pub(crate) ops: Option<usize>,
-    /// Deadline of each operation, in seconds.
+    /// Deadline of each operation, in seconds; with --master it also bounds the wait to be
+    /// admitted to the group and the wait for --world peers.
     #[arg(short = 'T', long = "timeout", default_value_t = 120)]
     pub(crate) timeout_s: u64,
     /// Also write the results as JSON to this file.

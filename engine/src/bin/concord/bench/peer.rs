@@ -156,13 +156,25 @@ pub(super) fn run_peer(args: &BenchArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// Connects to the master and waits until exactly `--world` peers are in.
+/// Connects to the master and waits until exactly `--world` peers are in: `-T` bounds both
+/// the wait to be admitted and the wait for the others.
 fn join(args: &BenchArgs) -> Result<Communicator, String> {
     let master = args.master.as_deref().expect("validated");
     let world = args.world.expect("validated");
     let timeout = Duration::from_secs(args.timeout_s);
+    let start = Instant::now();
+    // Only a wait that ran its full course is -T's doing (a ring that cannot be built is a
+    // timeout too, a quick one).
+    let timed_out = |e: concord::Error| match e {
+        concord::Error::Timeout(_) if start.elapsed() >= timeout => format!(
+            "{e} (-T {} bounds joining the group; give a larger -T to wait longer)",
+            args.timeout_s
+        ),
+        e => e.to_string(),
+    };
     let mut comm = Communicator::builder(master)
         .op_timeout(timeout)
+        .join_timeout(timeout)
         .conns_per_neighbour(args.conns)
         .sub_chunk_bytes(args.sub_chunk)
         .spin(args.spin())
@@ -172,9 +184,8 @@ fn join(args: &BenchArgs) -> Result<Communicator, String> {
             None => concord::BackendChoice::from_env_or(concord::BackendChoice::Auto)?,
         })
         .connect()
-        .map_err(|e| e.to_string())?;
-    comm.wait_for_world(world, timeout)
-        .map_err(|e| e.to_string())?;
+        .map_err(timed_out)?;
+    comm.wait_for_world(world, timeout).map_err(timed_out)?;
     if comm.world_size() != world {
         return Err(format!(
             "{} peers joined, more than --world {world}",
