@@ -7,7 +7,7 @@ use concord_master::proto::RingMember;
 
 use super::communicator::Communicator;
 use crate::peer::{flush, Inner};
-use crate::plane::links::{establish, RingSetup};
+use crate::plane::links::{establish, LinkError, RingSetup};
 use crate::plane::{DataPlane, PlaneEvents};
 use crate::protocol::TopoPhase;
 use crate::Error;
@@ -72,6 +72,7 @@ impl Communicator {
     /// Drives a topology vote to its end, re-voting after failed connection rounds.
     pub(super) fn finish_topology(&self, deadline: Instant, what: &str) -> Result<(), Error> {
         const MAX_ROUNDS: usize = 16;
+        let mut last_failure = String::new();
         for _ in 0..MAX_ROUNDS {
             let phase = self
                 .inner
@@ -86,6 +87,7 @@ impl Communicator {
                 TopoPhase::Done { .. } => return Ok(()),
                 TopoPhase::Failed { reason } => {
                     tracing::info!("connection round failed ({reason}); voting again");
+                    last_failure = reason;
                     self.revote()?;
                 }
                 TopoPhase::Connect {
@@ -103,7 +105,16 @@ impl Communicator {
                                 g.proto.install_ring(epoch, ring);
                                 g.proto.connect_finished(epoch, Ok(()));
                             }
-                            Err(e) => g.proto.connect_finished(epoch, Err(e)),
+                            Err(LinkError::Misconfigured(why)) => {
+                                // No round can fix it: fail the round for everyone, and this
+                                // call at once, saying why.
+                                g.proto.connect_finished(epoch, Err(why.clone()));
+                                flush(&mut g);
+                                return Err(Error::InvalidArgument(why));
+                            }
+                            Err(LinkError::Failed(why)) => {
+                                g.proto.connect_finished(epoch, Err(why))
+                            }
                         }
                         flush(&mut g);
                     }
@@ -113,13 +124,14 @@ impl Communicator {
                                 deadline,
                                 "waiting for the ring to be confirmed",
                                 |s| match s.proto.topology() {
-                                    TopoPhase::Done { .. } => Some(Ok(true)),
-                                    TopoPhase::Failed { .. } => Some(Ok(false)),
+                                    TopoPhase::Done { .. } => Some(Ok(None)),
+                                    TopoPhase::Failed { reason } => Some(Ok(Some(reason.clone()))),
                                     _ => None,
                                 },
                             )?;
-                    if confirmed {
-                        return Ok(());
+                    match confirmed {
+                        None => return Ok(()),
+                        Some(reason) => last_failure = reason,
                     }
                     self.revote()?;
                 }
@@ -127,7 +139,7 @@ impl Communicator {
             }
         }
         Err(Error::Timeout(format!(
-            "the ring could not be built in {MAX_ROUNDS} rounds"
+            "the ring could not be built in {MAX_ROUNDS} rounds; the last failed with: {last_failure}"
         )))
     }
 
@@ -148,7 +160,7 @@ impl Communicator {
         epoch: u64,
         secret: u64,
         ring: &[RingMember],
-    ) -> Result<DataPlane, String> {
+    ) -> Result<DataPlane, LinkError> {
         // Old connections go first: a neighbour must never see two epochs' streams at once.
         let old = self.inner.lock().plane.take();
         drop(old);
@@ -182,5 +194,6 @@ impl Communicator {
             Arc::clone(&self.inner.pace),
             events,
         )
+        .map_err(LinkError::Failed)
     }
 }

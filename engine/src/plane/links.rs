@@ -72,14 +72,38 @@ impl std::fmt::Debug for RingSetup<'_> {
     }
 }
 
+/// Why a ring epoch's connections could not be built.
+#[derive(Clone, Debug)]
+pub(crate) enum LinkError {
+    /// The two ends are configured differently (say, `--conns`): no retry can succeed.
+    Misconfigured(String),
+    /// Anything else (a neighbour lost, a deadline, a stale hello refused): a new round may
+    /// succeed.
+    Failed(String),
+}
+
+impl From<String> for LinkError {
+    fn from(why: String) -> Self {
+        LinkError::Failed(why)
+    }
+}
+
+impl std::fmt::Display for LinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkError::Misconfigured(why) | LinkError::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
 /// Builds the connections of a ring epoch. A ring of one needs none.
-pub(crate) fn establish(listener: &TcpListener, setup: &RingSetup<'_>) -> Result<Links, String> {
+pub(crate) fn establish(listener: &TcpListener, setup: &RingSetup<'_>) -> Result<Links, LinkError> {
     let n = setup.ring.len();
     let pos = setup
         .ring
         .iter()
         .position(|m| m.peer_id == setup.me)
-        .ok_or_else(|| "this peer is not in the ring it was given".to_string())?;
+        .ok_or_else(|| LinkError::Failed("this peer is not in the ring it was given".into()))?;
     let succ = &setup.ring[(pos + 1) % n];
     let pred = &setup.ring[(pos + n - 1) % n];
     if n == 1 {
@@ -92,9 +116,9 @@ pub(crate) fn establish(listener: &TcpListener, setup: &RingSetup<'_>) -> Result
     }
     let deadline = Instant::now() + setup.timeout;
     // The first failure of either direction: it stops the other one, and is the round's error.
-    let failed: OnceLock<String> = OnceLock::new();
+    let failed: OnceLock<LinkError> = OnceLock::new();
     let stop = || (setup.cancelled)() || failed.get().is_some();
-    let record = |r: Result<Vec<TcpStream>, String>| {
+    let record = |r: Result<Vec<TcpStream>, LinkError>| {
         if let Err(e) = &r {
             let _ = failed.set(e.clone());
         }
@@ -108,7 +132,7 @@ pub(crate) fn establish(listener: &TcpListener, setup: &RingSetup<'_>) -> Result
             dialled,
             acceptor
                 .join()
-                .unwrap_or_else(|_| Err("the accepting thread panicked".into())),
+                .unwrap_or_else(|_| Err(LinkError::Failed("the accepting thread panicked".into()))),
         )
     });
     if let Some(first) = failed.into_inner() {
@@ -117,9 +141,9 @@ pub(crate) fn establish(listener: &TcpListener, setup: &RingSetup<'_>) -> Result
     let (next, prev) = (dialled?, accepted?);
     for s in next.iter().chain(&prev) {
         s.set_read_timeout(setup.io_timeout)
-            .map_err(|e| format!("setting SO_RCVTIMEO: {e}"))?;
+            .map_err(|e| LinkError::Failed(format!("setting SO_RCVTIMEO: {e}")))?;
         s.set_write_timeout(setup.io_timeout)
-            .map_err(|e| format!("setting SO_SNDTIMEO: {e}"))?;
+            .map_err(|e| LinkError::Failed(format!("setting SO_SNDTIMEO: {e}")))?;
     }
     Ok(Links {
         next,
@@ -137,7 +161,7 @@ fn dial(
     succ: &RingMember,
     deadline: Instant,
     stop: &Stop<'_>,
-) -> Result<Vec<TcpStream>, String> {
+) -> Result<Vec<TcpStream>, LinkError> {
     let addr: SocketAddr = resolve(&succ.data_addr).map_err(|e| e.to_string())?;
     let what = format!("ring successor {}", succ.peer_id);
     (0..setup.conns)
@@ -158,10 +182,10 @@ fn dial(
                 .map_err(|e| format!("{what} at {addr}: {e}"))?;
             match read_reply(&mut &reply[..]).map_err(|e| format!("{what} at {addr}: {e}"))? {
                 HelloStatus::Ok => Ok(stream),
-                HelloStatus::Refused => Err(format!(
+                HelloStatus::Refused => Err(LinkError::Failed(format!(
                     "{what} at {addr} refused data connection {i} of epoch {}",
                     setup.epoch
-                )),
+                ))),
                 HelloStatus::ConnsMismatch { acceptor_conns } => {
                     let why = format!(
                         "{what} expects {acceptor_conns} connection(s) per neighbour (--conns \
@@ -170,7 +194,7 @@ fn dial(
                         setup.conns, setup.conns
                     );
                     log_mismatch(&why);
-                    Err(why)
+                    Err(LinkError::Misconfigured(why))
                 }
             }
         })
@@ -231,20 +255,20 @@ fn accept_from(
     pred: PeerId,
     deadline: Instant,
     stop: &Stop<'_>,
-) -> Result<Vec<TcpStream>, String> {
+) -> Result<Vec<TcpStream>, LinkError> {
     let mut slots: Vec<Option<TcpStream>> = (0..setup.conns).map(|_| None).collect();
     while slots.iter().any(Option::is_none) {
         let left = deadline.saturating_duration_since(Instant::now());
         if stop() {
-            return Err(stopped(setup));
+            return Err(stopped(setup).into());
         }
         if left.is_zero() {
             let got = slots.iter().filter(|s| s.is_some()).count();
-            return Err(format!(
+            return Err(LinkError::Failed(format!(
                 "ring predecessor {pred} opened {got} of {} data connections within {} ms (is the data port reachable from it?)",
                 setup.conns,
                 setup.timeout.as_millis()
-            ));
+            )));
         }
         // Linux honours SO_RCVTIMEO on accept(): a bounded wait without polling.
         SockRef::from(listener)
@@ -261,7 +285,7 @@ fn accept_from(
                 continue
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(format!("accepting data connections: {e}")),
+            Err(e) => return Err(format!("accepting data connections: {e}").into()),
         };
         let _ = stream.set_read_timeout(Some(
             left.clamp(Duration::from_millis(1), Duration::from_secs(5)),
@@ -287,12 +311,16 @@ fn accept_from(
             );
             let why = conns_mismatch(pred, hello.conn_count, setup.conns);
             log_mismatch(&why);
-            return Err(why);
+            return Err(LinkError::Misconfigured(why));
         }
         let valid = expected && index < setup.conns && slots[index].is_none();
         if !valid {
+            // The hello's secret is not logged: it would hand the epoch to whoever reads logs.
             tracing::warn!(
-                ?hello,
+                epoch = hello.epoch,
+                from = hello.from,
+                to = hello.to,
+                conn_index = hello.conn_index,
                 "refused a data connection that is not from this epoch's predecessor"
             );
             let _ = write_reply(&mut stream, HelloStatus::Refused);
