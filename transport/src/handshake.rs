@@ -26,7 +26,8 @@ use crate::{Result, TransportError, PROTOCOL_VERSION};
 pub const HELLO_MAGIC: u32 = 0x3148_4443;
 /// Magic of the reply ("CDR1").
 pub const REPLY_MAGIC: u32 = 0x3152_4443;
-const HELLO_BYTES: usize = 48;
+/// Bytes of a data hello on the wire.
+pub const HELLO_BYTES: usize = 48;
 const REPLY_BYTES: usize = 16;
 
 /// What a dialler says when it opens a data connection.

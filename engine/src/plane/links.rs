@@ -11,14 +11,16 @@
 //! error naming both values: a misconfiguration, not something to wait out. Either direction
 //! failing stops the other at once, so that the round's outcome reaches the master promptly.
 
+use std::collections::VecDeque;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use concord_master::proto::{PeerId, RingMember};
-use concord_transport::handshake::{read_reply, write_reply, DataHello, HelloStatus};
+use concord_transport::handshake::{read_reply, write_reply, DataHello, HelloStatus, HELLO_BYTES};
 use concord_transport::socket::{connect_until, resolve, SocketOptions};
+use concord_transport::PROTOCOL_VERSION;
 use socket2::SockRef;
 
 /// The connections of one ring epoch.
@@ -249,6 +251,35 @@ fn stopped(setup: &RingSetup<'_>) -> String {
     }
 }
 
+/// Most accepted connections whose hello has not arrived yet; past it the oldest is dropped.
+const MAX_WAITING_HELLOS: usize = 64;
+
+/// How long one accepted connection may take to send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether an accepted connection's hello is all there (or enough of it to answer).
+enum HelloState {
+    Arrived,
+    Pending,
+    Gone,
+}
+
+/// Looks at what an accepted (non-blocking) connection has sent, without taking it.
+fn hello_state(stream: &TcpStream) -> HelloState {
+    let mut buf = [0u8; HELLO_BYTES];
+    match stream.peek(&mut buf) {
+        Ok(0) => HelloState::Gone,
+        Ok(n) if n == HELLO_BYTES => HelloState::Arrived,
+        // Another version's hello may be shorter: the first 8 bytes say so, and are answered.
+        Ok(n) if n >= 8 && buf[4..8] != PROTOCOL_VERSION.to_le_bytes() => HelloState::Arrived,
+        Ok(_) => HelloState::Pending,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => HelloState::Pending,
+        Err(_) => HelloState::Gone,
+    }
+}
+
+/// Accepts the predecessor's connections. Hellos are read concurrently, each connection with
+/// a deadline of its own, so that idle or slow strangers on the data port delay nobody.
 fn accept_from(
     listener: &TcpListener,
     setup: &RingSetup<'_>,
@@ -257,8 +288,10 @@ fn accept_from(
     stop: &Stop<'_>,
 ) -> Result<Vec<TcpStream>, LinkError> {
     let mut slots: Vec<Option<TcpStream>> = (0..setup.conns).map(|_| None).collect();
+    let mut waiting: VecDeque<(TcpStream, Instant)> = VecDeque::new();
     while slots.iter().any(Option::is_none) {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let now = Instant::now();
+        let left = deadline.saturating_duration_since(now);
         if stop() {
             return Err(stopped(setup).into());
         }
@@ -270,11 +303,35 @@ fn accept_from(
                 setup.timeout.as_millis()
             )));
         }
-        // Linux honours SO_RCVTIMEO on accept(): a bounded wait without polling.
+        let mut i = 0;
+        while i < waiting.len() {
+            match hello_state(&waiting[i].0) {
+                HelloState::Arrived => {
+                    let (stream, _) = waiting.remove(i).expect("in range");
+                    take_hello(stream, setup, pred, &mut slots)?;
+                }
+                HelloState::Gone => drop(waiting.remove(i)),
+                HelloState::Pending if waiting[i].1 <= now => {
+                    tracing::debug!("dropped a data connection that sent no hello in time");
+                    drop(waiting.remove(i));
+                }
+                HelloState::Pending => i += 1,
+            }
+        }
+        if slots.iter().all(Option::is_some) {
+            break;
+        }
+        // Linux honours SO_RCVTIMEO on accept(): a bounded wait without polling while nothing
+        // is pending, a short one while hellos are awaited.
+        let wait = if waiting.is_empty() {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_millis(2)
+        };
         SockRef::from(listener)
-            .set_read_timeout(Some(left.min(Duration::from_millis(100))))
+            .set_read_timeout(Some(left.min(wait)))
             .map_err(|e| e.to_string())?;
-        let mut stream = match listener.accept() {
+        let stream = match listener.accept() {
             Ok((s, _)) => s,
             Err(e)
                 if matches!(
@@ -287,50 +344,73 @@ fn accept_from(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(format!("accepting data connections: {e}").into()),
         };
-        let _ = stream.set_read_timeout(Some(
-            left.clamp(Duration::from_millis(1), Duration::from_secs(5)),
-        ));
-        let hello = match DataHello::receive(&mut stream) {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::warn!("refused a data connection: {e}");
-                continue;
-            }
-        };
-        let index = hello.conn_index as usize;
-        let expected = hello.epoch == setup.epoch
-            && hello.from == pred
-            && hello.to == setup.me
-            && hello.secret == setup.secret;
-        if expected && hello.conn_count as usize != setup.conns {
-            let _ = write_reply(
-                &mut stream,
-                HelloStatus::ConnsMismatch {
-                    acceptor_conns: setup.conns as u32,
-                },
-            );
-            let why = conns_mismatch(pred, hello.conn_count, setup.conns);
-            log_mismatch(&why);
-            return Err(LinkError::Misconfigured(why));
-        }
-        let valid = expected && index < setup.conns && slots[index].is_none();
-        if !valid {
-            // The hello's secret is not logged: it would hand the epoch to whoever reads logs.
+        stream
+            .set_nonblocking(true)
+            .map_err(|e| format!("making a data connection non-blocking: {e}"))?;
+        waiting.push_back((stream, now + HELLO_TIMEOUT.min(left)));
+        if waiting.len() > MAX_WAITING_HELLOS {
             tracing::warn!(
-                epoch = hello.epoch,
-                from = hello.from,
-                to = hello.to,
-                conn_index = hello.conn_index,
-                "refused a data connection that is not from this epoch's predecessor"
+                "more than {MAX_WAITING_HELLOS} data connections without a hello; dropping the oldest"
             );
-            let _ = write_reply(&mut stream, HelloStatus::Refused);
-            continue;
+            waiting.pop_front();
         }
-        setup.options.apply(&stream).map_err(|e| e.to_string())?;
-        write_reply(&mut stream, HelloStatus::Ok).map_err(|e| e.to_string())?;
-        slots[index] = Some(stream);
     }
     Ok(slots.into_iter().map(|s| s.expect("all filled")).collect())
+}
+
+/// Reads an arrived hello and, if it is one of this epoch's predecessor's connections, puts
+/// the connection in its slot; anything else is refused (and the round goes on), except a
+/// misconfiguration, which fails it.
+fn take_hello(
+    mut stream: TcpStream,
+    setup: &RingSetup<'_>,
+    pred: PeerId,
+    slots: &mut [Option<TcpStream>],
+) -> Result<(), LinkError> {
+    stream
+        .set_nonblocking(false)
+        .and_then(|()| stream.set_read_timeout(Some(Duration::from_millis(100))))
+        .map_err(|e| format!("setting up a data connection: {e}"))?;
+    let hello = match DataHello::receive(&mut stream) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!("refused a data connection: {e}");
+            return Ok(());
+        }
+    };
+    let index = hello.conn_index as usize;
+    let expected = hello.epoch == setup.epoch
+        && hello.from == pred
+        && hello.to == setup.me
+        && hello.secret == setup.secret;
+    if expected && hello.conn_count as usize != setup.conns {
+        let _ = write_reply(
+            &mut stream,
+            HelloStatus::ConnsMismatch {
+                acceptor_conns: setup.conns as u32,
+            },
+        );
+        let why = conns_mismatch(pred, hello.conn_count, setup.conns);
+        log_mismatch(&why);
+        return Err(LinkError::Misconfigured(why));
+    }
+    let valid = expected && index < setup.conns && slots[index].is_none();
+    if !valid {
+        // The hello's secret is not logged: it would hand the epoch to whoever reads logs.
+        tracing::warn!(
+            epoch = hello.epoch,
+            from = hello.from,
+            to = hello.to,
+            conn_index = hello.conn_index,
+            "refused a data connection that is not from this epoch's predecessor"
+        );
+        let _ = write_reply(&mut stream, HelloStatus::Refused);
+        return Ok(());
+    }
+    setup.options.apply(&stream).map_err(|e| e.to_string())?;
+    write_reply(&mut stream, HelloStatus::Ok).map_err(|e| e.to_string())?;
+    slots[index] = Some(stream);
+    Ok(())
 }
 
 /// The error of an acceptor whose predecessor opens another number of connections.
@@ -350,5 +430,75 @@ fn log_mismatch(why: &str) {
         tracing::debug!("{why}");
     } else {
         tracing::error!("{why}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Strangers that connect to a data port and say nothing (or half a hello) cost the ring
+    /// nothing: the predecessor's connection, arriving after them, is taken at once.
+    #[test]
+    fn idle_connections_do_not_delay_the_predecessor() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let idle: Vec<TcpStream> = (0..10)
+            .map(|i| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                if i % 2 == 0 {
+                    std::io::Write::write_all(&mut s, &[0x43, 0x44, 0x48]).unwrap();
+                }
+                s
+            })
+            .collect();
+        let ring = [
+            RingMember {
+                peer_id: 1,
+                data_addr: addr.to_string(),
+            },
+            RingMember {
+                peer_id: 2,
+                data_addr: addr.to_string(),
+            },
+        ];
+        let never = || false;
+        let setup = RingSetup {
+            me: 2,
+            epoch: 7,
+            secret: 99,
+            ring: &ring,
+            conns: 1,
+            options: SocketOptions::default(),
+            timeout: Duration::from_secs(20),
+            io_timeout: None,
+            cancelled: &never,
+        };
+        let start = Instant::now();
+        let dialler = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            let mut s = TcpStream::connect(addr).unwrap();
+            DataHello {
+                epoch: 7,
+                from: 1,
+                to: 2,
+                conn_index: 0,
+                conn_count: 1,
+                secret: 99,
+            }
+            .send(&mut s)
+            .unwrap();
+            read_reply(&mut s).unwrap()
+        });
+        let deadline = start + setup.timeout;
+        let accepted = accept_from(&listener, &setup, 1, deadline, &|| false).unwrap();
+        assert_eq!(accepted.len(), 1);
+        assert_eq!(dialler.join().unwrap(), HelloStatus::Ok);
+        let took = start.elapsed();
+        assert!(
+            took < Duration::from_secs(2),
+            "the predecessor waited {took:?} behind idle connections (each may take 5 s)"
+        );
+        drop(idle);
     }
 }
