@@ -30,6 +30,7 @@ impl Coordinator {
                 Conn::Peer(_) => None,
             })
             .chain(self.next_heartbeat)
+            .chain(self.pending_deadline())
             .min()
     }
 
@@ -61,9 +62,23 @@ impl Coordinator {
         self.colls.len()
     }
 
-    /// A new connection from `ip`.
+    /// A new connection from `ip`. Beyond `max_connections` in all or `max_connections_per_ip`
+    /// from `ip`, it is refused (a `Refused` naming the limit, then closed) and not counted.
     pub fn handle_connect(&mut self, conn: ConnId, ip: IpAddr, now: Instant) {
         self.now = Some(now);
+        if let Some(reason) = self.over_limit(ip) {
+            self.log_refusal(ip, &reason, now);
+            self.out.push_back(Output::Send {
+                conn,
+                msg: MasterMsg::Refused {
+                    version: PROTOCOL_VERSION,
+                    reason,
+                },
+            });
+            self.out.push_back(Output::Close { conn });
+            return;
+        }
+        self.ledger.open(conn, ip);
         let deadline = now + self.config.hello_timeout;
         let previous = self
             .conns
@@ -71,9 +86,12 @@ impl Coordinator {
         assert!(previous.is_none(), "connection id {conn} reused while open");
     }
 
-    /// The connection closed (by the peer or by an I/O error).
+    /// The I/O shell dropped the connection: the peer closed it, an I/O error broke it, or the
+    /// shell closed it after an [`Output::Close`]. The shell reports every connection it drops,
+    /// once; until then the connection counts against the connection limits.
     pub fn handle_disconnect(&mut self, conn: ConnId, now: Instant) {
         self.now = Some(now);
+        self.ledger.close(conn);
         if let Some(Conn::Peer(id)) = self.conns.remove(&conn) {
             self.remove_peer(id, &format!("peer {id} disconnected"));
         }
@@ -104,7 +122,8 @@ impl Coordinator {
         self.reevaluate();
     }
 
-    /// Deadlines: connections that never said hello are closed.
+    /// Deadlines: connections that never said hello are closed, peers never admitted are
+    /// refused, and heartbeats are sent.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.now = Some(now);
         if self.next_heartbeat.is_some_and(|t| t <= now) {
@@ -112,6 +131,7 @@ impl Coordinator {
             self.heartbeat(now);
         }
         self.expire_hellos(now);
+        self.expire_pending(now);
         self.reevaluate();
     }
 
@@ -200,6 +220,7 @@ impl Coordinator {
         self.reevaluate_topology(&accepted, has_pending);
         self.reevaluate_collectives(&accepted);
         self.reevaluate_sync(&accepted);
+        self.track_pending();
         self.arm_heartbeat();
     }
 }

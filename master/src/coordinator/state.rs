@@ -48,6 +48,18 @@ pub struct CoordinatorConfig {
     /// A pinged peer that sends nothing for this long is kicked (stalled, hung or cut off): the
     /// survivors' collectives abort naming it, instead of waiting for it forever.
     pub heartbeat_timeout: Duration,
+    /// A registered peer that no vote admits within this time is refused and closed, so that
+    /// peers nobody admits cannot fill `max_peers`. Default 600 s: as long as a peer waits to be
+    /// admitted by default (the engine's `join_timeout`), past which it has given up anyway.
+    pub pending_timeout: Duration,
+    /// Most connections at once, including those yet to say hello; further ones are refused and
+    /// closed at once. Each costs the master one file descriptor and up to one message of read
+    /// buffer (1 MiB), so keep it under the process's open-files limit. Default 4096
+    /// (4 × the default `max_peers`).
+    pub max_connections: usize,
+    /// Most connections at once from one IP address (a host running many peers needs one per
+    /// peer). Default 64.
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -59,6 +71,9 @@ impl Default for CoordinatorConfig {
             secret_seed: 0x5eed,
             heartbeat_interval: Duration::from_millis(500),
             heartbeat_timeout: Duration::from_secs(3),
+            pending_timeout: Duration::from_secs(600),
+            max_connections: 4096,
+            max_connections_per_ip: 64,
         }
     }
 }
@@ -68,6 +83,36 @@ pub(super) enum Conn {
     AwaitingHello { ip: IpAddr, deadline: Instant },
     Peer(PeerId),
 }
+
+/// The connections the I/O shell holds open, counted per address for the limits: a connection
+/// enters at `handle_connect` and leaves at `handle_disconnect` (the shell reports every
+/// connection it drops, also those the coordinator closed), so each one counted holds a
+/// descriptor in the shell.
+#[derive(Debug, Default)]
+pub(super) struct Ledger {
+    pub(super) ips: BTreeMap<ConnId, IpAddr>,
+    /// Open connections per address; no entry is zero.
+    pub(super) per_ip: BTreeMap<IpAddr, usize>,
+}
+
+/// Refused connections are logged once per address per [`REFUSAL_LOG_INTERVAL`], so that a
+/// flood cannot flood the log; the map of addresses is bounded by [`MAX_REFUSAL_LOG_ADDRS`].
+#[derive(Debug, Default)]
+pub(super) struct RefusalLog {
+    /// When each address's refusal was last logged.
+    pub(super) logged_at: BTreeMap<IpAddr, Instant>,
+    /// Refusals not logged since the last summary.
+    pub(super) unlogged: u64,
+    /// When the last summary of unlogged refusals was written.
+    pub(super) summary_at: Option<Instant>,
+    /// When `logged_at` was last pruned of stale addresses (at most once a second while full).
+    pub(super) pruned_at: Option<Instant>,
+}
+
+/// How often the refusals of one address are logged.
+pub(super) const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
+/// Most addresses whose last logged refusal is remembered.
+pub(super) const MAX_REFUSAL_LOG_ADDRS: usize = 1024;
 
 #[derive(Debug)]
 pub(super) struct Peer {
@@ -168,8 +213,12 @@ pub struct Coordinator {
     pub(super) out: VecDeque<Output>,
     /// The latest time an input carried.
     pub(super) now: Option<Instant>,
-    /// Next heartbeat tick, while something is under way.
+    /// Next heartbeat tick, while something is under way or peers wait to be admitted.
     pub(super) next_heartbeat: Option<Instant>,
+    /// When each peer still waiting to be admitted registered.
+    pub(super) pending_since: BTreeMap<PeerId, Instant>,
+    pub(super) ledger: Ledger,
+    pub(super) refusals: RefusalLog,
 }
 
 impl Coordinator {
@@ -194,6 +243,9 @@ impl Coordinator {
             out: VecDeque::new(),
             now: None,
             next_heartbeat: None,
+            pending_since: BTreeMap::new(),
+            ledger: Ledger::default(),
+            refusals: RefusalLog::default(),
         }
     }
 

@@ -1184,3 +1184,248 @@ mod shared_state_more {
         assert!(pulls(&out, 1).is_empty() && pulls(&out, 2).is_empty());
     }
 }
+
+/// Deadlines for peers never admitted, and the limits on connections.
+mod limits {
+    use std::net::IpAddr;
+
+    use super::*;
+
+    fn with(config: CoordinatorConfig) -> H {
+        H {
+            c: Coordinator::new(config),
+            now: Instant::now(),
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn refused(msgs: &[MasterMsg]) -> Option<String> {
+        msgs.iter().find_map(|m| match m {
+            MasterMsg::Refused { reason, .. } => Some(reason.clone()),
+            _ => None,
+        })
+    }
+
+    /// Runs the coordinator's deadlines until `until`, peers `answering` answering every ping.
+    fn run_until(h: &mut H, until: Instant, answering: &[ConnId]) -> Vec<Output> {
+        let mut all = Vec::new();
+        while let Some(t) = h.c.poll_timeout().filter(|t| *t <= until) {
+            h.now = t;
+            h.c.handle_timeout(t);
+            let out = h.drain();
+            for conn in answering {
+                if H::sent_to(&out, *conn).contains(&MasterMsg::Ping) {
+                    all.extend(h.msg(*conn, PeerMsg::Pong));
+                }
+            }
+            all.extend(out);
+        }
+        h.now = until;
+        all
+    }
+
+    #[test]
+    fn a_peer_nobody_admits_is_refused_at_its_deadline_and_frees_its_slot() {
+        let config = CoordinatorConfig {
+            max_peers: 2,
+            ..CoordinatorConfig::default()
+        };
+        let pending_timeout = config.pending_timeout;
+        assert_eq!(pending_timeout, Duration::from_secs(600), "the default");
+        let mut h = with(config);
+        let out = h.hello(1);
+        let epoch = topology_epoch(&H::sent_to(&out, 1)).unwrap();
+        let detail = String::new();
+        h.msg(
+            1,
+            PeerMsg::ConnectResult {
+                epoch,
+                ok: true,
+                detail,
+            },
+        );
+        let registered = h.now;
+        h.hello(2);
+        assert_eq!(h.c.pending(), vec![2]);
+        let out = h.hello(3);
+        assert!(refused(&H::sent_to(&out, 3)).unwrap().contains("full"));
+        assert!(h.c.poll_timeout().unwrap() <= registered + pending_timeout);
+
+        // Answering its pings keeps it alive, not admitted: just before the deadline it waits.
+        let out = run_until(
+            &mut h,
+            registered + pending_timeout - Duration::from_millis(1),
+            &[2],
+        );
+        assert!(!H::closed(&out, 2), "{out:?}");
+        assert!(
+            H::sent_to(&out, 1).is_empty(),
+            "an idle member is not pinged"
+        );
+        let out = run_until(&mut h, registered + pending_timeout, &[2]);
+        let reason = refused(&H::sent_to(&out, 2)).expect("refused at the deadline");
+        assert!(
+            reason.contains("not admitted within 600 s") && reason.contains("update_topology"),
+            "{reason}"
+        );
+        assert!(H::closed(&out, 2));
+        assert!(h.c.pending().is_empty());
+        assert_eq!(h.c.accepted(), vec![1], "the group is untouched");
+        h.c.handle_disconnect(2, h.now);
+        h.drain();
+        assert!(h.c.poll_timeout().is_none(), "nothing left to watch");
+        let out = h.hello(4);
+        assert!(refused(&H::sent_to(&out, 4)).is_none(), "{out:?}");
+        assert_eq!(h.c.pending().len(), 1, "the slot is free again");
+    }
+
+    #[test]
+    fn a_pending_peer_that_stops_answering_pings_is_kicked() {
+        let mut h = H::new();
+        let out = h.hello(1);
+        let epoch = topology_epoch(&H::sent_to(&out, 1)).unwrap();
+        let detail = String::new();
+        h.msg(
+            1,
+            PeerMsg::ConnectResult {
+                epoch,
+                ok: true,
+                detail,
+            },
+        );
+        assert!(h.c.poll_timeout().is_none());
+        h.hello(2);
+        h.hello(3);
+        let timeout = CoordinatorConfig::default().heartbeat_timeout;
+        let interval = CoordinatorConfig::default().heartbeat_interval;
+        let start = h.now;
+        // Peer 3 answers, peer 2 is stopped.
+        let out = run_until(&mut h, start + timeout + interval * 2, &[3]);
+        assert!(H::sent_to(&out, 2).contains(&MasterMsg::Ping));
+        assert!(
+            kicked(&H::sent_to(&out, 2)).unwrap().contains("heartbeats"),
+            "{out:?}"
+        );
+        assert!(H::closed(&out, 2));
+        assert!(!H::closed(&out, 3));
+        assert!(
+            H::sent_to(&out, 1).is_empty(),
+            "the idle member is not pinged"
+        );
+        assert_eq!(h.c.pending(), vec![3]);
+        // Once admitted, the idle group is not pinged any more.
+        let out = h.msg(1, PeerMsg::AcceptVote);
+        let epoch = topology_epoch(&H::sent_to(&out, 1)).unwrap();
+        for conn in [1, 3] {
+            let detail = String::new();
+            h.msg(
+                conn,
+                PeerMsg::ConnectResult {
+                    epoch,
+                    ok: true,
+                    detail,
+                },
+            );
+        }
+        assert_eq!(h.c.accepted(), vec![1, 3]);
+        assert!(h.c.poll_timeout().is_none(), "an idle group costs nothing");
+    }
+
+    #[test]
+    fn connections_beyond_the_per_address_limit_are_refused_until_one_closes() {
+        let config = CoordinatorConfig {
+            max_connections_per_ip: 2,
+            ..CoordinatorConfig::default()
+        };
+        let mut h = with(config);
+        for conn in [1, 2] {
+            h.c.handle_connect(conn, ip("10.0.0.1"), h.now);
+        }
+        h.c.handle_connect(3, ip("10.0.0.2"), h.now);
+        assert!(h.drain().is_empty(), "within the limits");
+        h.c.handle_connect(4, ip("10.0.0.1"), h.now);
+        let out = h.drain();
+        let reason = refused(&H::sent_to(&out, 4)).expect("refused");
+        assert!(
+            reason.contains("10.0.0.1") && reason.contains("--max-connections-per-ip"),
+            "{reason}"
+        );
+        assert!(H::closed(&out, 4));
+        // Its late bytes and its drop change nothing.
+        h.c.handle_message(4, PeerMsg::Goodbye, h.now);
+        h.c.handle_disconnect(4, h.now);
+        assert!(h.drain().is_empty());
+        h.c.handle_connect(5, ip("10.0.0.1"), h.now);
+        assert!(H::closed(&h.drain(), 5), "still two open from 10.0.0.1");
+        h.c.handle_disconnect(5, h.now);
+        h.c.handle_disconnect(1, h.now);
+        h.c.handle_connect(6, ip("10.0.0.1"), h.now);
+        assert!(h.drain().is_empty(), "a dropped connection frees its slot");
+        assert_eq!(h.c.connection_count(), 3);
+    }
+
+    #[test]
+    fn connections_beyond_the_total_are_refused_and_count_until_the_shell_drops_them() {
+        let config = CoordinatorConfig {
+            max_connections: 3,
+            ..CoordinatorConfig::default()
+        };
+        let mut h = with(config);
+        for conn in 1..=3u64 {
+            h.c.handle_connect(conn, ip(&format!("10.0.0.{conn}")), h.now);
+        }
+        h.c.handle_connect(4, ip("10.0.0.4"), h.now);
+        let out = h.drain();
+        let reason = refused(&H::sent_to(&out, 4)).expect("refused");
+        assert!(reason.contains("--max-connections"), "{reason}");
+        // Connection 1 never says hello: the coordinator closes it, but its descriptor is held
+        // until the shell drops it.
+        let deadline = h.c.poll_timeout().unwrap();
+        h.c.handle_timeout(deadline);
+        assert!(H::closed(&h.drain(), 1));
+        h.c.handle_connect(5, ip("10.0.0.5"), h.now);
+        assert!(H::closed(&h.drain(), 5), "connection 1 is not dropped yet");
+        h.c.handle_disconnect(5, h.now);
+        for conn in 1..=3 {
+            h.c.handle_disconnect(conn, h.now);
+        }
+        h.drain();
+        for conn in 6..=8u64 {
+            h.c.handle_connect(conn, ip("10.0.0.6"), h.now);
+        }
+        assert!(h.drain().is_empty(), "every slot is free again");
+    }
+
+    #[test]
+    fn refusals_of_a_flood_are_remembered_for_a_bounded_number_of_addresses() {
+        let config = CoordinatorConfig {
+            max_connections: 1,
+            ..CoordinatorConfig::default()
+        };
+        let mut h = with(config);
+        h.c.handle_connect(1, ip("10.0.0.1"), h.now);
+        let flood = (super::super::state::MAX_REFUSAL_LOG_ADDRS as u64) * 3;
+        for conn in 2..2 + flood {
+            let addr = IpAddr::V6(std::net::Ipv6Addr::from(conn as u128));
+            h.c.handle_connect(conn, addr, h.now);
+            h.c.handle_disconnect(conn, h.now);
+        }
+        let out = h.drain();
+        assert_eq!(
+            out.iter()
+                .filter(|o| matches!(o, Output::Close { .. }))
+                .count() as u64,
+            flood
+        );
+        assert!(h.c.refusals.logged_at.len() <= super::super::state::MAX_REFUSAL_LOG_ADDRS);
+        assert!(h.c.refusals.unlogged > 0);
+        // A minute later, the addresses are forgotten and logging resumes.
+        h.now += Duration::from_secs(61);
+        h.c.handle_connect(flood + 10, ip("10.9.9.9"), h.now);
+        assert!(h.c.refusals.logged_at.len() <= 1, "stale addresses pruned");
+        assert_eq!(h.c.connection_count(), 1);
+    }
+}
