@@ -15,10 +15,12 @@ const CANCEL_GRACE: Duration = Duration::from_secs(5);
 pub(crate) fn watchdog(inner: Weak<Inner>) {
     loop {
         let Some(inner) = inner.upgrade() else { return };
+        let mut g = inner.lock();
+        // Checked under the lock: `begin_shutdown` sets the flag, then notifies under the lock,
+        // so a shutdown either shows here or wakes the wait below (never falls in between).
         if inner.shutting_down() {
             return;
         }
-        let mut g = inner.lock();
         let now = Instant::now();
         let mut next: Option<Instant> = None;
         let mut late = Vec::new();
