@@ -352,7 +352,11 @@ fn a_conns_mismatch_is_named_on_both_sides_at_once() {
             "concord {args:?} took {took:?} to fail:\n{stderr}"
         );
         // The process's own last word says it, not only a log line before it.
-        let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+        let last = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
         for needle in [
             "conns_per_neighbour",
             "--conns 1",
