@@ -384,8 +384,9 @@ fn sync_small_entry(
 }
 
 /// A sync ends as soon as every peer is done: no polling interval of the holder's server sets
-/// a floor under it (it used to be 50 ms). Not a benchmark: a floor of tens of milliseconds
-/// shows however slow the host.
+/// a floor under it (it used to be 50 ms, so no sync could end sooner). Not a benchmark: it
+/// asks only that the fastest of 20 syncs beats the old floor, which holds on a loaded host
+/// too (the other tests of this binary run beside it).
 #[test]
 fn a_small_sync_takes_milliseconds() {
     if is_peer() {
@@ -407,8 +408,8 @@ fn a_small_sync_takes_milliseconds() {
             times[times.len() - 1].as_secs_f64() * 1e3
         );
         assert!(
-            median < Duration::from_millis(25),
-            "rank {rank}: median sync of one small entry took {median:?}: {times:?}"
+            times[0] < Duration::from_millis(40),
+            "rank {rank}: no sync of one small entry beat the old 50 ms floor: {times:?}"
         );
     }
 }
