@@ -4,15 +4,15 @@
 //! names nothing of theirs.
 
 /// A raw view of a buffer that outlives the operation (its owner waits for `busy == 0` before
-/// reusing it; see [`Op::retire_and_wait`]).
+/// reusing it; see [`Attempt::retire_and_wait`]).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RawBuf {
     pub(crate) ptr: *mut u8,
     pub(crate) len: usize,
 }
 
-// SAFETY: a RawBuf is only dereferenced inside an `Op::enter` guard, for disjoint ranges handed
-// between threads by the release/acquire flags of `Op`; the owner keeps the memory alive and
+// SAFETY: a RawBuf is only dereferenced inside an `Attempt::enter` guard, for disjoint ranges handed
+// between threads by the release/acquire flags of `Attempt`; the owner keeps the memory alive and
 // untouched until the operation is retired and idle.
 unsafe impl Send for RawBuf {}
 // SAFETY: as above.

@@ -348,7 +348,7 @@ fn a_conns_mismatch_is_named_on_both_sides_at_once() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "concord {args:?} should fail");
         assert!(
-            took < Duration::from_secs(5),
+            took < Duration::from_secs(15),
             "concord {args:?} took {took:?} to fail:\n{stderr}"
         );
         // The process's own last word says it, not only a log line before it.
@@ -383,7 +383,7 @@ fn minus_t_bounds_the_wait_for_the_world() {
         "a lone peer should give up:\n{stderr}"
     );
     assert!(
-        took < Duration::from_secs(5),
+        took < Duration::from_secs(15),
         "gave up after {took:?}:\n{stderr}"
     );
     assert!(
@@ -409,7 +409,7 @@ fn minus_t_bounds_the_wait_to_be_admitted() {
         "an unadmitted peer should give up:\n{stderr}"
     );
     assert!(
-        took < Duration::from_secs(5),
+        took < Duration::from_secs(15),
         "gave up after {took:?}:\n{stderr}"
     );
     assert!(

@@ -502,7 +502,11 @@ fn coordinator_message_sequences() {
             while let Some(out) = c.poll_output() {
                 let msg = match out {
                     Output::Close { conn } => {
-                        open.retain(|c| *c != conn);
+                        // As the server does: a closed connection is dropped, the core told.
+                        if open.contains(&conn) {
+                            open.retain(|c| *c != conn);
+                            c.handle_disconnect(conn, now);
+                        }
                         continue;
                     }
                     Output::Send { msg, .. } => msg,

@@ -253,8 +253,7 @@ fn a_flood_from_one_address_is_refused_past_the_limit_and_logged_once() {
     for _ in 0..20 {
         let mut s = TcpStream::connect(&master.addr).unwrap();
         // The master answers a refused connection at once; an admitted one hears nothing.
-        s.set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
         match read_master_msg(&mut s) {
             Some(MasterMsg::Refused { reason, .. }) => {
                 assert!(
@@ -270,7 +269,7 @@ fn a_flood_from_one_address_is_refused_past_the_limit_and_logged_once() {
     }
     assert_eq!((idle.len(), refused), (8, 12));
     assert!(
-        start.elapsed() < Duration::from_secs(8),
+        start.elapsed() < Duration::from_secs(20),
         "refusals took {:?}",
         start.elapsed()
     );
@@ -356,7 +355,8 @@ fn under_a_small_descriptor_limit_the_default_refuses_before_running_out() {
     let mut conns = idle_connections(&master.addr, 100);
     let mut refused = 0;
     for s in &mut conns {
-        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(150)))
+            .unwrap();
         if let Some(MasterMsg::Refused { reason, .. }) = read_master_msg(s) {
             assert!(reason.contains("--max-connections"), "{reason}");
             refused += 1;

@@ -496,7 +496,7 @@ mod tests {
         assert_eq!(dialler.join().unwrap(), HelloStatus::Ok);
         let took = start.elapsed();
         assert!(
-            took < Duration::from_secs(2),
+            took < Duration::from_secs(4),
             "the predecessor waited {took:?} behind idle connections (each may take 5 s)"
         );
         drop(idle);

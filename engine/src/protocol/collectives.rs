@@ -2,9 +2,9 @@
 //! part, the master's verdict, and the ways a tag ends early (cancel, local failure, forgetting).
 //!
 //! A tag goes `Voting` -> `Run` (the shell moves the data) -> `Completing` -> `Done`, or to
-//! `Failed` from anywhere; the caller takes the outcome, which frees the tag. An abort's reason is
-//! read for [`TIMEOUT_MARK`] and [`CANCEL_MARK`] so that every peer reports the same kind of
-//! error as the peer that cancelled.
+//! `Failed` from anywhere; the caller takes the outcome, which frees the tag. An abort carries
+//! its kind (`AbortKind`), so every peer reports the same kind of error as the peer that
+//! cancelled.
 
 use concord_master::proto::{AbortKind, CollectiveDesc, PeerId, PeerMsg};
 

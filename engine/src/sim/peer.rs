@@ -1,5 +1,5 @@
-//! A simulated peer: the real [`PeerProto`] with a thin shell around it, as `crate::core` and
-//! `crate::communicator` build one: master bytes are reassembled and decoded with the real codec
+//! A simulated peer: the real [`PeerProto`] with a thin shell around it, as `crate::peer`, `crate::control`
+//! and `crate::api` build one: master bytes are reassembled and decoded with the real codec
 //! and fed to the protocol, its effects drive the data [`Plane`], what it queues for the master
 //! is encoded and sent. The training loop on top of it is in `driver.rs`.
 

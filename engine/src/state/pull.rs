@@ -46,15 +46,24 @@ pub(crate) fn pull_all(
     timeout: Duration,
 ) -> Result<u64, String> {
     let mut sources: Vec<(u64, String)> = Vec::new();
+    let known = |sources: &Vec<(u64, String)>, id: u64| sources.iter().any(|(s, _)| *s == id);
+    // Every entry needs one of its holders among the sources (past the cap if it must: the
+    // master names few holders per entry, usually the same few for all of a puller's)...
     for (pull, _) in &dirty {
-        if pull.sources.is_empty() {
+        let Some(first) = pull.sources.first() else {
             return Err(format!(
                 "no peer holds the elected version of {:?}",
                 pull.key
             ));
+        };
+        if !pull.sources.iter().any(|s| known(&sources, s.peer_id)) {
+            sources.push((first.peer_id, first.data_addr.clone()));
         }
+    }
+    // ...then more holders, up to the cap, to pull from several at once.
+    for (pull, _) in &dirty {
         for s in &pull.sources {
-            if !sources.iter().any(|(id, _)| *id == s.peer_id) && sources.len() < MAX_SOURCES {
+            if !known(&sources, s.peer_id) && sources.len() < MAX_SOURCES {
                 sources.push((s.peer_id, s.data_addr.clone()));
             }
         }

@@ -178,31 +178,37 @@ fn vote(entries: Vec<EntryDesc>) -> PeerMsg {
 }
 
 #[test]
-fn a_plan_names_a_few_holders_per_entry_spread_over_all_of_them() {
-    let peers = 9u64;
+fn a_plan_names_a_few_holders_per_entry_spread_over_the_pullers() {
+    // Eight holders of every entry (conns 1-8), eight outdated peers (9-16).
+    let peers = 16u64;
     let mut m = Master::group(peers, |_| String::new());
-    let mut plan = None;
+    let mut plans = std::collections::BTreeMap::new();
     for conn in 1..=peers {
-        // Peer 9 is outdated; eight peers hold every entry.
-        let hash = if conn == peers { 2 } else { 1 };
+        let hash = if conn > 8 { 2 } else { 1 };
         for (to, msg) in m.send(conn, vote(entries(64, 24, hash))) {
-            if let (true, MasterMsg::SyncPlan { pulls, .. }) = (to == peers, msg) {
-                plan = Some(pulls);
+            if let MasterMsg::SyncPlan { pulls, .. } = msg {
+                plans.insert(to, pulls);
             }
         }
     }
-    let pulls = plan.expect("the outdated peer gets a plan");
-    assert_eq!(pulls.len(), 64);
     let mut used = std::collections::BTreeSet::new();
-    for p in &pulls {
-        assert!(
-            !p.sources.is_empty() && p.sources.len() <= 4,
-            "{:?}",
-            p.sources
-        );
-        used.extend(p.sources.iter().map(|s| s.peer_id));
+    for puller in 9..=peers {
+        let pulls = &plans[&puller];
+        assert_eq!(pulls.len(), 64);
+        let first: Vec<u64> = pulls[0].sources.iter().map(|s| s.peer_id).collect();
+        assert_eq!(first.len(), 4, "a few holders per entry: {first:?}");
+        for p in pulls {
+            let ids: Vec<u64> = p.sources.iter().map(|s| s.peer_id).collect();
+            // The same few for all of one puller's entries: it pulls from them at once.
+            assert_eq!(ids, first, "puller {puller}, {}", p.key);
+        }
+        used.extend(first);
     }
-    assert_eq!(used.len(), 8, "every holder serves some entries: {used:?}");
+    assert_eq!(
+        used.len(),
+        8,
+        "the pullers spread over every holder: {used:?}"
+    );
 }
 
 #[test]

@@ -142,6 +142,16 @@ impl Coordinator {
         kind: AbortKind,
         reason: &str,
     ) -> Result<(), String> {
+        // A peer may say its deadline passed, its user cancelled, or it failed here; that a
+        // peer was lost or a collective refused is the master's to say.
+        if !matches!(
+            kind,
+            AbortKind::Timeout | AbortKind::Cancelled | AbortKind::Failed
+        ) {
+            return Err(format!(
+                "cancelled collective {tag} with kind {kind}, which only the master gives"
+            ));
+        }
         let key = (self.peers[&id].group, tag);
         let current = match self.colls.get(&key) {
             Some(Coll::Voting { descs }) => seq == 0 && descs.contains_key(&id),

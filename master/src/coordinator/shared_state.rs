@@ -137,7 +137,8 @@ impl Coordinator {
             let in_group: BTreeSet<PeerId> = accepted
                 .iter()
                 .copied()
-                .filter(|id| self.peers[id].group == g)
+                // A peer kicked by an election earlier in this pass is gone: skip it.
+                .filter(|id| self.peers.get(id).is_some_and(|p| p.group == g))
                 .collect();
             match self.sync.get(&g) {
                 Some(SyncState::Voting { votes })
@@ -268,14 +269,20 @@ impl Coordinator {
                     .filter(|(h, hv)| h != id && hv.entries[k].hash == elected[k])
                     .map(|(h, _)| *h)
                     .collect();
-                // At most a few holders per entry, a different few for each (entry, puller):
-                // the load spreads over every holder and the plan stays small.
-                let start = (k + *id as usize) % up_to_date.len().max(1);
-                let sources: Vec<RingMember> = up_to_date
+                // At most a few holders per entry, the same few for all of one puller's entries
+                // (it pulls from those at once) and another few for the next puller: the load
+                // spreads over the holders and the plan stays small.
+                let start = *id as usize % up_to_date.len().max(1);
+                let mut chosen: Vec<PeerId> = up_to_date
                     .iter()
                     .cycle()
                     .skip(start)
                     .take(up_to_date.len().min(MAX_SOURCES_PER_PULL))
+                    .copied()
+                    .collect();
+                chosen.sort_unstable();
+                let sources: Vec<RingMember> = chosen
+                    .iter()
                     .map(|h| RingMember {
                         peer_id: *h,
                         data_addr: self.peers[h].data_addr.clone(),
