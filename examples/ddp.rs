@@ -78,15 +78,19 @@ fn launch_local(n: usize, steps: usize, cuda: bool) -> Result<(), String> {
         concord::cuda_status()
             .map_err(|why| format!("--device cuda: CUDA is not available: {why}"))?;
     }
-    let server =
-        concord_master::server::Server::bind("127.0.0.1:0".parse().unwrap(), Default::default())
-            .map_err(|e| e.to_string())?;
+    // A fresh run token: only the processes started here can join (they read CONCORD_TOKEN).
+    let (token, token_text) = concord::RunToken::generate().map_err(|e| e.to_string())?;
+    let mut config = concord_master::coordinator::CoordinatorConfig::default();
+    config.token = Some(token);
+    let server = concord_master::server::Server::bind("127.0.0.1:0".parse().unwrap(), config)
+        .map_err(|e| e.to_string())?;
     let addr = server.local_addr().to_string();
     std::thread::spawn(move || server.run(None, || false));
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let children: Vec<_> = (0..n)
         .map(|_| {
             Command::new(&exe)
+                .env("CONCORD_TOKEN", &token_text)
                 .args([
                     "--master",
                     &addr,

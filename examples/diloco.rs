@@ -129,9 +129,12 @@ fn peer(master: &str, outer_steps: u64, world: usize) -> Result<(), String> {
 }
 
 fn launch_local(n: usize, outer_steps: u64, late_joiner: bool) -> Result<(), String> {
-    let server =
-        concord_master::server::Server::bind("127.0.0.1:0".parse().unwrap(), Default::default())
-            .map_err(|e| e.to_string())?;
+    // A fresh run token: only the processes started here can join (they read CONCORD_TOKEN).
+    let (token, token_text) = concord::RunToken::generate().map_err(|e| e.to_string())?;
+    let mut config = concord_master::coordinator::CoordinatorConfig::default();
+    config.token = Some(token);
+    let server = concord_master::server::Server::bind("127.0.0.1:0".parse().unwrap(), config)
+        .map_err(|e| e.to_string())?;
     let addr = server.local_addr().to_string();
     std::thread::spawn(move || server.run(None, || false));
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -144,15 +147,16 @@ fn launch_local(n: usize, outer_steps: u64, late_joiner: bool) -> Result<(), Str
             n
         };
         let mut cmd = Command::new(&exe);
-        cmd.args([
-            "--master",
-            &addr,
-            "--steps",
-            &outer_steps.to_string(),
-            "--world",
-            &world.to_string(),
-        ])
-        .stdout(Stdio::piped());
+        cmd.env("CONCORD_TOKEN", &token_text)
+            .args([
+                "--master",
+                &addr,
+                "--steps",
+                &outer_steps.to_string(),
+                "--world",
+                &world.to_string(),
+            ])
+            .stdout(Stdio::piped());
         if late {
             cmd.env("DILOCO_LATE", "1");
         }

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use concord_transport::auth::RunToken;
 use concord_transport::socket::SocketOptions;
 use concord_transport::BackendChoice;
 
@@ -47,6 +48,10 @@ pub struct Config {
     /// microseconds away (a vote's answer, the frames of a small collective); zero: never poll.
     /// See [`concord_transport::spin`].
     pub spin: Duration,
+    /// The run token this peer proves to the master and signs its data-plane and shared-state
+    /// hellos with (keys derived per epoch; the token never travels). `None`: `CONCORD_TOKEN`,
+    /// else none (only a master without a token admits such a peer).
+    pub token: Option<RunToken>,
 }
 
 impl Config {
@@ -66,6 +71,7 @@ impl Config {
             transport: None,
             group: 0,
             spin: concord_transport::spin::spin_from_env(),
+            token: None,
         }
     }
 }

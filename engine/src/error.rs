@@ -54,6 +54,10 @@ pub enum Error {
     /// The master refused this peer.
     #[error("the master refused this peer: {0}")]
     Refused(String),
+    /// The run token did not prove out: the master asks for one this peer lacks, or runs without
+    /// one while this peer has one, or could not prove it holds this peer's.
+    #[error("not authenticated: {0}")]
+    Unauthenticated(String),
     /// The master removed this peer from the group.
     #[error("removed from the group by the master: {0}")]
     Kicked(String),
@@ -162,6 +166,7 @@ impl From<concord_transport::TransportError> for Error {
             }
             concord_transport::TransportError::Timeout { .. } => Error::Timeout(e.to_string()),
             concord_transport::TransportError::Io { context, source } => Error::io(context, source),
+            concord_transport::TransportError::Config(why) => Error::InvalidArgument(why),
             other => Error::Protocol(other.to_string()),
         }
     }

@@ -49,6 +49,7 @@ pub use api::{
 };
 pub use collective::Traffic;
 pub use concord_kernels::{DType, ReduceOp};
+pub use concord_transport::auth::RunToken;
 pub use concord_transport::{BackendChoice, BackendKind};
 pub use config::Config;
 pub use element::Element;
@@ -56,4 +57,7 @@ pub use error::{Error, IoError};
 pub use gpu::{cuda_status, DeviceElement};
 pub use pace::SPIN_MAX_COLLECTIVE_BYTES;
 pub use results::{Batch, ReduceInfo, RetryReport};
+/// The shared-state pull request's codec, exposed for the fuzz targets.
+#[doc(hidden)]
+pub use state::request::PullRequest;
 pub use state::{hash as state_hash, Entry, SharedState, SyncInfo, SyncStrategy};

@@ -163,6 +163,7 @@ fn another_protocol_version_is_refused_naming_both() {
         data_port: 1,
         advertise_ip: String::new(),
         group: 0,
+        nonce: [0; 32],
     });
     let theirs = concord_transport::PROTOCOL_VERSION + 41;
     hello[9..13].copy_from_slice(&theirs.to_le_bytes());

@@ -1,7 +1,8 @@
 //! Fuzzing on the stable toolchain: a seeded driver feeds every decoder that reads what a
 //! stranger sends (control messages both ways, the data frame header, the data hello and its
-//! reply) with mutations of a committed corpus and with random bytes, and feeds random message
-//! sequences into the sans-IO master (`Coordinator`) and peer (`PeerProto`). Nothing may panic;
+//! reply, the shared-state pull request) with mutations of a committed corpus and with random
+//! bytes, and feeds random message sequences into the sans-IO master (`Coordinator`, with and
+//! without a run token, proving it right or wrong) and peer (`PeerProto`). Nothing may panic;
 //! whatever decodes must encode back to the same message; every message the master sends fits
 //! the size limit.
 //!
@@ -16,12 +17,14 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use concord::protocol::PeerProto;
+use concord::PullRequest;
 use concord_master::coordinator::{Coordinator, CoordinatorConfig, Output};
 use concord_master::proto::{
     decode_master, decode_peer, encode_master, encode_peer, master_message_bytes, split_frame,
     AbortKind, CollectiveDesc, EntryDesc, MasterMsg, PeerMsg, Pull, RingMember, MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
 };
+use concord_transport::auth::{self, EpochKey, KeyPurpose, RunToken};
 use concord_transport::frame::{DataHeader, HEADER_BYTES};
 use concord_transport::handshake::{read_reply, DataHello};
 
@@ -133,7 +136,9 @@ fn seed_messages() -> (Vec<PeerMsg>, Vec<MasterMsg>) {
             data_port: 4000,
             advertise_ip: "node-1".into(),
             group: 2,
+            nonce: [7; 32],
         },
+        PeerMsg::Proof { proof: [9; 32] },
         PeerMsg::AcceptVote,
         PeerMsg::RepairVote,
         PeerMsg::PendingQuery,
@@ -172,9 +177,15 @@ fn seed_messages() -> (Vec<PeerMsg>, Vec<MasterMsg>) {
         },
     ];
     let master = vec![
+        MasterMsg::Challenge {
+            version: PROTOCOL_VERSION,
+            nonce: [3; 32],
+            token_required: true,
+        },
         MasterMsg::Welcome {
             version: PROTOCOL_VERSION,
             peer_id: 4,
+            proof: [5; 32],
         },
         MasterMsg::Refused {
             version: PROTOCOL_VERSION,
@@ -257,6 +268,16 @@ fn corpus() -> Vec<Vec<u8>> {
     inputs
 }
 
+/// The token the corpus's hellos and pulls are signed with, so that mutations of them reach
+/// past the signature check.
+fn fuzz_token() -> RunToken {
+    RunToken::new("the fuzz corpus's token").unwrap()
+}
+
+fn fuzz_key(purpose: KeyPurpose) -> EpochKey {
+    EpochKey::derive(Some(&fuzz_token()), purpose, 3, 77)
+}
+
 #[test]
 #[ignore = "rewrites the committed corpus"]
 fn write_corpus() {
@@ -284,11 +305,21 @@ fn write_corpus() {
         to: 2,
         conn_index: 0,
         conn_count: 2,
-        secret: 77,
     }
-    .send(&mut hello)
+    .send(&fuzz_key(KeyPurpose::Ring), &mut hello)
     .unwrap();
     std::fs::write(dir.join("data-hello.bin"), hello).unwrap();
+    let pull = PullRequest {
+        revision: 3,
+        offset: 8 << 20,
+        len: 4096,
+        key: "layer1.weight".into(),
+    };
+    std::fs::write(
+        dir.join("state-pull.bin"),
+        pull.encode(&fuzz_key(KeyPurpose::SharedState)),
+    )
+    .unwrap();
     let mut reply = Vec::new();
     concord_transport::handshake::write_reply(
         &mut reply,
@@ -395,9 +426,34 @@ fn data_plane_decoders() {
         if let Ok(h) = DataHeader::decode(&header) {
             assert_eq!(h.encode(), header, "a valid header encodes to its bytes");
         }
-        let _ = DataHello::receive(&mut Wire { input: &input });
+        if let Ok(signed) = DataHello::receive(&mut Wire { input: &input }) {
+            let key = fuzz_key(KeyPurpose::Ring);
+            if signed.verify(&key) {
+                // Only the corpus's own hello (or one equal to it) carries a good tag.
+                assert_eq!(
+                    signed.hello.encode(&key)[..],
+                    input[..concord_transport::handshake::HELLO_BYTES]
+                );
+            }
+        }
         let _ = read_reply(&mut Wire { input: &input });
     });
+}
+
+#[test]
+fn shared_state_pull_decoder() {
+    let corpus = corpus();
+    let key = fuzz_key(KeyPurpose::SharedState);
+    let mut accepted = 0u64;
+    drive("shared-state pull request", 100_000, |rng| {
+        let input = mutate(rng, &corpus);
+        if let Ok(req) = PullRequest::decode(&input, &key) {
+            assert_eq!(req.encode(&key), input, "a valid pull encodes to its bytes");
+            accepted += 1;
+        }
+    });
+    // The unmutated corpus pull decodes: the target reaches past the checks.
+    assert!(accepted > 0, "no mutation of the corpus decoded as a pull");
 }
 
 /// A peer message with small value domains, so that sequences reach deep states.
@@ -409,7 +465,7 @@ fn peer_message(rng: &mut Rng, epoch_hint: u64, seq_hint: u64) -> PeerMsg {
             hint.saturating_sub(rng.below(2) as u64)
         }
     };
-    match rng.below(12) {
+    match rng.below(13) {
         0 => PeerMsg::Hello {
             version: PROTOCOL_VERSION,
             data_port: rng.next() as u16,
@@ -419,6 +475,10 @@ fn peer_message(rng: &mut Rng, epoch_hint: u64, seq_hint: u64) -> PeerMsg {
                 String::new()
             },
             group: rng.below(2) as u32,
+            nonce: [rng.below(3) as u8; 32],
+        },
+        12 => PeerMsg::Proof {
+            proof: [rng.next() as u8; 32],
         },
         1 => PeerMsg::AcceptVote,
         2 => PeerMsg::RepairVote,
@@ -470,9 +530,16 @@ fn peer_message(rng: &mut Rng, epoch_hint: u64, seq_hint: u64) -> PeerMsg {
 
 #[test]
 fn coordinator_message_sequences() {
+    let mut welcomed = 0u64;
     drive("coordinator sequences", 2_000, |rng| {
-        let config = CoordinatorConfig::default();
+        let mut config = CoordinatorConfig::default();
+        let token = rng.chance(2).then(fuzz_token);
+        config.token = token.clone();
         let mut c = Coordinator::new(config);
+        // Per connection: the hello it sent, and the challenge's nonce once the master sent it,
+        // so that a proof is right (most of the time) or wrong.
+        let mut hellos: std::collections::HashMap<u64, (Vec<u8>, [u8; 32])> = Default::default();
+        let mut challenges: std::collections::HashMap<u64, [u8; 32]> = Default::default();
         let mut now = Instant::now();
         let (mut epoch, mut seq) = (0u64, 0u64);
         // As the server drives it: connection ids are never reused, and only open
@@ -497,7 +564,29 @@ fn coordinator_message_sequences() {
                     now += Duration::from_millis(rng.below(20_000) as u64);
                     c.handle_timeout(now);
                 }
-                _ => c.handle_message(conn, peer_message(rng, epoch, seq), now),
+                _ => {
+                    let mut msg = peer_message(rng, epoch, seq);
+                    match &mut msg {
+                        PeerMsg::Hello { nonce, .. } => {
+                            let nonce = *nonce;
+                            hellos.insert(conn, (encode_peer(&msg), nonce));
+                        }
+                        PeerMsg::Proof { proof } if !rng.chance(4) => {
+                            if let (Some((hello, peer_nonce)), Some(master_nonce)) =
+                                (hellos.get(&conn), challenges.get(&conn))
+                            {
+                                *proof = auth::peer_proof(
+                                    token.as_ref(),
+                                    master_nonce,
+                                    peer_nonce,
+                                    hello,
+                                );
+                            }
+                        }
+                        _ => {}
+                    }
+                    c.handle_message(conn, msg, now)
+                }
             }
             while let Some(out) = c.poll_output() {
                 let msg = match out {
@@ -509,13 +598,19 @@ fn coordinator_message_sequences() {
                         }
                         continue;
                     }
-                    Output::Send { msg, .. } => msg,
+                    Output::Send { conn, msg } => {
+                        if let MasterMsg::Challenge { nonce, .. } = &msg {
+                            challenges.insert(conn, *nonce);
+                        }
+                        msg
+                    }
                 };
                 assert!(
                     master_message_bytes(&msg) <= MAX_MESSAGE_BYTES,
                     "the master built an oversized {msg:?}"
                 );
                 match msg {
+                    MasterMsg::Welcome { .. } => welcomed += 1,
                     MasterMsg::Topology { epoch: e, .. } => epoch = e,
                     MasterMsg::CollCommence { seq: s, .. } => seq = s,
                     _ => {}
@@ -523,6 +618,8 @@ fn coordinator_message_sequences() {
             }
         }
     });
+    // Sequences get past the challenge: peers are welcomed, with and without a token.
+    assert!(welcomed > 0, "no sequence registered a peer");
 }
 
 /// A master message with small value domains.

@@ -283,6 +283,7 @@ fn a_flood_from_one_address_is_refused_past_the_limit_and_logged_once() {
         data_port: 1,
         advertise_ip: String::new(),
         group: 0,
+        nonce: [0; 32],
     }))
     .unwrap();
     match read_master_msg(&mut s) {
@@ -373,4 +374,156 @@ fn under_a_small_descriptor_limit_the_default_refuses_before_running_out() {
     master.wait_fds(baseline + 1, Duration::from_secs(5));
     group_of_two_reduces(&master);
     master.assert_serving();
+}
+
+/// Peer side: join a group of two with the run token, then `ROUNDS` all-reduces, each checked.
+#[test]
+fn peer_rounds() {
+    if !is_peer() {
+        return;
+    }
+    let comm = join_from_env();
+    let rounds: u64 = std::env::var("ROUNDS").unwrap().parse().unwrap();
+    let mut wrong = 0;
+    for round in 0..rounds {
+        let mut buf: Vec<f32> = (0..65_536)
+            .map(|i| ((i + round as usize) % 29) as f32 + comm.rank() as f32)
+            .collect();
+        comm.all_reduce_in_place(&mut buf, ReduceOp::Sum, round)
+            .expect("all-reduce beside hostile clients");
+        let exact = (0..65_536).all(|i| buf[i] == 2.0 * ((i + round as usize) % 29) as f32 + 1.0);
+        wrong += u64::from(!exact);
+    }
+    println!("ROUNDS {rounds} WRONG {wrong}");
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// One round of every kind of hostile client; those that linger go to `held`.
+fn hostile_batch(addr: &str, held: &mut Vec<TcpStream>, round: u64) {
+    let connect = || TcpStream::connect(addr).ok();
+    // Garbage, then gone.
+    if let Some(mut s) = connect() {
+        let junk: Vec<u8> = (0..64u64)
+            .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(round) >> 7) as u8)
+            .collect();
+        let _ = s.write_all(&junk);
+    }
+    // Connect and close (a health check, a port scan).
+    drop(connect());
+    // Oversized: a frame longer than anything a stranger may send.
+    if let Some(mut s) = connect() {
+        let _ = s.write_all(&(2u32 << 20).to_le_bytes());
+        let _ = s.write_all(&[7u8; 1024]);
+    }
+    // A stranger: a hello, then a made-up proof.
+    if let Some(mut s) = connect() {
+        let hello = encode_peer(&PeerMsg::Hello {
+            version: concord_transport::PROTOCOL_VERSION,
+            data_port: 9,
+            advertise_ip: String::new(),
+            group: 0,
+            nonce: [round as u8; 32],
+        });
+        let _ = s.write_all(&hello);
+        let _ = s.write_all(&encode_peer(&PeerMsg::Proof { proof: [1; 32] }));
+    }
+    // Idle, slow (a byte of a hello), and half a frame: held for a while.
+    if held.len() >= 30 {
+        held.drain(..10);
+    }
+    if let Some(s) = connect() {
+        held.push(s);
+    }
+    if let Some(mut s) = connect() {
+        let _ = s.write_all(&[0x20]);
+        held.push(s);
+    }
+    if let Some(mut s) = connect() {
+        let _ = s.write_all(&4000u32.to_le_bytes());
+        let _ = s.write_all(&[1u8; 2000]);
+        held.push(s);
+    }
+}
+
+/// Hostile clients of every kind, all the time a token-holding group reduces beside them: every
+/// collective stays exact, and the master keeps one thread, its descriptors return to where
+/// they were, and its memory stays flat.
+#[test]
+fn hostile_clients_beside_a_running_group_cost_the_master_nothing() {
+    if is_peer() {
+        return;
+    }
+    let token = "hostile soak token 5e1d0c9b";
+    let token_file =
+        std::env::temp_dir().join(format!("concord-hostile-{}.token", std::process::id()));
+    std::fs::write(&token_file, token).unwrap();
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let mut master = Master::start(&["--token-file", token_file.to_str().unwrap()], None);
+    let baseline = master.fds();
+    let rounds: u64 = std::env::var("CONCORD_HOSTILE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6000);
+    let env = [
+        ("MASTER", master.addr.clone()),
+        ("WORLD", "2".to_string()),
+        ("ROUNDS", rounds.to_string()),
+        ("CONCORD_TOKEN", token.to_string()),
+    ];
+    let mut peers: Vec<Child> = (0..2).map(|_| spawn_peer("peer_rounds", &env)).collect();
+    let mut held = Vec::new();
+    let (mut batches, mut warm_rss) = (0u64, None);
+    let start = Instant::now();
+    while peers.iter_mut().any(|p| p.try_wait().unwrap().is_none()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "the group did not finish beside the hostile clients"
+        );
+        hostile_batch(&master.addr, &mut held, batches);
+        batches += 1;
+        if batches == 20 {
+            warm_rss = Some(rss_kib(master.pid()));
+        }
+        if batches % 10 == 0 {
+            master.assert_serving();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for p in peers {
+        let (ok, out) = wait_output(p, Duration::from_secs(10));
+        assert!(ok, "a peer failed beside hostile clients:\n{out}");
+        assert_eq!(
+            lines_with(&out, "ROUNDS "),
+            vec![format!("{rounds} WRONG 0")],
+            "{out}"
+        );
+    }
+    let end_rss = rss_kib(master.pid());
+    drop(held);
+    master.assert_serving();
+    master.wait_fds(baseline, Duration::from_secs(15));
+    if let Some(warm) = warm_rss {
+        assert!(
+            end_rss <= warm + 8 * 1024,
+            "the master grew from {warm} KiB to {end_rss} KiB over {batches} hostile batches"
+        );
+    }
+    println!(
+        "{batches} hostile batches beside {rounds} all-reduces; master RSS {} -> {end_rss} KiB",
+        warm_rss.unwrap_or(0)
+    );
+    assert!(batches >= 20, "too few hostile batches ran ({batches})");
+    let _ = std::fs::remove_file(token_file);
 }

@@ -124,6 +124,16 @@ fn a_cut_link_is_detected_and_the_survivors_carry_on() {
     };
     let bin = env!("CARGO_BIN_EXE_concord");
     let master_addr = format!("{}:48148", cluster.addr(1));
+    // Beyond loopback the master needs the run's token; the peers get it from the environment.
+    let token = "netns test run token 8c1f0e";
+    let token_file =
+        std::env::temp_dir().join(format!("concord-netns-{}.token", std::process::id()));
+    std::fs::write(&token_file, token).unwrap();
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let mut master = cluster
         .exec(
             1,
@@ -134,6 +144,8 @@ fn a_cut_link_is_detected_and_the_survivors_carry_on() {
                 &master_addr,
                 "--heartbeat-timeout-ms",
                 "2000",
+                "--token-file",
+                token_file.to_str().unwrap(),
             ],
         )
         .stderr(Stdio::null())
@@ -163,6 +175,7 @@ fn a_cut_link_is_detected_and_the_survivors_carry_on() {
                         "20",
                     ],
                 )
+                .env("CONCORD_TOKEN", token)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null())
                 .spawn()

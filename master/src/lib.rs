@@ -7,9 +7,12 @@
 //!
 //! ```no_run
 //! use concord_master::{coordinator::CoordinatorConfig, server::Server};
-//! let server = Server::bind("0.0.0.0:48148".parse().unwrap(), CoordinatorConfig::default())?;
+//! let mut config = CoordinatorConfig::default();
+//! // Beyond loopback only peers holding the run's token join (see `concord_transport::auth`).
+//! config.token = concord_transport::auth::RunToken::from_env()?;
+//! let server = Server::bind("0.0.0.0:48148".parse().unwrap(), config)?;
 //! server.run(None, || false)?; // serves until the process ends
-//! # Ok::<(), concord_master::server::ServerError>(())
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]

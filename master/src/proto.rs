@@ -8,6 +8,7 @@
 
 use std::fmt;
 
+pub use concord_transport::auth::{Nonce, Proof};
 pub use concord_transport::PROTOCOL_VERSION;
 
 /// Magic opening the first message of each side ("CDM1").
@@ -95,6 +96,14 @@ pub enum PeerMsg {
         advertise_ip: String,
         /// Peer group: collectives and shared state run per group, each group on its own ring.
         group: u32,
+        /// Fresh random bytes the master's proof must cover (see [`MasterMsg::Welcome`]).
+        nonce: Nonce,
+    },
+    /// Answer to [`MasterMsg::Challenge`]: the run token's proof over both nonces and the hello
+    /// (`concord_transport::auth::peer_proof`).
+    Proof {
+        /// The proof.
+        proof: Proof,
     },
     /// Vote to accept pending peers and (re)build the ring (`update_topology`).
     AcceptVote,
@@ -230,12 +239,25 @@ impl std::fmt::Display for AbortKind {
 /// Messages the master sends to a peer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MasterMsg {
+    /// Answer to a `Hello`: prove the run token over this nonce (with [`PeerMsg::Proof`]).
+    Challenge {
+        /// The master's protocol version.
+        version: u32,
+        /// Fresh random bytes the peer's proof must cover.
+        nonce: Nonce,
+        /// Whether the master checks the proof (it holds a token); `false` for a master run
+        /// without one, which a peer holding a token refuses to join.
+        token_required: bool,
+    },
     /// Registration accepted; wait to be admitted.
     Welcome {
         /// The master's protocol version.
         version: u32,
         /// The id given to this peer.
         peer_id: PeerId,
+        /// The master's proof of the run token, over both nonces and the id
+        /// (`concord_transport::auth::master_proof`).
+        proof: Proof,
     },
     /// Registration refused (for example another version); the master closes the connection.
     Refused {
@@ -253,7 +275,8 @@ pub enum MasterMsg {
     Topology {
         /// The ring epoch.
         epoch: u64,
-        /// The secret diallers present in this epoch.
+        /// The epoch's salt: with the run token it derives the key the ring's hellos are signed
+        /// with (`concord_transport::auth::EpochKey`). Not a secret by itself.
         secret: u64,
         /// Members in ring order.
         ring: Vec<RingMember>,
@@ -317,11 +340,11 @@ pub enum MasterMsg {
     /// Liveness probe, sent while collectives or votes are under way; answer with `Pong`.
     Ping,
     /// Result of the shared-state vote for this peer: what it must pull (nothing, when up to
-    /// date), and the secret pull requests must present.
+    /// date), and the salt of the key pull requests are signed with.
     SyncPlan {
         /// The elected revision, which every peer holds afterwards.
         revision: u64,
-        /// The secret of this sync.
+        /// The sync's salt (see `Topology`'s).
         secret: u64,
         /// Entries to fetch.
         pulls: Vec<Pull>,

@@ -27,6 +27,8 @@ const LISTENER: Token = Token(0);
 pub const MAX_WRITE_BUFFER_BYTES: usize = 16 << 20;
 /// Most bytes read from one connection before the others get their turn.
 const READ_BUDGET_BYTES: usize = 4 << 20;
+/// Buffer capacity a connection keeps between messages; beyond it, a buffer shrinks back.
+const KEEP_BUFFER_BYTES: usize = 64 << 10;
 /// Most connections accepted before the peers get their turn.
 const ACCEPT_BATCH: usize = 256;
 /// How long the listener rests after `accept` failed (out of descriptors, for example).
@@ -46,6 +48,17 @@ pub enum ServerError {
         /// Why.
         #[source]
         source: io::Error,
+    },
+    /// Asked to listen beyond loopback without a run token.
+    #[error(
+        "refusing to listen on {addr} without a run token: anyone who reaches it could join the \
+         run and read its data. Give the master and every peer the same token (--token-file \
+         PATH or CONCORD_TOKEN; `openssl rand -hex 32 > token` makes one), listen on \
+         127.0.0.1, or pass --insecure on a network you trust"
+    )]
+    Insecure {
+        /// The address asked for.
+        addr: SocketAddr,
     },
 }
 
@@ -95,7 +108,21 @@ pub struct Server {
 
 impl Server {
     /// Binds the listener (`SO_REUSEADDR`). Port 0 picks a free port; see [`Server::local_addr`].
-    pub fn bind(addr: SocketAddr, mut config: CoordinatorConfig) -> Result<Self, ServerError> {
+    /// Beyond loopback the master needs a run token (`config.token`): without one it refuses to
+    /// start ([`ServerError::Insecure`]); see [`Server::bind_insecure`].
+    pub fn bind(addr: SocketAddr, config: CoordinatorConfig) -> Result<Self, ServerError> {
+        if config.token.is_none() && !addr.ip().is_loopback() {
+            return Err(ServerError::Insecure { addr });
+        }
+        Self::bind_insecure(addr, config)
+    }
+
+    /// [`Server::bind`] on any address, with or without a run token: without one, anyone who
+    /// reaches the master joins. For networks where every host is trusted.
+    pub fn bind_insecure(
+        addr: SocketAddr,
+        mut config: CoordinatorConfig,
+    ) -> Result<Self, ServerError> {
         let std_listener =
             concord_transport::socket::listen(addr, 1024).map_err(|e| ServerError::Io {
                 context: format!("starting the master on {addr}"),
@@ -107,13 +134,15 @@ impl Server {
         let local_addr = std_listener
             .local_addr()
             .map_err(io_err("reading the bound address"))?;
-        // Secrets only need to differ between masters and epochs; the OS seeds RandomState.
-        config.secret_seed ^= {
-            use std::hash::{BuildHasher, Hasher};
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u64(local_addr.port() as u64);
-            h.finish()
-        };
+        // Salts and challenges must differ between masters and be unpredictable: seed both from
+        // the operating system's generator.
+        let seed = concord_transport::auth::nonce().map_err(|e| ServerError::Io {
+            context: "seeding the master's challenges".into(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        config.nonce_seed = seed;
+        let salt = concord_transport::auth::derive_nonce(&seed, 0);
+        config.secret_seed ^= u64::from_le_bytes(salt[..8].try_into().expect("8 bytes"));
         Ok(Server {
             listener: TcpListener::from_std(std_listener),
             local_addr,
@@ -158,7 +187,11 @@ impl Server {
             accept: Accept::Ready,
             accept_logged_at: None,
         };
-        tracing::info!(addr = %self.local_addr, "master listening");
+        tracing::info!(
+            addr = %self.local_addr,
+            token = if self.config.token.is_some() { "required" } else { "none" },
+            "master listening"
+        );
         // When the last message arrived: the polling window's start.
         let mut last_message = Instant::now();
         loop {
@@ -444,7 +477,25 @@ fn read_ready(id: ConnId, c: &mut Connection, coord: &mut Coordinator, now: Inst
 fn deliver(id: ConnId, c: &mut Connection, coord: &mut Coordinator, now: Instant) {
     let mut consumed = 0;
     while !c.closing {
-        match split_frame(&c.read_buf[consumed..]) {
+        // Before it is registered a connection may send only small messages (a hello, a
+        // proof): a stranger cannot make the master buffer a megabyte per connection.
+        let rest = &c.read_buf[consumed..];
+        let limit = coord.message_limit(id);
+        if let Some(len) = rest
+            .get(..4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4")))
+        {
+            if len as usize + 4 > limit {
+                let why = format!(
+                    "a message of {} bytes; at most {limit} until the peer is registered",
+                    len as usize + 4
+                );
+                coord.handle_malformed(id, &why, now);
+                c.closing = true;
+                break;
+            }
+        }
+        match split_frame(rest) {
             Ok(Some((body, used))) => {
                 consumed += used;
                 match decode_peer(body) {
@@ -467,6 +518,10 @@ fn deliver(id: ConnId, c: &mut Connection, coord: &mut Coordinator, now: Instant
         }
     }
     c.read_buf.drain(..consumed);
+    // A peer that once sent a large message (a shared-state vote) does not keep its buffer.
+    if c.read_buf.capacity() > KEEP_BUFFER_BYTES && c.read_buf.len() <= KEEP_BUFFER_BYTES / 2 {
+        c.read_buf.shrink_to(KEEP_BUFFER_BYTES);
+    }
 }
 
 /// Asks for writability only while bytes wait; otherwise an idle socket would wake us.
@@ -490,12 +545,23 @@ fn flush(c: &mut Connection) -> io::Result<()> {
         match c.stream.write(&c.write_buf[c.write_pos..]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => c.write_pos += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // A peer that reads slowly but never catches up must not make the sent prefix
+                // accumulate: drop it once it is most of the buffer.
+                if c.write_pos > KEEP_BUFFER_BYTES && c.write_pos * 2 > c.write_buf.len() {
+                    c.write_buf.drain(..c.write_pos);
+                    c.write_pos = 0;
+                }
+                return Ok(());
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
     }
     c.write_buf.clear();
     c.write_pos = 0;
+    if c.write_buf.capacity() > KEEP_BUFFER_BYTES {
+        c.write_buf.shrink_to(KEEP_BUFFER_BYTES);
+    }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Concord's data-plane transport: moves framed chunks between ring neighbours.
 //!
 //! This crate knows nothing of collectives. It provides
+//! - [`auth`]: the run token, the challenge-response proofs and the per-epoch keys of hellos;
 //! - [`frame`]: the fixed 32-byte header of every data frame, checked on both ends;
 //! - [`handshake`]: the versioned hello that opens every data connection;
 //! - [`socket`]: TCP through socket2 (no Nagle, sized buffers), connect with a bounded retry,
@@ -16,6 +17,7 @@
 
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod buffers;
 pub mod frame;
 pub mod handshake;
@@ -29,7 +31,7 @@ pub use uring::{resolve_backend, BackendChoice, BackendKind, UringStream};
 use std::io;
 
 /// Version of Concord's wire protocol (control and data plane). Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Errors of the transport layer.
 #[non_exhaustive]
@@ -59,6 +61,9 @@ pub enum TransportError {
     /// The bytes received are not a valid Concord frame or handshake.
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// A setting cannot be used (for example a run token too short to be secret).
+    #[error("{0}")]
+    Config(String),
     /// A bounded wait ran out.
     #[error("timed out after {waited_ms} ms: {what}")]
     Timeout {

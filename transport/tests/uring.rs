@@ -161,10 +161,17 @@ fn uring_and_socket_ends_interoperate() {
         to: 3,
         conn_index: 0,
         conn_count: 1,
-        secret: 77,
     };
-    hello.send(&mut a).unwrap();
-    assert_eq!(DataHello::receive(&mut b).unwrap(), hello);
+    let key = concord_transport::auth::EpochKey::derive(
+        None,
+        concord_transport::auth::KeyPurpose::Ring,
+        1,
+        77,
+    );
+    hello.send(&key, &mut a).unwrap();
+    let got = DataHello::receive(&mut b).unwrap();
+    assert_eq!(got.hello, hello);
+    assert!(got.verify(&key));
 }
 
 #[test]

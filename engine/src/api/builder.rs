@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use concord_transport::auth::RunToken;
 use concord_transport::BackendChoice;
 
 use super::communicator::Communicator;
@@ -89,6 +90,13 @@ impl CommunicatorBuilder {
     /// connection itself); zero turns that off too.
     pub fn spin(mut self, window: Duration) -> Self {
         self.config.spin = window;
+        self
+    }
+    /// The run token (default: `CONCORD_TOKEN`, else none). The master must hold the same one:
+    /// each side proves it to the other by challenge-response, and the ring's hellos are signed
+    /// with keys derived from it, so the token never travels.
+    pub fn token(mut self, token: RunToken) -> Self {
+        self.config.token = Some(token);
         self
     }
     /// Most collectives in flight at once (default 256, at most 65536).

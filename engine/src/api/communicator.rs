@@ -21,8 +21,9 @@ use crate::config::{validate, Config};
 use crate::control::master_link::read_master;
 use crate::control::watchdog::watchdog;
 use crate::peer::{flush, Inner};
-use crate::protocol::PeerProto;
+use crate::protocol::{Credentials, PeerProto};
 use crate::Error;
+use crate::RunToken;
 
 /// A peer's membership in a Concord group.
 ///
@@ -54,8 +55,15 @@ impl std::fmt::Debug for Communicator {
 }
 
 impl Communicator {
-    pub(crate) fn connect(config: Config) -> Result<Self, Error> {
+    pub(crate) fn connect(mut config: Config) -> Result<Self, Error> {
         validate(&config)?;
+        if config.token.is_none() {
+            config.token = RunToken::from_env()?;
+        }
+        let credentials = Credentials {
+            token: config.token.clone(),
+            nonce: concord_transport::auth::nonce()?,
+        };
         let backend = resolve_transport(config.transport)?;
         let listener = listen(config.data_listen, 128).map_err(|e| match e {
             concord_transport::TransportError::Io { context, source } => Error::io(
@@ -84,6 +92,7 @@ impl Communicator {
             data_port,
             config.advertise_ip.clone().unwrap_or_default(),
             config.group,
+            credentials,
         );
         let inner = Arc::new(Inner::new(
             proto, stream, read_half, listener, config, backend,

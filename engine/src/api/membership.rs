@@ -4,6 +4,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use concord_master::proto::RingMember;
+use concord_transport::auth::{EpochKey, KeyPurpose};
 
 use super::communicator::Communicator;
 use crate::peer::{flush, Inner};
@@ -169,7 +170,7 @@ impl Communicator {
         let setup = RingSetup {
             me: self.peer_id(),
             epoch,
-            secret,
+            key: EpochKey::derive(config.token.as_ref(), KeyPurpose::Ring, epoch, secret),
             ring,
             conns: config.conns_per_neighbour,
             options: config.socket,

@@ -4,6 +4,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use concord_transport::auth::{EpochKey, KeyPurpose};
+
 use super::communicator::Communicator;
 use crate::peer::flush;
 use crate::protocol::SyncPhase;
@@ -66,12 +68,14 @@ impl Communicator {
         let entries_pulled = dirty.len();
         let stop = AtomicBool::new(false);
         let inner = &*self.inner;
+        let token = inner.config.token.as_ref();
+        let key = EpochKey::derive(token, KeyPurpose::SharedState, revision, secret);
         let (outcome, bytes_received, bytes_sent) = std::thread::scope(|s| {
-            let server = s.spawn(|| state::serve(&inner.listener, &clean, secret, revision, &stop));
+            let server = s.spawn(|| state::serve(&inner.listener, &clean, &key, revision, &stop));
             let pulled = if dirty.is_empty() {
                 Ok(0)
             } else {
-                state::pull_all(dirty, secret, revision, timeout)
+                state::pull_all(dirty, &key, revision, timeout)
             };
             let received = *pulled.as_ref().unwrap_or(&0);
             {

@@ -2,9 +2,10 @@
 //!
 //! Each peer dials its successor `conns` times and accepts `conns` connections from its
 //! predecessor, concurrently (with two peers, successor and predecessor are the same peer, one
-//! pool each way). Every connection opens with a [`DataHello`] that the acceptor checks: epoch,
-//! who is calling, the connection's index and the epoch's secret from the master. Anything else
-//! is refused and closed, so a stale or unauthorised dialler never feeds a collective.
+//! pool each way). Every connection opens with a [`DataHello`] signed with the epoch's key
+//! (derived from the run token and the master's salt of the epoch), which the acceptor checks
+//! with who is calling and the connection's index. Anything else is refused and closed, so a
+//! stale or unauthorised dialler never feeds a collective.
 //!
 //! A predecessor that passes those checks but opens another number of connections per
 //! neighbour is told so ([`HelloStatus::ConnsMismatch`]), and both ends fail the round with an
@@ -18,6 +19,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use concord_master::proto::{PeerId, RingMember};
+use concord_transport::auth::EpochKey;
 use concord_transport::handshake::{read_reply, write_reply, DataHello, HelloStatus, HELLO_BYTES};
 use concord_transport::socket::{connect_until, resolve, SocketOptions};
 use concord_transport::PROTOCOL_VERSION;
@@ -54,7 +56,8 @@ impl Drop for Links {
 pub(crate) struct RingSetup<'a> {
     pub(crate) me: PeerId,
     pub(crate) epoch: u64,
-    pub(crate) secret: u64,
+    /// Signs and checks this epoch's hellos (derived from the run token and the master's salt).
+    pub(crate) key: EpochKey,
     pub(crate) ring: &'a [RingMember],
     pub(crate) conns: usize,
     pub(crate) options: SocketOptions,
@@ -177,9 +180,10 @@ fn dial(
                 to: succ.peer_id,
                 conn_index: i as u32,
                 conn_count: setup.conns as u32,
-                secret: setup.secret,
             };
-            hello.send(&mut stream).map_err(|e| e.to_string())?;
+            hello
+                .send(&setup.key, &mut stream)
+                .map_err(|e| e.to_string())?;
             let reply = read_reply_until(&mut stream, setup, deadline, stop)
                 .map_err(|e| format!("{what} at {addr}: {e}"))?;
             match read_reply(&mut &reply[..]).map_err(|e| format!("{what} at {addr}: {e}"))? {
@@ -371,18 +375,26 @@ fn take_hello(
         .set_nonblocking(false)
         .and_then(|()| stream.set_read_timeout(Some(Duration::from_millis(100))))
         .map_err(|e| format!("setting up a data connection: {e}"))?;
-    let hello = match DataHello::receive(&mut stream) {
+    let signed = match DataHello::receive(&mut stream) {
         Ok(h) => h,
         Err(e) => {
             tracing::warn!("refused a data connection: {e}");
             return Ok(());
         }
     };
+    let hello = signed.hello;
+    if !signed.verify(&setup.key) {
+        tracing::warn!(
+            peer = %stream.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
+            epoch = hello.epoch,
+            "refused a data connection whose hello is not signed with this epoch's key \
+             (a stranger, another run's token, or another epoch)"
+        );
+        let _ = write_reply(&mut stream, HelloStatus::Refused);
+        return Ok(());
+    }
     let index = hello.conn_index as usize;
-    let expected = hello.epoch == setup.epoch
-        && hello.from == pred
-        && hello.to == setup.me
-        && hello.secret == setup.secret;
+    let expected = hello.epoch == setup.epoch && hello.from == pred && hello.to == setup.me;
     if expected && hello.conn_count as usize != setup.conns {
         let _ = write_reply(
             &mut stream,
@@ -396,7 +408,6 @@ fn take_hello(
     }
     let valid = expected && index < setup.conns && slots[index].is_none();
     if !valid {
-        // The hello's secret is not logged: it would hand the epoch to whoever reads logs.
         tracing::warn!(
             epoch = hello.epoch,
             from = hello.from,
@@ -436,6 +447,73 @@ fn log_mismatch(why: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use concord_transport::auth::{KeyPurpose, RunToken};
+
+    fn key(token: &str, epoch: u64) -> EpochKey {
+        let token = RunToken::new(token).unwrap();
+        EpochKey::derive(Some(&token), KeyPurpose::Ring, epoch, 99)
+    }
+
+    fn two_members(addr: SocketAddr) -> [RingMember; 2] {
+        [1, 2].map(|peer_id| RingMember {
+            peer_id,
+            data_addr: addr.to_string(),
+        })
+    }
+
+    fn hello(epoch: u64) -> DataHello {
+        DataHello {
+            epoch,
+            from: 1,
+            to: 2,
+            conn_index: 0,
+            conn_count: 1,
+        }
+    }
+
+    /// A dialler whose hello is signed with another run's token, or with another epoch's key,
+    /// is refused even when it names the right epoch and peers; the predecessor that holds the
+    /// token is then accepted.
+    #[test]
+    fn hellos_signed_without_the_run_token_are_refused() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let ring = two_members(addr);
+        let never = || false;
+        let setup = RingSetup {
+            me: 2,
+            epoch: 7,
+            key: key("the run's token 0123", 7),
+            ring: &ring,
+            conns: 1,
+            options: SocketOptions::default(),
+            timeout: Duration::from_secs(20),
+            io_timeout: None,
+            cancelled: &never,
+        };
+        let dialler = std::thread::spawn(move || {
+            let mut replies = Vec::new();
+            for k in [
+                key("another run's token", 7),
+                key("the run's token 0123", 6),
+                EpochKey::derive(None, KeyPurpose::Ring, 7, 99),
+                key("the run's token 0123", 7),
+            ] {
+                let mut s = TcpStream::connect(addr).unwrap();
+                hello(7).send(&k, &mut s).unwrap();
+                replies.push(read_reply(&mut s).unwrap());
+            }
+            replies
+        });
+        let deadline = Instant::now() + setup.timeout;
+        let accepted = accept_from(&listener, &setup, 1, deadline, &|| false).unwrap();
+        assert_eq!(accepted.len(), 1);
+        use HelloStatus::{Ok as Accepted, Refused};
+        assert_eq!(
+            dialler.join().unwrap(),
+            [Refused, Refused, Refused, Accepted]
+        );
+    }
 
     /// Strangers that connect to a data port and say nothing (or half a hello) cost the ring
     /// nothing: the predecessor's connection, arriving after them, is taken at once.
@@ -452,21 +530,12 @@ mod tests {
                 s
             })
             .collect();
-        let ring = [
-            RingMember {
-                peer_id: 1,
-                data_addr: addr.to_string(),
-            },
-            RingMember {
-                peer_id: 2,
-                data_addr: addr.to_string(),
-            },
-        ];
+        let ring = two_members(addr);
         let never = || false;
         let setup = RingSetup {
             me: 2,
             epoch: 7,
-            secret: 99,
+            key: key("the run's token 0123", 7),
             ring: &ring,
             conns: 1,
             options: SocketOptions::default(),
@@ -478,16 +547,9 @@ mod tests {
         let dialler = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(50));
             let mut s = TcpStream::connect(addr).unwrap();
-            DataHello {
-                epoch: 7,
-                from: 1,
-                to: 2,
-                conn_index: 0,
-                conn_count: 1,
-                secret: 99,
-            }
-            .send(&mut s)
-            .unwrap();
+            hello(7)
+                .send(&key("the run's token 0123", 7), &mut s)
+                .unwrap();
             read_reply(&mut s).unwrap()
         });
         let deadline = start + setup.timeout;

@@ -25,7 +25,8 @@ mod topology;
 
 use std::collections::{BTreeMap, VecDeque};
 
-use concord_master::proto::{MasterMsg, PeerId, PeerMsg, RingMember};
+use concord_master::proto::{encode_peer, MasterMsg, PeerId, PeerMsg, RingMember};
+use concord_transport::auth::{self, Nonce, RunToken};
 use concord_transport::PROTOCOL_VERSION;
 
 pub use phases::{CollPhase, Effect, GroupInfo, SyncPhase, TopoPhase};
@@ -47,23 +48,62 @@ pub struct PeerProto {
     history: VecDeque<(u64, Vec<PeerId>)>,
     sync: SyncPhase,
     groups: GroupInfo,
+    auth: Handshake,
+}
+
+/// What a peer proves itself with: the run token, if it has one, and a fresh nonce for the
+/// master's proof to cover.
+#[derive(Clone, Debug)]
+pub struct Credentials {
+    /// The run token (`None`: join a master that runs without one).
+    pub token: Option<RunToken>,
+    /// Fresh random bytes ([`concord_transport::auth::nonce`]).
+    pub nonce: Nonce,
+}
+
+impl Credentials {
+    /// No token and a zero nonce: for simulations and tests against a master without a token.
+    pub fn none() -> Self {
+        Credentials {
+            token: None,
+            nonce: [0; 32],
+        }
+    }
+}
+
+/// Where registration stands: the hello sent (and its bytes, which the proof covers), then the
+/// master's challenge answered.
+#[derive(Debug)]
+struct Handshake {
+    credentials: Credentials,
+    hello_bytes: Vec<u8>,
+    /// The master's nonce, once it challenged.
+    master_nonce: Option<Nonce>,
 }
 
 impl PeerProto {
-    /// A peer about to register; queues the hello.
+    /// A peer about to register, without a token; queues the hello.
     pub fn new(data_port: u16, advertise_ip: String) -> Self {
-        Self::with_group(data_port, advertise_ip, 0)
+        Self::with_group(data_port, advertise_ip, 0, Credentials::none())
     }
 
-    /// A peer of peer group `group` about to register; queues the hello.
-    pub fn with_group(data_port: u16, advertise_ip: String, group: u32) -> Self {
-        let mut out = VecDeque::new();
-        out.push_back(PeerMsg::Hello {
+    /// A peer of peer group `group` about to register with `credentials`; queues the hello.
+    pub fn with_group(
+        data_port: u16,
+        advertise_ip: String,
+        group: u32,
+        credentials: Credentials,
+    ) -> Self {
+        let hello = PeerMsg::Hello {
             version: PROTOCOL_VERSION,
             data_port,
             advertise_ip,
             group,
-        });
+            nonce: credentials.nonce,
+        };
+        let hello_bytes = encode_peer(&hello);
+        let mut out = VecDeque::new();
+        out.push_back(hello);
         PeerProto {
             peer_id: None,
             fatal: None,
@@ -75,7 +115,48 @@ impl PeerProto {
             history: VecDeque::new(),
             sync: SyncPhase::Idle,
             groups: GroupInfo::default(),
+            auth: Handshake {
+                credentials,
+                hello_bytes,
+                master_nonce: None,
+            },
         }
+    }
+
+    /// The master's challenge: prove the token over both nonces and the hello, unless the two
+    /// sides disagree on whether the run has a token.
+    fn on_challenge(&mut self, master_nonce: Nonce, token_required: bool) -> Vec<Effect> {
+        if self.auth.master_nonce.is_some() || self.peer_id.is_some() {
+            return self.master_lost(Error::Protocol("the master sent Challenge twice".into()));
+        }
+        let token = self.auth.credentials.token.as_ref();
+        match (token.is_some(), token_required) {
+            (false, true) => {
+                return self.master_lost(Error::Unauthenticated(
+                    "the master requires a run token and this peer has none; give it the \
+                     run's token (CONCORD_TOKEN, --token-file, or the builder's token option)"
+                        .into(),
+                ))
+            }
+            (true, false) => {
+                return self.master_lost(Error::Unauthenticated(
+                    "this peer has a run token but the master runs without one (--insecure), \
+                     so it cannot prove it belongs to the run; give the master the same token, \
+                     or unset CONCORD_TOKEN here"
+                        .into(),
+                ))
+            }
+            _ => {}
+        }
+        self.auth.master_nonce = Some(master_nonce);
+        let proof = auth::peer_proof(
+            token,
+            &master_nonce,
+            &self.auth.credentials.nonce,
+            &self.auth.hello_bytes,
+        );
+        self.out.push_back(PeerMsg::Proof { proof });
+        Vec::new()
     }
 
     /// Next message for the master.
@@ -106,9 +187,29 @@ impl PeerProto {
     /// A message from the master. An `Err` is a protocol violation by the master (fatal).
     pub fn handle(&mut self, msg: MasterMsg) -> Result<Vec<Effect>, Error> {
         match msg {
-            MasterMsg::Welcome { peer_id, .. } => {
+            MasterMsg::Challenge {
+                nonce,
+                token_required,
+                ..
+            } => Ok(self.on_challenge(nonce, token_required)),
+            MasterMsg::Welcome { peer_id, proof, .. } => {
                 if self.peer_id.is_some() {
                     return violation("Welcome twice");
+                }
+                let Some(master_nonce) = self.auth.master_nonce else {
+                    return violation("Welcome before its challenge");
+                };
+                let token = self.auth.credentials.token.as_ref();
+                if token.is_some() {
+                    let nonce = &self.auth.credentials.nonce;
+                    let expected = auth::master_proof(token, nonce, &master_nonce, peer_id);
+                    if !auth::proofs_equal(&expected, &proof) {
+                        return Ok(self.master_lost(Error::Unauthenticated(
+                            "the master could not prove it holds this run's token: it is \
+                             not this run's master (check the master address and the token)"
+                                .into(),
+                        )));
+                    }
                 }
                 self.peer_id = Some(peer_id);
                 Ok(Vec::new())

@@ -4,12 +4,29 @@
 use super::*;
 use concord_master::proto::{AbortKind, CollectiveDesc};
 
-fn welcomed() -> PeerProto {
-    let mut p = PeerProto::new(9, String::new());
+fn challenged(token: Option<&str>, token_required: bool) -> PeerProto {
+    let credentials = Credentials {
+        token: token.map(|t| RunToken::new(t).unwrap()),
+        nonce: [6; 32],
+    };
+    let mut p = PeerProto::with_group(9, String::new(), 0, credentials);
     assert!(matches!(p.poll_transmit(), Some(PeerMsg::Hello { .. })));
+    p.handle(MasterMsg::Challenge {
+        version: PROTOCOL_VERSION,
+        nonce: [8; 32],
+        token_required,
+    })
+    .unwrap();
+    p
+}
+
+fn welcomed() -> PeerProto {
+    let mut p = challenged(None, false);
+    assert!(matches!(p.poll_transmit(), Some(PeerMsg::Proof { .. })));
     p.handle(MasterMsg::Welcome {
         version: PROTOCOL_VERSION,
         peer_id: 4,
+        proof: [0; 32],
     })
     .unwrap();
     let ring = vec![RingMember {
@@ -192,4 +209,75 @@ fn a_shared_state_vote_over_the_message_limit_is_refused_before_it_is_sent() {
     p.start_sync(1, "enforce-popular", (0..10).map(entry).collect())
         .unwrap();
     assert!(matches!(p.poll_transmit(), Some(PeerMsg::SyncVote { .. })));
+}
+
+const TOKEN: &str = "the run's token 0123";
+
+#[test]
+fn a_challenge_is_answered_with_the_token_and_the_master_must_prove_it_back() {
+    let mut p = challenged(Some(TOKEN), true);
+    let token = RunToken::new(TOKEN).unwrap();
+    let hello = encode_peer(&PeerMsg::Hello {
+        version: PROTOCOL_VERSION,
+        data_port: 9,
+        advertise_ip: String::new(),
+        group: 0,
+        nonce: [6; 32],
+    });
+    match p.poll_transmit() {
+        Some(PeerMsg::Proof { proof }) => assert_eq!(
+            proof,
+            auth::peer_proof(Some(&token), &[8; 32], &[6; 32], &hello)
+        ),
+        other => panic!("expected a proof, got {other:?}"),
+    }
+    // A master that cannot prove the token back is not this run's: the peer leaves.
+    p.handle(MasterMsg::Welcome {
+        version: PROTOCOL_VERSION,
+        peer_id: 4,
+        proof: [0; 32],
+    })
+    .unwrap();
+    assert!(matches!(p.fatal(), Some(Error::Unauthenticated(_))));
+    assert_eq!(p.peer_id(), None);
+
+    let mut p = challenged(Some(TOKEN), true);
+    p.poll_transmit();
+    p.handle(MasterMsg::Welcome {
+        version: PROTOCOL_VERSION,
+        peer_id: 4,
+        proof: auth::master_proof(Some(&token), &[6; 32], &[8; 32], 4),
+    })
+    .unwrap();
+    assert_eq!(p.peer_id(), Some(4));
+    assert!(p.fatal().is_none());
+}
+
+#[test]
+fn a_token_on_one_side_only_is_named_and_nothing_is_proven() {
+    for (token, required, says) in [
+        (None, true, "requires a run token"),
+        (Some(TOKEN), false, "--insecure"),
+    ] {
+        let mut p = challenged(token, required);
+        assert!(p.poll_transmit().is_none(), "no proof is sent");
+        match p.fatal() {
+            Some(Error::Unauthenticated(why)) => assert!(why.contains(says), "{why}"),
+            other => panic!("expected an authentication error, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_welcome_before_the_challenge_is_a_violation() {
+    let mut p = PeerProto::new(9, String::new());
+    p.poll_transmit();
+    let err = p
+        .handle(MasterMsg::Welcome {
+            version: PROTOCOL_VERSION,
+            peer_id: 4,
+            proof: [0; 32],
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("before its challenge"), "{err}");
 }

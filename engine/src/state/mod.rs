@@ -7,16 +7,17 @@
 //! once, a piece cut by a dying holder is fetched again from another, and each pulled entry is
 //! verified against the elected hash before the new revision is adopted.
 //!
-//! Pull wire format, on a fresh connection to the holder's data port:
-//! request `magic u32 "CSP1" | version u32 | secret u64 | revision u64 | offset u64 | len u64 |
-//! key_len u32 | key`; answer `status u32` (0: bytes follow) then `len` bytes. One connection
-//! carries many requests.
+//! Pull wire format, on a fresh connection to the holder's data port: a [`request::PullRequest`]
+//! signed with the sync's key (derived from the run token and the master's salt), answered by
+//! `status u32` (0: bytes follow) then `len` bytes. One connection carries many requests.
 
 //!
-//! Rooms: this file (the entries a user registers, hashes, sync results), `serve` (a holder
-//! answering pulls), `pull` (a peer fetching its outdated entries from every holder at once).
+//! Rooms: this file (the entries a user registers, hashes, sync results), `request` (the pull
+//! request's codec), `serve` (a holder answering pulls), `pull` (a peer fetching its outdated
+//! entries from every holder at once).
 
 mod pull;
+pub(crate) mod request;
 mod serve;
 
 pub(crate) use pull::pull_all;

@@ -8,10 +8,11 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use concord_master::proto::Pull;
+use concord_transport::auth::EpochKey;
 use concord_transport::socket::{connect_until, resolve, SocketOptions};
-use concord_transport::PROTOCOL_VERSION;
 
-use super::{hash, MAX_SOURCES, PIECE_BYTES, PULL_MAGIC};
+use super::request::PullRequest;
+use super::{hash, MAX_SOURCES, PIECE_BYTES};
 
 struct Piece<'b> {
     entry: usize,
@@ -41,7 +42,7 @@ const STEAL_GRACE: Duration = Duration::from_secs(1);
 /// Returns the bytes received.
 pub(crate) fn pull_all(
     mut dirty: Vec<(&Pull, &mut [u8])>,
-    secret: u64,
+    key: &EpochKey,
     revision: u64,
     timeout: Duration,
 ) -> Result<u64, String> {
@@ -124,7 +125,7 @@ pub(crate) fn pull_all(
                     id: *id,
                     work,
                     keys,
-                    secret,
+                    key,
                     revision,
                     deadline,
                 };
@@ -181,7 +182,7 @@ struct Job<'a, 'b> {
     id: u64,
     work: &'a (Mutex<Work<'b>>, Condvar),
     keys: &'a [(String, u64, Vec<u64>)],
-    secret: u64,
+    key: &'a EpochKey,
     revision: u64,
     deadline: Instant,
 }
@@ -285,7 +286,7 @@ fn pull_from(job: &Job<'_, '_>, addr: &str, received: &AtomicU64) -> Result<(), 
             &job.keys[piece.entry].0,
             piece.offset,
             &mut *piece.buf,
-            job.secret,
+            job.key,
             job.revision,
         );
         let mut w = lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -314,18 +315,16 @@ fn fetch(
     key: &str,
     offset: usize,
     buf: &mut [u8],
-    secret: u64,
+    sync_key: &EpochKey,
     revision: u64,
 ) -> Result<(), String> {
-    let mut req = Vec::with_capacity(44 + key.len());
-    req.extend_from_slice(&PULL_MAGIC.to_le_bytes());
-    req.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-    req.extend_from_slice(&secret.to_le_bytes());
-    req.extend_from_slice(&revision.to_le_bytes());
-    req.extend_from_slice(&(offset as u64).to_le_bytes());
-    req.extend_from_slice(&(buf.len() as u64).to_le_bytes());
-    req.extend_from_slice(&(key.len() as u32).to_le_bytes());
-    req.extend_from_slice(key.as_bytes());
+    let req = PullRequest {
+        revision,
+        offset: offset as u64,
+        len: buf.len() as u64,
+        key: key.to_string(),
+    }
+    .encode(sync_key);
     stream.write_all(&req).map_err(|e| e.to_string())?;
     let mut status = [0u8; 4];
     stream.read_exact(&mut status).map_err(|e| e.to_string())?;

@@ -18,11 +18,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use concord_transport::PROTOCOL_VERSION;
-
+use concord_transport::auth::EpochKey;
 use socket2::SockRef;
 
-use super::{MAX_KEY_BYTES, MAX_SOURCES, PULL_MAGIC};
+use super::request::{PullRequest, HEAD_BYTES};
+use super::MAX_SOURCES;
 
 /// Most connections served at once, one thread each (every puller opens at most two to a
 /// holder).
@@ -39,7 +39,7 @@ const POLL_MAX: Duration = Duration::from_millis(50);
 pub(crate) fn serve(
     listener: &TcpListener,
     clean: &HashMap<&str, &[u8]>,
-    secret: u64,
+    key: &EpochKey,
     revision: u64,
     stop: &AtomicBool,
 ) -> u64 {
@@ -48,7 +48,7 @@ pub(crate) fn serve(
     let slots = Slots::new();
     let job = Job {
         clean,
-        secret,
+        key,
         revision,
         stop,
         started,
@@ -100,7 +100,7 @@ fn poll_interval(started: Instant) -> Duration {
 /// What every handler shares.
 struct Job<'a> {
     clean: &'a HashMap<&'a str, &'a [u8]>,
-    secret: u64,
+    key: &'a EpochKey,
     revision: u64,
     stop: &'a AtomicBool,
     started: Instant,
@@ -204,44 +204,52 @@ fn serve_one(mut stream: TcpStream, slot: usize, job: &Job<'_>) -> std::io::Resu
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(WRITE_WAIT))?;
     loop {
-        let mut head = [0u8; 44];
+        let mut request = vec![0u8; HEAD_BYTES];
         job.slots.set_idle(slot, true);
-        if !read_within(&mut stream, &mut head, job)? {
+        if !read_within(&mut stream, &mut request, job)? {
             return Ok(()); // Closed between requests, or stopped.
         }
         job.slots.set_idle(slot, false);
-        let u32_at = |i: usize| u32::from_le_bytes(head[i..i + 4].try_into().expect("4"));
-        let u64_at = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().expect("8"));
-        let (magic, version, their_secret, their_rev) =
-            (u32_at(0), u32_at(4), u64_at(8), u64_at(16));
-        let (offset, len, key_len) = (
-            u64_at(24) as usize,
-            u64_at(32) as usize,
-            u32_at(40) as usize,
-        );
-        if magic != PULL_MAGIC || version != PROTOCOL_VERSION || key_len > MAX_KEY_BYTES {
-            return Err(std::io::Error::other("not a Concord shared-state pull"));
-        }
-        let mut key = vec![0u8; key_len];
-        if !read_within(&mut stream, &mut key, job)? {
+        let head: &[u8; HEAD_BYTES] = request[..].try_into().expect("the head");
+        let rest = PullRequest::rest_bytes(head).map_err(std::io::Error::other)?;
+        request.resize(HEAD_BYTES + rest, 0);
+        if !read_within(&mut stream, &mut request[HEAD_BYTES..], job)? {
             return Err(std::io::Error::other("a pull request cut short"));
         }
-        let data = std::str::from_utf8(&key)
+        let req = match PullRequest::decode(&request, job.key) {
+            Ok(req) => req,
+            Err(why) => {
+                let peer = stream
+                    .peer_addr()
+                    .map_or_else(|_| "?".into(), |a| a.to_string());
+                tracing::warn!(%peer, "refused a shared-state pull: {why}");
+                stream.write_all(&1u32.to_le_bytes())?;
+                return Err(std::io::Error::other(why));
+            }
+        };
+        let range = usize::try_from(req.offset)
             .ok()
-            .and_then(|k| job.clean.get(k));
-        let valid = their_secret == job.secret && their_rev == job.revision;
-        match data.filter(|d| valid && offset.checked_add(len).is_some_and(|end| end <= d.len())) {
+            .zip(usize::try_from(req.len).ok())
+            .and_then(|(offset, len)| Some(offset..offset.checked_add(len)?));
+        let data = job
+            .clean
+            .get(req.key.as_str())
+            .filter(|_| req.revision == job.revision)
+            .zip(range)
+            .and_then(|(d, range)| d.get(range));
+        match data {
             Some(d) => {
                 stream.write_all(&0u32.to_le_bytes())?;
-                stream.write_all(&d[offset..offset + len])?;
-                job.served.fetch_add(len as u64, Ordering::Relaxed);
+                stream.write_all(d)?;
+                job.served.fetch_add(d.len() as u64, Ordering::Relaxed);
                 crate::fault::kill_point("serve", Some(job.revision));
             }
             None => {
                 stream.write_all(&1u32.to_le_bytes())?;
-                return Err(std::io::Error::other(
-                    "refused a pull (secret, revision, key or range)",
-                ));
+                return Err(std::io::Error::other(format!(
+                    "refused a pull of {:?} (revision {}, {} bytes at {}): not served here",
+                    req.key, req.revision, req.len, req.offset
+                )));
             }
         }
     }
@@ -282,4 +290,58 @@ fn read_within(stream: &mut TcpStream, buf: &mut [u8], job: &Job<'_>) -> std::io
         }
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use concord_transport::auth::{KeyPurpose, RunToken};
+
+    fn key(token: &str) -> EpochKey {
+        let token = RunToken::new(token).unwrap();
+        EpochKey::derive(Some(&token), KeyPurpose::SharedState, 4, 11)
+    }
+
+    /// Asks for 4 bytes of "w" signed with `signer`; the holder's answer status and bytes.
+    fn pull(addr: std::net::SocketAddr, signer: &EpochKey, revision: u64) -> (u32, Vec<u8>) {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let req = PullRequest {
+            revision,
+            offset: 2,
+            len: 4,
+            key: "w".into(),
+        };
+        s.write_all(&req.encode(signer)).unwrap();
+        let mut status = [0u8; 4];
+        s.read_exact(&mut status).unwrap();
+        let status = u32::from_le_bytes(status);
+        let mut data = vec![0u8; if status == 0 { 4 } else { 0 }];
+        s.read_exact(&mut data).unwrap();
+        (status, data)
+    }
+
+    /// A holder serves the members of its sync and refuses a pull signed with another run's
+    /// token, or asking for another revision, without serving a byte.
+    #[test]
+    fn serves_only_pulls_signed_with_the_sync_key() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let bytes: Vec<u8> = (0..16).collect();
+        let clean: HashMap<&str, &[u8]> = [("w", &bytes[..])].into_iter().collect();
+        let ours = key("the run's token 0123");
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let server = s.spawn(|| serve(&listener, &clean, &ours, 4, &stop));
+            assert_eq!(pull(addr, &key("another run's token"), 4), (1, vec![]));
+            assert_eq!(pull(addr, &ours, 5), (1, vec![]));
+            assert_eq!(pull(addr, &ours, 4), (0, vec![2, 3, 4, 5]));
+            stop.store(true, Ordering::Release);
+            assert_eq!(
+                server.join().unwrap(),
+                4,
+                "only the member's pull was served"
+            );
+        });
+    }
 }

@@ -25,9 +25,16 @@ pub fn concord_bin() -> std::ffi::OsString {
 
 impl MasterProcess {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// A master on loopback with `extra` flags (say `--token-file PATH`).
+    pub fn start_with(extra: &[&str]) -> Self {
         let mut child = Command::new(concord_bin())
             .args(["master", "--listen", "127.0.0.1:0"])
+            .args(extra)
             .env("RUST_LOG", "info")
+            .env_remove("CONCORD_TOKEN")
             .stderr(Stdio::piped())
             .spawn()
             .expect("start concord master");
@@ -56,6 +63,11 @@ impl MasterProcess {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// What the master logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
     }
 }
 

@@ -13,7 +13,11 @@ use concord_transport::PROTOCOL_VERSION;
 
 use super::membership::kind;
 use super::state::{Conn, ConnId, Coordinator, Output};
-use crate::proto::{MasterMsg, PeerId, PeerMsg};
+use crate::proto::{MasterMsg, PeerId, PeerMsg, MAX_MESSAGE_BYTES, MAX_STRING_BYTES};
+
+/// The largest message a connection may send before it is registered: a `Hello` with the
+/// longest string, or a `Proof`.
+pub const MAX_UNREGISTERED_MESSAGE_BYTES: usize = MAX_STRING_BYTES + 256;
 
 impl Coordinator {
     /// Next output for the I/O shell.
@@ -26,7 +30,9 @@ impl Coordinator {
         self.conns
             .values()
             .filter_map(|c| match c {
-                Conn::AwaitingHello { deadline, .. } => Some(*deadline),
+                Conn::AwaitingHello { deadline, .. } | Conn::AwaitingProof { deadline, .. } => {
+                    Some(*deadline)
+                }
                 Conn::Peer(_) => None,
             })
             .chain(self.next_heartbeat)
@@ -55,6 +61,16 @@ impl Coordinator {
     /// Number of open connections (peers and those still to say hello).
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// The largest message (length prefix included) connection `conn` may send now:
+    /// [`MAX_UNREGISTERED_MESSAGE_BYTES`] until it is a registered peer, then
+    /// [`MAX_MESSAGE_BYTES`]. The I/O shell refuses longer ones before buffering them.
+    pub fn message_limit(&self, conn: ConnId) -> usize {
+        match self.conns.get(&conn) {
+            Some(Conn::Peer(_)) => MAX_MESSAGE_BYTES,
+            _ => MAX_UNREGISTERED_MESSAGE_BYTES,
+        }
     }
 
     /// Collectives in flight (voting or running).
@@ -140,10 +156,11 @@ impl Coordinator {
         self.now = Some(now);
         match self.conns.get(&conn) {
             None => {} // Already closed; late bytes are ignored.
-            Some(Conn::AwaitingHello { ip, .. }) => {
-                let ip = *ip;
-                self.on_hello(conn, ip, msg);
+            Some(Conn::AwaitingHello { ip, deadline }) => {
+                let (ip, deadline) = (*ip, *deadline);
+                self.on_hello(conn, ip, deadline, msg);
             }
+            Some(Conn::AwaitingProof { .. }) => self.on_proof(conn, msg),
             Some(Conn::Peer(id)) => {
                 let id = *id;
                 if let Some(p) = self.peers.get_mut(&id) {
@@ -166,6 +183,7 @@ impl Coordinator {
                 Ok(())
             }
             PeerMsg::Hello { .. } => Err("sent Hello twice".into()),
+            PeerMsg::Proof { .. } => Err("sent a proof after being welcomed".into()),
             PeerMsg::Pong => Ok(()),
             PeerMsg::SyncVote { .. } | PeerMsg::SyncDone { .. } if !accepted => {
                 Err("sent a shared-state message before being admitted to the group".into())

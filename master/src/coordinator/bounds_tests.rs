@@ -40,15 +40,23 @@ impl Master {
     fn hello(&mut self, conn: ConnId, advertise_ip: &str) -> Vec<(ConnId, MasterMsg)> {
         self.c
             .handle_connect(conn, "127.0.0.1".parse().unwrap(), self.now);
-        self.send(
+        let mut out = self.send(
             conn,
             PeerMsg::Hello {
                 version: PROTOCOL_VERSION,
                 data_port: 7000 + conn as u16,
                 advertise_ip: advertise_ip.into(),
                 group: 0,
+                nonce: [0; 32],
             },
-        )
+        );
+        if out
+            .iter()
+            .any(|(_, m)| matches!(m, MasterMsg::Challenge { .. }))
+        {
+            out.extend(self.send(conn, PeerMsg::Proof { proof: [0; 32] }));
+        }
+        out
     }
 
     /// Peers on conns 1..=n (peer id = conn), each advertising `host(conn)`, in one ring: each

@@ -12,6 +12,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::state::{Coll, CollKey, Coordinator, Peer};
 use crate::proto::{AbortKind, CollectiveDesc, MasterMsg, PeerId};
 
+/// Longest dtype or op name a collective may carry.
+const MAX_NAME_BYTES: usize = 32;
+
 impl Coordinator {
     pub(super) fn on_coll_init(
         &mut self,
@@ -27,6 +30,12 @@ impl Coordinator {
         }
         if desc.dtype.is_empty() || desc.op.is_empty() {
             return Err(format!("collective {tag} with an empty dtype or op"));
+        }
+        // Kept per voter until the vote completes: names, not payloads.
+        if desc.dtype.len() > MAX_NAME_BYTES || desc.op.len() > MAX_NAME_BYTES {
+            return Err(format!(
+                "collective {tag} with a dtype or op name over {MAX_NAME_BYTES} bytes"
+            ));
         }
         if self.accept_votes.contains_key(&id) {
             return Err("started a collective while voting to update the topology (one operation kind at a time)".into());

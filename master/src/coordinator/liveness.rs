@@ -64,13 +64,17 @@ impl Coordinator {
             .conns
             .iter()
             .filter_map(|(id, c)| match c {
-                Conn::AwaitingHello { deadline, .. } if *deadline <= now => Some(*id),
+                Conn::AwaitingHello { deadline, .. } | Conn::AwaitingProof { deadline, .. }
+                    if *deadline <= now =>
+                {
+                    Some(*id)
+                }
                 _ => None,
             })
             .collect();
         for conn in late {
             let ms = self.config.hello_timeout.as_millis();
-            self.kick_conn(conn, &format!("no hello within {ms} ms"));
+            self.kick_conn(conn, &format!("no hello and proof within {ms} ms"));
         }
     }
 

@@ -1,4 +1,4 @@
-//! Peers coming and going: registration (`Hello`), leaving (`Goodbye`), kicks, and removal.
+//! Peers coming and going: registration (`Hello`, the challenge, `Proof`), leaving (`Goodbye`), kicks, and removal.
 //!
 //! Removing a peer is the one place that reaches into every job: its votes are dropped, the
 //! connection round it was part of fails, its group's ring is marked broken and the group's
@@ -6,20 +6,27 @@
 //! here, so a dead peer never blocks a vote.
 
 use std::net::IpAddr;
+use std::time::Instant;
 
+use concord_transport::auth::{self, Nonce};
 use concord_transport::PROTOCOL_VERSION;
 
-use super::state::{CollKey, Conn, ConnId, Coordinator, Output, Peer};
-use crate::proto::{AbortKind, MasterMsg, PeerId, PeerMsg, MAX_MESSAGE_BYTES, MAX_RING_MEMBERS};
+use super::state::{CollKey, Conn, ConnId, Coordinator, Output, Peer, Registration};
+use crate::proto::{
+    encode_peer, AbortKind, MasterMsg, PeerId, PeerMsg, MAX_MESSAGE_BYTES, MAX_RING_MEMBERS,
+};
 
 impl Coordinator {
-    /// The first message of a connection: registers the peer (not yet accepted into a ring).
-    pub(super) fn on_hello(&mut self, conn: ConnId, ip: IpAddr, msg: PeerMsg) {
+    /// The first message of a connection: checks what the peer asks for, then challenges it to
+    /// prove the run token.
+    pub(super) fn on_hello(&mut self, conn: ConnId, ip: IpAddr, deadline: Instant, msg: PeerMsg) {
+        let hello_bytes = encode_peer(&msg);
         let PeerMsg::Hello {
             version,
             data_port,
             advertise_ip,
             group,
+            nonce,
         } = msg
         else {
             self.kick_conn(
@@ -36,9 +43,8 @@ impl Coordinator {
             self.refuse(conn, format!("advertise_ip {why}"));
             return;
         }
-        let max_peers = self.config.max_peers.min(MAX_TOPOLOGY_PEERS);
-        if self.peers.len() >= max_peers {
-            self.refuse(conn, format!("the master is full ({max_peers} peers)"));
+        if let Some(why) = self.full() {
+            self.refuse(conn, why);
             return;
         }
         let host = if advertise_ip.is_empty() {
@@ -50,6 +56,73 @@ impl Coordinator {
             Ok(IpAddr::V6(v6)) => format!("[{v6}]:{data_port}"),
             _ => format!("{host}:{data_port}"),
         };
+        let master_nonce = self.next_nonce();
+        self.conns.insert(
+            conn,
+            Conn::AwaitingProof {
+                ip,
+                deadline,
+                hello: Box::new(Registration {
+                    data_addr,
+                    group,
+                    peer_nonce: nonce,
+                    master_nonce,
+                    hello_bytes,
+                }),
+            },
+        );
+        self.out.push_back(Output::Send {
+            conn,
+            msg: MasterMsg::Challenge {
+                version: PROTOCOL_VERSION,
+                nonce: master_nonce,
+                token_required: self.config.token.is_some(),
+            },
+        });
+    }
+
+    /// The answer to the challenge: a peer that proves the run token (or any, without one) is
+    /// registered (not yet accepted into a ring) and welcomed with the master's own proof.
+    pub(super) fn on_proof(&mut self, conn: ConnId, msg: PeerMsg) {
+        let PeerMsg::Proof { proof } = msg else {
+            self.kick_conn(
+                conn,
+                &format!("second message must be Proof, got {}", kind(&msg)),
+            );
+            return;
+        };
+        let Some(Conn::AwaitingProof { ip, hello, .. }) = self.conns.remove(&conn) else {
+            return;
+        };
+        let token = self.config.token.as_ref();
+        if token.is_some() {
+            let expected = auth::peer_proof(
+                token,
+                &hello.master_nonce,
+                &hello.peer_nonce,
+                &hello.hello_bytes,
+            );
+            if !auth::proofs_equal(&expected, &proof) {
+                let reason = "not invited: this peer's run token does not match the master's                               (give every peer the run's token with --token-file or CONCORD_TOKEN)";
+                if let Some(now) = self.now {
+                    self.log_refusal(ip, reason, now);
+                }
+                self.out.push_back(Output::Send {
+                    conn,
+                    msg: MasterMsg::Refused {
+                        version: PROTOCOL_VERSION,
+                        reason: reason.into(),
+                    },
+                });
+                self.out.push_back(Output::Close { conn });
+                return;
+            }
+        }
+        // Peers may have registered while this one proved itself.
+        if let Some(why) = self.full() {
+            self.refuse(conn, why);
+            return;
+        }
         let id = self.next_peer_id;
         self.next_peer_id += 1;
         self.conns.insert(conn, Conn::Peer(id));
@@ -57,19 +130,33 @@ impl Coordinator {
             id,
             Peer {
                 conn,
-                data_addr,
-                group,
+                data_addr: hello.data_addr,
+                group: hello.group,
                 accepted: false,
                 ping_sent_at: None,
             },
         );
+        let proof = auth::master_proof(token, &hello.peer_nonce, &hello.master_nonce, id);
         self.send(
             id,
             MasterMsg::Welcome {
                 version: PROTOCOL_VERSION,
                 peer_id: id,
+                proof,
             },
         );
+    }
+
+    /// Why no further peer can register, if it cannot.
+    fn full(&self) -> Option<String> {
+        let max_peers = self.config.max_peers.min(MAX_TOPOLOGY_PEERS);
+        (self.peers.len() >= max_peers).then(|| format!("the master is full ({max_peers} peers)"))
+    }
+
+    /// A nonce no other challenge of this master had.
+    fn next_nonce(&mut self) -> Nonce {
+        self.challenges += 1;
+        auth::derive_nonce(&self.config.nonce_seed, self.challenges)
     }
 
     /// The peer leaves on purpose: forget it and close its connection.
@@ -159,6 +246,7 @@ impl Coordinator {
 pub(super) fn kind(msg: &PeerMsg) -> &'static str {
     match msg {
         PeerMsg::Hello { .. } => "Hello",
+        PeerMsg::Proof { .. } => "Proof",
         PeerMsg::AcceptVote => "AcceptVote",
         PeerMsg::RepairVote => "RepairVote",
         PeerMsg::PendingQuery => "PendingQuery",

@@ -19,7 +19,8 @@
 //! - `state`: the public limits and outputs, the records kept, the queries every job asks;
 //! - `api`: the `handle_*` / `poll_*` surface, the routing of messages and the re-check after
 //!   every input;
-//! - `membership`: registration, departures, kicks, and the removal of a peer from every job;
+//! - `membership`: registration (the hello, the run token's challenge and proof), departures,
+//!   kicks, and the removal of a peer from every job;
 //! - `topology`: the votes that admit peers and rebuild rings, and the connection rounds;
 //! - `collectives`: the per-tag votes, completions and cancellations;
 //! - `shared_state`: the shared-state sync election and transfer plan;
@@ -33,8 +34,11 @@ mod shared_state;
 mod state;
 mod topology;
 
+pub use api::MAX_UNREGISTERED_MESSAGE_BYTES;
 pub use state::{ConnId, Coordinator, CoordinatorConfig, Output};
 
+#[cfg(test)]
+mod auth_tests;
 #[cfg(test)]
 mod bounds_tests;
 #[cfg(test)]

@@ -9,6 +9,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use concord_transport::auth::{Nonce, RunToken};
+
 use crate::proto::{AbortKind, CollectiveDesc, EntryDesc, MasterMsg, PeerId};
 
 /// Identifies one connection of the master (assigned by the I/O shell).
@@ -43,6 +45,12 @@ pub struct CoordinatorConfig {
     pub max_collectives: usize,
     /// Seed of the per-epoch ring secrets (the server seeds it from the OS).
     pub secret_seed: u64,
+    /// Seed of the challenges' nonces (the server seeds it from the OS): each connection's
+    /// challenge is derived from it and a counter, so no two are alike.
+    pub nonce_seed: Nonce,
+    /// The run token. With one, only a peer that proves it (challenge-response) is registered;
+    /// without one, any peer that reaches the master is.
+    pub token: Option<RunToken>,
     /// While collectives or votes are under way, every accepted peer is pinged this often.
     pub heartbeat_interval: Duration,
     /// A pinged peer that sends nothing for this long is kicked (stalled, hung or cut off): the
@@ -69,6 +77,8 @@ impl Default for CoordinatorConfig {
             max_peers: 1024,
             max_collectives: 4096,
             secret_seed: 0x5eed,
+            nonce_seed: [0; 32],
+            token: None,
             heartbeat_interval: Duration::from_millis(500),
             heartbeat_timeout: Duration::from_secs(3),
             pending_timeout: Duration::from_secs(600),
@@ -80,8 +90,30 @@ impl Default for CoordinatorConfig {
 
 #[derive(Debug)]
 pub(super) enum Conn {
-    AwaitingHello { ip: IpAddr, deadline: Instant },
+    /// Connected; must say `Hello` before the deadline.
+    AwaitingHello {
+        ip: IpAddr,
+        deadline: Instant,
+    },
+    /// Said `Hello` and was challenged; must prove the token before the same deadline.
+    AwaitingProof {
+        ip: IpAddr,
+        deadline: Instant,
+        hello: Box<Registration>,
+    },
     Peer(PeerId),
+}
+
+/// What a `Hello` asked for, kept until the peer proves the token.
+#[derive(Debug)]
+pub(super) struct Registration {
+    /// Where the ring dials the peer (checked at the hello).
+    pub(super) data_addr: String,
+    pub(super) group: u32,
+    pub(super) peer_nonce: Nonce,
+    pub(super) master_nonce: Nonce,
+    /// The hello as encoded: the peer's proof covers it.
+    pub(super) hello_bytes: Vec<u8>,
 }
 
 /// The connections the I/O shell holds open, counted per address for the limits: a connection
@@ -219,6 +251,8 @@ pub struct Coordinator {
     pub(super) pending_since: BTreeMap<PeerId, Instant>,
     pub(super) ledger: Ledger,
     pub(super) refusals: RefusalLog,
+    /// Challenges sent so far (the nonce counter).
+    pub(super) challenges: u64,
 }
 
 impl Coordinator {
@@ -246,6 +280,7 @@ impl Coordinator {
             pending_since: BTreeMap::new(),
             ledger: Ledger::default(),
             refusals: RefusalLog::default(),
+            challenges: 0,
         }
     }
 

@@ -40,15 +40,39 @@ impl H {
     fn hello(&mut self, conn: ConnId) -> Vec<Output> {
         self.c
             .handle_connect(conn, "127.0.0.1".parse().unwrap(), self.now);
-        self.msg(
-            conn,
-            PeerMsg::Hello {
-                version: PROTOCOL_VERSION,
-                data_port: 1000 + conn as u16,
-                advertise_ip: String::new(),
-                group: 0,
-            },
-        )
+        let hello = PeerMsg::Hello {
+            version: PROTOCOL_VERSION,
+            data_port: 1000 + conn as u16,
+            advertise_ip: String::new(),
+            group: 0,
+            nonce: [conn as u8; 32],
+        };
+        self.register(conn, hello)
+    }
+    /// Sends `hello` and answers the challenge (any proof: the master has no token); the
+    /// outputs after the challenge.
+    fn register(&mut self, conn: ConnId, hello: PeerMsg) -> Vec<Output> {
+        let out = self.msg(conn, hello);
+        let challenged = out.iter().any(|o| {
+            matches!(o, Output::Send { conn: c, msg: MasterMsg::Challenge { .. } } if *c == conn)
+        });
+        if !challenged {
+            return out;
+        }
+        let mut rest: Vec<Output> = out
+            .into_iter()
+            .filter(|o| {
+                !matches!(
+                    o,
+                    Output::Send {
+                        msg: MasterMsg::Challenge { .. },
+                        ..
+                    }
+                )
+            })
+            .collect();
+        rest.extend(self.msg(conn, PeerMsg::Proof { proof: [0; 32] }));
+        rest
     }
     /// Connects peers on conns 1..=n and builds a ring of all of them. Peer ids equal conn ids.
     fn group(n: u64) -> Self {
@@ -919,13 +943,14 @@ fn groups_run_side_by_side_on_their_own_rings() {
     let mut h = H::new();
     let hello = |h: &mut H, conn: ConnId, group: u32| {
         h.c.handle_connect(conn, "127.0.0.1".parse().unwrap(), h.now);
-        h.msg(
+        h.register(
             conn,
             PeerMsg::Hello {
                 version: PROTOCOL_VERSION,
                 data_port: 1,
                 advertise_ip: String::new(),
                 group,
+                nonce: [0; 32],
             },
         )
     };

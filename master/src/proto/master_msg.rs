@@ -1,6 +1,6 @@
 //! The wire form of [`MasterMsg`], the messages the master sends to a peer.
 //!
-//! `Welcome` and `Refused` open with the `magic | version` that lets two releases name each
+//! `Challenge`, `Welcome` and `Refused` open with the `magic | version` that lets two releases name each
 //! other's versions, and a refusal stays readable whatever the master's version. Encoder and
 //! decoder sit side by side so that each message's field order can be checked at a glance.
 
@@ -24,9 +24,28 @@ pub fn master_message_bytes(msg: &MasterMsg) -> usize {
 
 fn fields(msg: &MasterMsg) -> Enc {
     match msg {
-        MasterMsg::Welcome { version, peer_id } => {
+        MasterMsg::Challenge {
+            version,
+            nonce,
+            token_required,
+        } => {
+            let mut e = Enc::new(16);
+            e.u32(CONTROL_MAGIC)
+                .u32(*version)
+                .bytes32(nonce)
+                .u8(*token_required as u8);
+            e
+        }
+        MasterMsg::Welcome {
+            version,
+            peer_id,
+            proof,
+        } => {
             let mut e = Enc::new(1);
-            e.u32(CONTROL_MAGIC).u32(*version).u64(*peer_id);
+            e.u32(CONTROL_MAGIC)
+                .u32(*version)
+                .u64(*peer_id)
+                .bytes32(proof);
             e
         }
         MasterMsg::Refused { version, reason } => {
@@ -150,6 +169,15 @@ pub fn decode_master(body: &[u8]) -> Result<MasterMsg, ProtoError> {
             MasterMsg::Welcome {
                 version,
                 peer_id: d.u64()?,
+                proof: d.bytes32()?,
+            }
+        }
+        16 => {
+            let version = d.magic_version()?;
+            MasterMsg::Challenge {
+                version,
+                nonce: d.bytes32()?,
+                token_required: d.bool()?,
             }
         }
         2 => {
@@ -171,7 +199,7 @@ pub fn decode_master(body: &[u8]) -> Result<MasterMsg, ProtoError> {
             if n > MAX_RING_MEMBERS {
                 return Err(malformed(format!("ring of {n} members over the limit")));
             }
-            let mut ring = Vec::with_capacity(n);
+            let mut ring = Vec::with_capacity(n.min(d.remaining() / 4));
             for _ in 0..n {
                 ring.push(RingMember {
                     peer_id: d.u64()?,
@@ -215,7 +243,7 @@ pub fn decode_master(body: &[u8]) -> Result<MasterMsg, ProtoError> {
             if n > MAX_RING_MEMBERS {
                 return Err(malformed(format!("{n} lost peers over the limit")));
             }
-            let mut lost = Vec::with_capacity(n);
+            let mut lost = Vec::with_capacity(n.min(d.remaining() / 4));
             for _ in 0..n {
                 lost.push(d.u64()?);
             }
@@ -234,13 +262,13 @@ pub fn decode_master(body: &[u8]) -> Result<MasterMsg, ProtoError> {
             if n > MAX_ENTRIES {
                 return Err(malformed(format!("{n} pulls over the limit")));
             }
-            let mut pulls = Vec::with_capacity(n);
+            let mut pulls = Vec::with_capacity(n.min(d.remaining() / 4));
             for _ in 0..n {
                 let (key, bytes, hash, m) = (d.str()?, d.u64()?, d.u64()?, d.u32()? as usize);
                 if m > MAX_RING_MEMBERS {
                     return Err(malformed(format!("{m} sources over the limit")));
                 }
-                let mut sources = Vec::with_capacity(m);
+                let mut sources = Vec::with_capacity(m.min(d.remaining() / 4));
                 for _ in 0..m {
                     sources.push(RingMember {
                         peer_id: d.u64()?,

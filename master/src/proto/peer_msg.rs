@@ -29,13 +29,20 @@ fn fields(msg: &PeerMsg) -> Enc {
             data_port,
             advertise_ip,
             group,
+            nonce,
         } => {
             let mut e = Enc::new(1);
             e.u32(CONTROL_MAGIC)
                 .u32(*version)
                 .u16(*data_port)
                 .str(advertise_ip)
-                .u32(*group);
+                .u32(*group)
+                .bytes32(nonce);
+            e
+        }
+        PeerMsg::Proof { proof } => {
+            let mut e = Enc::new(13);
+            e.bytes32(proof);
             e
         }
         PeerMsg::AcceptVote => Enc::new(2),
@@ -112,8 +119,12 @@ pub fn decode_peer(body: &[u8]) -> Result<PeerMsg, ProtoError> {
                 data_port: d.u16()?,
                 advertise_ip: d.str()?,
                 group: d.u32()?,
+                nonce: d.bytes32()?,
             }
         }
+        13 => PeerMsg::Proof {
+            proof: d.bytes32()?,
+        },
         2 => PeerMsg::AcceptVote,
         3 => PeerMsg::PendingQuery,
         4 => PeerMsg::ConnectResult {
@@ -145,7 +156,7 @@ pub fn decode_peer(body: &[u8]) -> Result<PeerMsg, ProtoError> {
                     "{n} shared-state entries over the limit"
                 )));
             }
-            let mut entries = Vec::with_capacity(n);
+            let mut entries = Vec::with_capacity(n.min(d.remaining() / 4));
             for _ in 0..n {
                 entries.push(EntryDesc {
                     key: d.str()?,

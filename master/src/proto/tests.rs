@@ -19,7 +19,9 @@ fn every_message_round_trips() {
             data_port: 7,
             advertise_ip: "10.0.0.1".into(),
             group: 0,
+            nonce: [4; 32],
         },
+        PeerMsg::Proof { proof: [5; 32] },
         PeerMsg::AcceptVote,
         PeerMsg::PendingQuery,
         PeerMsg::ConnectResult {
@@ -68,9 +70,15 @@ fn every_message_round_trips() {
         data_addr: "127.0.0.1:5".into(),
     }];
     let masters = [
+        MasterMsg::Challenge {
+            version: PROTOCOL_VERSION,
+            nonce: [1; 32],
+            token_required: true,
+        },
         MasterMsg::Welcome {
             version: PROTOCOL_VERSION,
             peer_id: 3,
+            proof: [2; 32],
         },
         MasterMsg::Refused {
             version: 99,
@@ -142,6 +150,7 @@ fn other_versions_are_named() {
         data_port: 1,
         advertise_ip: String::new(),
         group: 0,
+        nonce: [0; 32],
     });
     frame[9..13].copy_from_slice(&(PROTOCOL_VERSION + 7).to_le_bytes());
     let err = decode_peer(body(&frame)).unwrap_err();

@@ -34,6 +34,10 @@ impl Enc {
         self.0.extend_from_slice(&x.to_le_bytes());
         self
     }
+    pub(super) fn bytes32(&mut self, x: &[u8; 32]) -> &mut Self {
+        self.0.extend_from_slice(x);
+        self
+    }
     pub(super) fn str(&mut self, s: &str) -> &mut Self {
         // Strings are bounded; truncate at a char boundary rather than refuse to send a reason.
         let mut end = s.len().min(MAX_STRING_BYTES);
@@ -103,6 +107,13 @@ impl<'a> Dec<'a> {
         Ok(u64::from_le_bytes(
             self.take(8)?.try_into().expect("8 bytes"),
         ))
+    }
+    /// Bytes not yet read: a bound on how many items a count may announce.
+    pub(super) fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+    pub(super) fn bytes32(&mut self) -> Result<[u8; 32], ProtoError> {
+        Ok(self.take(32)?.try_into().expect("32 bytes"))
     }
     pub(super) fn bool(&mut self) -> Result<bool, ProtoError> {
         match self.u8()? {

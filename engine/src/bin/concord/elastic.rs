@@ -28,7 +28,8 @@ fn unix_ms() -> u128 {
 pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
     let master = args.master.as_deref().expect("validated");
     let min_world = args.world.unwrap_or(1);
-    let mut comm = Communicator::builder(master)
+    let mut comm = args
+        .with_token(Communicator::builder(master))?
         .op_timeout(Duration::from_secs(args.timeout_s))
         .conns_per_neighbour(args.conns)
         .sub_chunk_bytes(args.sub_chunk)

@@ -38,7 +38,16 @@ struct MasterArgs {
     /// Address to listen on.
     #[arg(long, default_value_t = format!("0.0.0.0:{}", concord_master::DEFAULT_PORT))]
     listen: String,
-    /// Close connections that do not say hello within this many milliseconds.
+    /// File holding the run token: only peers that prove they hold the same token join (the
+    /// token never travels). Default: CONCORD_TOKEN. Required beyond loopback unless --insecure.
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<std::path::PathBuf>,
+    /// Listen beyond loopback without a run token: anyone who reaches the master joins. For
+    /// networks where every host is trusted.
+    #[arg(long)]
+    insecure: bool,
+    /// Close connections that do not say hello and prove the token within this many
+    /// milliseconds.
     #[arg(long, default_value_t = 10_000)]
     hello_timeout_ms: u64,
     /// Most peers at once.
@@ -134,8 +143,13 @@ fn run_master(args: &MasterArgs) -> Result<(), String> {
     config.max_connections_per_ip = args.max_connections_per_ip;
     config.heartbeat_interval = Duration::from_millis(args.heartbeat_interval_ms);
     config.heartbeat_timeout = Duration::from_millis(args.heartbeat_timeout_ms);
-    let mut server =
-        concord_master::server::Server::bind(addr, config).map_err(|e| e.to_string())?;
+    config.token = run_token(args.token_file.as_deref())?;
+    let bind = if args.insecure {
+        concord_master::server::Server::bind_insecure
+    } else {
+        concord_master::server::Server::bind
+    };
+    let mut server = bind(addr, config).map_err(|e| e.to_string())?;
     if let Some(us) = args.spin_us {
         server = server.with_spin(Duration::from_micros(us));
     }
@@ -147,6 +161,18 @@ fn run_master(args: &MasterArgs) -> Result<(), String> {
         );
     }
     server.run(None, || false).map_err(|e| e.to_string())
+}
+
+/// The run token of `--token-file`, else of `CONCORD_TOKEN`, else none.
+pub(crate) fn run_token(
+    file: Option<&std::path::Path>,
+) -> Result<Option<concord::RunToken>, String> {
+    match file {
+        Some(path) => concord::RunToken::from_file(path)
+            .map(Some)
+            .map_err(|e| e.to_string()),
+        None => concord::RunToken::from_env().map_err(|e| e.to_string()),
+    }
 }
 
 /// The soft limit on open descriptors (`ulimit -n`), if there is one.

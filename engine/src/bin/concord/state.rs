@@ -15,7 +15,8 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
     let e = |e: concord::Error| e.to_string();
     let master = args.master.as_deref().expect("validated");
     let world = args.world.expect("validated");
-    let mut comm = Communicator::builder(master)
+    let mut comm = args
+        .with_token(Communicator::builder(master))?
         .op_timeout(Duration::from_secs(args.timeout_s))
         .connect()
         .map_err(e)?;

@@ -55,6 +55,10 @@ pub(crate) struct BenchArgs {
     /// This process is one peer of the master at ADDR (host:port).
     #[arg(long, requires = "world")]
     pub(crate) master: Option<String>,
+    /// With --master: the file holding the run token the master was given (default:
+    /// CONCORD_TOKEN). --local makes a fresh token for its master and peers itself.
+    #[arg(long, value_name = "PATH", requires = "master")]
+    pub(crate) token_file: Option<PathBuf>,
     /// With --master: wait until this many peers are in the group.
     #[arg(long)]
     pub(crate) world: Option<usize>,
@@ -313,6 +317,20 @@ impl BenchArgs {
     }
 
     /// The flags a `--local` child gets (everything but the launch mode).
+    /// `builder` with the token of `--token-file`, if given (else the builder reads
+    /// `CONCORD_TOKEN`).
+    pub(crate) fn with_token(
+        &self,
+        builder: concord::CommunicatorBuilder,
+    ) -> Result<concord::CommunicatorBuilder, String> {
+        match &self.token_file {
+            Some(path) => {
+                Ok(builder.token(concord::RunToken::from_file(path).map_err(|e| e.to_string())?))
+            }
+            None => Ok(builder),
+        }
+    }
+
     pub(super) fn child_args(&self, master: &str, world: usize) -> Vec<String> {
         let mut a: Vec<String> = vec![
             "bench".into(),

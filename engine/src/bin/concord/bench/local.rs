@@ -10,7 +10,10 @@ use super::{BenchArgs, CpuBind};
 
 /// Embedded master on a thread, `n` peer processes, their exit codes collected.
 pub(super) fn run_local(args: &BenchArgs, n: usize) -> Result<(), String> {
-    let config = concord_master::coordinator::CoordinatorConfig::default();
+    // A fresh token for this run: only the peers started here can join the master.
+    let (token, token_text) = concord::RunToken::generate().map_err(|e| e.to_string())?;
+    let mut config = concord_master::coordinator::CoordinatorConfig::default();
+    config.token = Some(token);
     let server =
         concord_master::server::Server::bind("127.0.0.1:0".parse().expect("valid"), config)
             .map_err(|e| e.to_string())?
@@ -31,7 +34,8 @@ pub(super) fn run_local(args: &BenchArgs, n: usize) -> Result<(), String> {
     let mut children: Vec<Child> = Vec::with_capacity(n);
     for i in 0..n {
         let mut cmd = Command::new(&exe);
-        cmd.args(args.child_args(&addr, n));
+        cmd.args(args.child_args(&addr, n))
+            .env(concord_transport::auth::TOKEN_ENV, &token_text);
         if let Some(sets) = &binding {
             concord::affinity::bind_command(&mut cmd, &sets[i])
                 .map_err(|e| format!("binding a peer process to CPUs: {e}"))?;

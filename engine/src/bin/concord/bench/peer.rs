@@ -172,7 +172,8 @@ fn join(args: &BenchArgs) -> Result<Communicator, String> {
         ),
         e => e.to_string(),
     };
-    let mut comm = Communicator::builder(master)
+    let mut comm = args
+        .with_token(Communicator::builder(master))?
         .op_timeout(timeout)
         .join_timeout(timeout)
         .conns_per_neighbour(args.conns)
