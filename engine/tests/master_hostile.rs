@@ -203,9 +203,20 @@ fn connections_that_vanish_leave_no_descriptor_or_buffer_behind() {
         drop(TcpStream::connect(&master.addr).unwrap());
     }
     master.wait_fds(baseline + 1, Duration::from_secs(5));
-    // Half of a maximal frame, then gone: 30 read buffers of half a MiB each.
-    let mut half_frame = ((MAX_MESSAGE_BYTES - 4) as u32).to_le_bytes().to_vec();
-    half_frame.resize(MAX_MESSAGE_BYTES / 2, 0);
+    // A stranger's frame longer than a hello is refused at once, before it is buffered.
+    let mut big = TcpStream::connect(&master.addr).unwrap();
+    big.write_all(&((MAX_MESSAGE_BYTES - 4) as u32).to_le_bytes())
+        .unwrap();
+    big.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    match read_master_msg(&mut big) {
+        Some(MasterMsg::Kicked { reason }) => assert!(reason.contains("registered"), "{reason}"),
+        other => panic!("expected a kick, got {other:?}"),
+    }
+    assert!(closed_by_master(&mut big, Duration::from_secs(5)));
+    // Half of the largest frame a stranger may send, then gone: 30 partial read buffers.
+    let limit = concord_master::coordinator::MAX_UNREGISTERED_MESSAGE_BYTES;
+    let mut half_frame = ((limit - 4) as u32).to_le_bytes().to_vec();
+    half_frame.resize(limit / 2, 0);
     let halves: Vec<TcpStream> = (0..30)
         .map(|_| {
             let mut s = TcpStream::connect(&master.addr).unwrap();
