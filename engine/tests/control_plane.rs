@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use concord::{Error, ReduceOp};
-use concord_master::proto::{decode_master, encode_peer, split_frame, MasterMsg, PeerMsg};
+use concord_master::proto::{encode_peer, MasterMsg, PeerMsg};
 
 /// Peer side: join, reduce a few times, optionally stay idle for a while, print a digest.
 #[test]
@@ -103,20 +103,6 @@ fn idle_peers_use_no_cpu() {
         assert!(used <= 2, "idle peer {pid} used {used} ticks in 800 ms");
     }
     digests(peers);
-}
-
-fn read_master_msg(s: &mut TcpStream) -> Option<MasterMsg> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Ok(Some((body, _))) = split_frame(&buf) {
-            return Some(decode_master(body).expect("master speaks the protocol"));
-        }
-        match s.read(&mut chunk) {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
 }
 
 #[test]

@@ -14,9 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use concord::ReduceOp;
-use concord_master::proto::{
-    decode_master, encode_peer, split_frame, MasterMsg, PeerMsg, MAX_MESSAGE_BYTES,
-};
+use concord_master::proto::{encode_peer, MasterMsg, PeerMsg, MAX_MESSAGE_BYTES};
 
 /// A `concord master` with extra flags and, optionally, a lower open-files limit; killed on drop.
 struct Master {
@@ -159,21 +157,6 @@ fn group_of_two_reduces(master: &Master) {
         let (ok, out) = wait_output(p, Duration::from_secs(30));
         assert!(ok, "peer failed:\n{out}");
         assert_eq!(lines_with(&out, "SUM "), vec!["exact"], "{out}");
-    }
-}
-
-/// The first message the master sends on `s`, or `None` when it closes first.
-fn read_master_msg(s: &mut TcpStream) -> Option<MasterMsg> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Ok(Some((body, _))) = split_frame(&buf) {
-            return Some(decode_master(body).expect("the master speaks the protocol"));
-        }
-        match s.read(&mut chunk) {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
     }
 }
 

@@ -162,22 +162,6 @@ fn invited_peers_join_and_strangers_are_refused_on_both_planes() {
     assert!(!log.contains(TOKEN), "the master logged the token:\n{log}");
 }
 
-/// The first message the master sends on `s`.
-fn read_master_msg(s: &mut TcpStream) -> Option<MasterMsg> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Ok(Some((body, _))) = split_frame(&buf) {
-            let msg = decode_master(body).expect("the master speaks the protocol");
-            return Some(msg);
-        }
-        match s.read(&mut chunk) {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
-
 /// A hand-written client that answers the challenge with a made-up proof is refused and closed;
 /// one that skips the proof is kicked.
 #[test]

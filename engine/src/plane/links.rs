@@ -461,6 +461,21 @@ mod tests {
         })
     }
 
+    /// Peer 2 of `ring`, in epoch 7, holding the run's token, one connection per neighbour.
+    fn member_two(ring: &[RingMember]) -> RingSetup<'_> {
+        RingSetup {
+            me: 2,
+            epoch: 7,
+            key: key("the run's token 0123", 7),
+            ring,
+            conns: 1,
+            options: SocketOptions::default(),
+            timeout: Duration::from_secs(20),
+            io_timeout: None,
+            cancelled: &|| false,
+        }
+    }
+
     fn hello(epoch: u64) -> DataHello {
         DataHello {
             epoch,
@@ -479,18 +494,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let ring = two_members(addr);
-        let never = || false;
-        let setup = RingSetup {
-            me: 2,
-            epoch: 7,
-            key: key("the run's token 0123", 7),
-            ring: &ring,
-            conns: 1,
-            options: SocketOptions::default(),
-            timeout: Duration::from_secs(20),
-            io_timeout: None,
-            cancelled: &never,
-        };
+        let setup = member_two(&ring);
         let dialler = std::thread::spawn(move || {
             let mut replies = Vec::new();
             for k in [
@@ -531,18 +535,7 @@ mod tests {
             })
             .collect();
         let ring = two_members(addr);
-        let never = || false;
-        let setup = RingSetup {
-            me: 2,
-            epoch: 7,
-            key: key("the run's token 0123", 7),
-            ring: &ring,
-            conns: 1,
-            options: SocketOptions::default(),
-            timeout: Duration::from_secs(20),
-            io_timeout: None,
-            cancelled: &never,
-        };
+        let setup = member_two(&ring);
         let start = Instant::now();
         let dialler = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(50));

@@ -194,3 +194,19 @@ pub fn digest(bytes: &[u8]) -> u64 {
         (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
     })
 }
+
+/// The first message the master sends on `s`, or `None` when it closes first.
+pub fn read_master_msg(s: &mut std::net::TcpStream) -> Option<concord_master::proto::MasterMsg> {
+    use concord_master::proto::{decode_master, split_frame};
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Ok(Some((body, _))) = split_frame(&buf) {
+            return Some(decode_master(body).expect("the master speaks the protocol"));
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
