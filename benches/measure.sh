@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The figures of README.md's results table, measured in one run on this machine: iperf3 over
 # loopback, the naive blocking-socket ring (benches/src/bin/naive_ring.rs) and `concord bench
-# --local` on both backends, interleaved over ROUNDS rounds; prints each figure's median.
+# --local` on both backends (2, 3 and 4 peers), interleaved over ROUNDS rounds; prints each
+# figure's median, then the reduction kernels against the C loop (benches/kernels.sh).
 # Usage: benches/measure.sh [ROUNDS]   (needs iperf3: apt-get install iperf3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,7 @@ for r in $(seq "$ROUNDS"); do
     iperf3 -c 127.0.0.1 -p 5299 -t 3 -f g 2>/dev/null | awk '/receiver/ {print "iperf3_gbit", $7}' >>"$out"
     wait || true
   fi
-  for p in 2 4; do
+  for p in 2 3 4; do
     for s in 64M 256M; do
       $N --peers $p --bytes $s --iters 5 --warmup 2 | awk -v p=$p -v s=$s '{print "naive_" p "_" s, $11}' >>"$out"
       for t in uring socket; do
@@ -46,3 +47,7 @@ for key in $(awk '{print $1}' "$out" | sort -u); do
   echo "$key $v ${cpu:-}"
 done
 rm -f "$out"
+# The reduction kernels against the plain C loop, same run (where gcc is installed).
+if command -v gcc >/dev/null; then
+  bash benches/kernels.sh "$ROUNDS"
+fi
