@@ -19,11 +19,11 @@ gcc -O3 -march=native -mprefer-vector-width=512 -o "$bin/ref512" benches/c/reduc
 med() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 for r in $(seq "$ROUNDS"); do
   "$bin/ref256" | awk '{print "ref256", $2, $3, $4}' >>"$out"
-  ./target/release/reduce-bw 2>/dev/null | awk '$6=="engine" {print "concord", $2, $3, $4}' >>"$out"
+  ./target/release/reduce-bw 2>"$bin/path" | awk '$6=="engine" {print "concord", $2, $3, $4}' >>"$out"
   "$bin/ref512" | awk '{print "ref512", $2, $3, $4}' >>"$out"
 done
 echo "# $ROUNDS interleaved rounds, medians, GB/s = 3 x bytes / time; CPU: $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)"
-echo "# Concord's CPU path: $(./target/release/reduce-bw 1 2>&1 >/dev/null | sed 's/.*CPU path //')"
+echo "# Concord's CPU path: $(sed 's/.*CPU path //' "$bin/path")"
 printf '%-9s %9s %8s %8s %8s %6s\n' dtype bytes concord c256 c512 ratio
 for key in $(awk '$1=="concord" {print $2 ":" $3}' "$out" | sort -u -t: -k2,2n -k1,1); do
   d=${key%%:*} b=${key##*:}
