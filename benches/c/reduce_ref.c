@@ -9,7 +9,11 @@
  * SAMPLES samples, each at least 20 ms of back-to-back passes.
  *
  * Build and run: benches/kernels.sh (or gcc -O3 -march=native -o reduce-ref reduce_ref.c).
- * Usage: reduce-ref [BYTES...]   (default: 131072 67108864) */
+ * Usage: reduce-ref [BYTES...]   (default: 131072 67108864)
+ *
+ * Built as a shared library instead (gcc -O3 -march=native -shared -fPIC -DREDUCE_REF_LIBRARY),
+ * it exports the loops as `reduce_ref_pass`, and `reduce-bw --ref NAME=LIB.so` times them
+ * sample by sample in turn with Concord's, so that both see the same phase of the machine. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -69,6 +73,19 @@ static const struct row ROWS[] = {
     {"int64", 8, (kernel)add_u64},   {"uint64", 8, (kernel)add_u64},
 };
 
+/* One pass of the loop of `dtype` (a name of ROWS) over three buffers of `bytes` bytes each:
+ * 0, or -1 when no row has that name. */
+int reduce_ref_pass(const char *dtype, void *d, const void *a, const void *b, size_t bytes) {
+  for (size_t r = 0; r < sizeof ROWS / sizeof ROWS[0]; r++) {
+    if (strcmp(ROWS[r].name, dtype) == 0) {
+      ROWS[r].run(d, a, b, bytes / ROWS[r].size);
+      return 0;
+    }
+  }
+  return -1;
+}
+
+#ifndef REDUCE_REF_LIBRARY
 static int cmp(const void *x, const void *y) {
   double a = *(const double *)x, b = *(const double *)y;
   return (a > b) - (a < b);
@@ -117,3 +134,4 @@ int main(int argc, char **argv) {
   }
   return 0;
 }
+#endif

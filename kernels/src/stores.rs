@@ -26,6 +26,15 @@ pub enum Stores {
     Streaming,
 }
 
+impl Stores {
+    /// Results of at least this many bytes are worth streaming when nothing reads them again
+    /// soon: well past any L2 cache, so the lines would be evicted before their next use
+    /// anyway. Below it a result may still be in the cache when it is next read, and cached
+    /// stores win. The engine streams host collectives' out-of-place results from this size
+    /// (`CONCORD_STREAM_MIN_BYTES` overrides it); `reduce-bw` marks the same choice.
+    pub const STREAMING_MIN_BYTES: usize = 16 << 20;
+}
+
 /// Bytes of `dst` that [`crate::Kernels::reduce_into_saving`] copies to the backup at a time
 /// before reducing them, while they are in the L1 cache: a multiple of every element size.
 pub(crate) const BLOCK_BYTES: usize = 8 * 1024;

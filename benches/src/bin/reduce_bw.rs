@@ -3,30 +3,39 @@
 //!
 //! For every dtype and size: `dst = a + b` on the process-wide path (`CONCORD_KERNELS` forces
 //! one), three buffers of BYTES each, GB/s = 3 * BYTES / time, the median of 15 samples of at
-//! least 20 ms each. One line per row: `concord DTYPE BYTES GBPS STORES`, where STORES is
-//! `cached` or `streaming` (non-temporal results); `engine` marks the stores the engine uses
-//! for a collective of that size.
+//! least 20 ms each. With `--ref NAME=LIB`, the C loops of `LIB` (reduce_ref.c built as a
+//! shared library) are timed too, on the same buffers, sample by sample in turn with Concord's:
+//! a host's slow and fast phases then fall on both alike.
 //!
-//! Usage: reduce-bw [BYTES...]   (default: 131072 67108864)
+//! One line per row: `concord DTYPE BYTES GBPS STORES`, where STORES is `cached` or `streaming`
+//! (non-temporal results) and `engine` marks the stores the engine uses for a collective of
+//! that size; `ref NAME DTYPE BYTES GBPS` for each reference.
+//!
+//! Usage: reduce-bw [--ref NAME=LIB]... [BYTES...]   (default: 131072 67108864)
 
+use std::ffi::{c_char, c_int, c_void, CString};
 use std::time::Instant;
 
 use concord_kernels::{DType, Kernels, ReduceOp, Stores};
 
 const SAMPLES: usize = 15;
-/// The engine streams the results of host collectives from this size on (its default).
-const ENGINE_STREAM_MIN_BYTES: usize = 16 << 20;
+
+/// `reduce_ref_pass` of reduce_ref.c.
+type RefPass =
+    unsafe extern "C" fn(*const c_char, *mut c_void, *const c_void, *const c_void, usize) -> c_int;
+
+/// A C reference loaded from a shared library.
+struct Reference {
+    name: String,
+    pass: RefPass,
+    _lib: libloading::Library,
+}
 
 fn main() {
-    let sizes: Vec<usize> = match std::env::args()
-        .skip(1)
-        .map(|a| a.parse::<usize>())
-        .collect::<Result<Vec<_>, _>>()
-    {
-        Ok(v) if !v.is_empty() => v,
-        Ok(_) => vec![128 << 10, 64 << 20],
+    let (refs, sizes) = match parse(std::env::args().skip(1)) {
+        Ok(v) => v,
         Err(e) => {
-            eprintln!("reduce-bw: sizes are numbers of bytes: {e}");
+            eprintln!("reduce-bw: {e}\nusage: reduce-bw [--ref NAME=LIB]... [BYTES...]");
             std::process::exit(2);
         }
     };
@@ -47,8 +56,42 @@ fn main() {
         );
         for dtype in DType::ALL {
             let usable = bytes - bytes % dtype.size_bytes();
+            let c_name = CString::new(dtype.name()).expect("dtype names have no NUL");
+            // Contenders: Concord with each kind of stores, then every reference. Each row is
+            // printed as `{head} {GBPS}{tail}`.
+            let mut rows: Vec<(String, String, Vec<f64>)> = Vec::new();
+            let engine = if bytes >= Stores::STREAMING_MIN_BYTES {
+                Stores::Streaming
+            } else {
+                Stores::Cached
+            };
             for stores in [Stores::Cached, Stores::Streaming] {
-                let mut pass = || {
+                let name = if stores == Stores::Streaming {
+                    "streaming"
+                } else {
+                    "cached"
+                };
+                let tag = if stores == engine { " engine" } else { "" };
+                rows.push((
+                    format!("concord {} {bytes}", dtype.name()),
+                    format!(" {name}{tag}"),
+                    Vec::new(),
+                ));
+            }
+            for r in &refs {
+                rows.push((
+                    format!("ref {} {} {bytes}", r.name, dtype.name()),
+                    String::new(),
+                    Vec::new(),
+                ));
+            }
+            let pass = |which: usize, d: &mut Aligned| match which {
+                0 | 1 => {
+                    let stores = if which == 0 {
+                        Stores::Cached
+                    } else {
+                        Stores::Streaming
+                    };
                     k.reduce_out_with(
                         &mut d.bytes_mut()[..usable],
                         &a.bytes()[..usable],
@@ -58,35 +101,86 @@ fn main() {
                         None,
                         stores,
                     )
-                    .expect("benchmark buffers are valid")
-                };
-                pass();
-                let mut t: Vec<f64> = (0..SAMPLES)
-                    .map(|_| {
-                        let (start, mut passes) = (Instant::now(), 0u32);
-                        while start.elapsed().as_secs_f64() < 0.02 {
-                            pass();
-                            passes += 1;
-                        }
-                        start.elapsed().as_secs_f64() / f64::from(passes)
-                    })
-                    .collect();
+                    .expect("benchmark buffers are valid");
+                }
+                n => {
+                    // SAFETY: three live buffers of at least `bytes` bytes each, `d` exclusive;
+                    // the loop reads `a` and `b` and writes `d` within `bytes`.
+                    let rc = unsafe {
+                        (refs[n - 2].pass)(
+                            c_name.as_ptr(),
+                            d.bytes_mut().as_mut_ptr().cast(),
+                            a.bytes().as_ptr().cast(),
+                            b.bytes().as_ptr().cast(),
+                            usable,
+                        )
+                    };
+                    assert_eq!(
+                        rc,
+                        0,
+                        "{} has no loop for {}",
+                        refs[n - 2].name,
+                        dtype.name()
+                    );
+                }
+            };
+            for which in 0..rows.len() {
+                pass(which, &mut d); // warm up
+            }
+            for _ in 0..SAMPLES {
+                for (which, row) in rows.iter_mut().enumerate() {
+                    let (start, mut passes) = (Instant::now(), 0u32);
+                    while start.elapsed().as_secs_f64() < 0.02 {
+                        pass(which, &mut d);
+                        passes += 1;
+                    }
+                    row.2
+                        .push(start.elapsed().as_secs_f64() / f64::from(passes));
+                }
+            }
+            for (head, tail, mut t) in rows {
                 t.sort_by(f64::total_cmp);
                 let gbps = 3.0 * usable as f64 / t[SAMPLES / 2] / 1e9;
-                let engine = (stores == Stores::Streaming) == (bytes >= ENGINE_STREAM_MIN_BYTES);
-                let name = if stores == Stores::Streaming {
-                    "streaming"
-                } else {
-                    "cached"
-                };
-                println!(
-                    "concord {} {bytes} {gbps:.2} {name}{}",
-                    dtype.name(),
-                    if engine { " engine" } else { "" }
-                );
+                println!("{head} {gbps:.2}{tail}");
             }
         }
     }
+}
+
+/// The references (`--ref NAME=LIB`, loaded) and the sizes.
+fn parse(args: impl Iterator<Item = String>) -> Result<(Vec<Reference>, Vec<usize>), String> {
+    let (mut refs, mut sizes) = (Vec::new(), Vec::new());
+    let mut args = args.peekable();
+    while let Some(arg) = args.next() {
+        if arg == "--ref" {
+            let spec = args.next().ok_or("--ref needs NAME=LIB")?;
+            let (name, path) = spec
+                .split_once('=')
+                .ok_or_else(|| format!("--ref {spec:?}: expected NAME=LIB"))?;
+            // SAFETY: loading runs the library's initialisers; reduce_ref.c has none, and the
+            // user named the library to be loaded.
+            let lib = unsafe { libloading::Library::new(path) }
+                .map_err(|e| format!("--ref {name}: cannot load {path}: {e}"))?;
+            // SAFETY: reduce_ref.c defines `reduce_ref_pass` with exactly the RefPass signature.
+            let pass: RefPass = *unsafe { lib.get::<RefPass>(b"reduce_ref_pass\0") }.map_err(|e| {
+                format!("--ref {name}: {path} has no reduce_ref_pass (build benches/c/reduce_ref.c with -shared -fPIC -DREDUCE_REF_LIBRARY): {e}")
+            })?;
+            refs.push(Reference {
+                name: name.to_string(),
+                pass,
+                _lib: lib,
+            });
+        } else {
+            let n = arg
+                .parse::<usize>()
+                .map_err(|e| format!("sizes are numbers of bytes, not {arg:?}: {e}"))?;
+            sizes.push(n);
+        }
+    }
+    if sizes.is_empty() {
+        sizes = vec![128 << 10, 64 << 20];
+    }
+    Ok((refs, sizes))
 }
 
 /// A 64-byte aligned, initialised byte buffer.

@@ -19,14 +19,14 @@ use crate::raw_buf::RawBuf;
 /// gave 1.91-1.97 GB/s, one 1.37-1.57).
 pub(crate) const STRIPE_MIN_SENDS_PER_STEP: usize = 4;
 
-/// Host collectives of at least this many bytes (default; `CONCORD_STREAM_MIN_BYTES` overrides
-/// it, `0` streams always, a huge value never) write their reduce-scatter results out of place
+/// Host collectives of at least this many bytes ([`Stores::STREAMING_MIN_BYTES`] by default;
+/// `CONCORD_STREAM_MIN_BYTES` overrides it, `0` streams always, a huge value never) write their reduce-scatter results out of place
 /// with streaming (non-temporal) stores: no read of each destination line before it is written
 /// (one memory transfer per line instead of two), but the TX thread then sends those bytes from
 /// memory rather than from the cache, so the gain end to end is a few per cent. Measured with `concord bench --local 2|4 -b 256M` (see
 /// README.md); smaller collectives keep their results in the cache, where the TX thread and
 /// the caller read them soon.
-pub(crate) const STREAM_MIN_BYTES: usize = 16 << 20;
+pub(crate) const STREAM_MIN_BYTES: usize = Stores::STREAMING_MIN_BYTES;
 
 /// In-place collectives of at least this many bytes write the originals they save to the
 /// backup with streaming stores (only a failure reads them, so they need not take cache space
