@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The figures of README.md's results table, measured in one run on this machine: iperf3 over
-# loopback, the naive blocking-socket ring (benches/src/bin/naive_ring.rs) and `concord bench
-# --local` on both backends (2, 3 and 4 peers), interleaved over ROUNDS rounds; prints each
-# figure's median, then the reduction kernels against the C loop (benches/kernels.sh).
-# Usage: benches/measure.sh [ROUNDS]   (needs iperf3: apt-get install iperf3)
+# loopback, the naive blocking-socket ring (benches/src/bin/naive_ring.rs), torch's gloo
+# (benches/gloo_ring.py, where torch is installed) and `concord bench --local` on both
+# backends (2, 3 and 4 peers), interleaved over ROUNDS rounds; prints each figure's median,
+# the ratios of Concord's defaults to the naive ring and to gloo, then the reduction kernels
+# against the C loop (benches/kernels.sh).
+# Usage: benches/measure.sh [ROUNDS]   (needs iperf3: apt-get install iperf3; gloo: pip install torch)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
@@ -12,6 +14,8 @@ C=./target/release/concord
 N=./target/release/naive-ring
 out=$(mktemp)
 med() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+gloo=0
+python3 -c 'import torch' 2>/dev/null && gloo=1
 for r in $(seq "$ROUNDS"); do
   if command -v iperf3 >/dev/null; then
     iperf3 -s -1 -p 5299 >/dev/null 2>&1 & sleep 0.3
@@ -21,6 +25,11 @@ for r in $(seq "$ROUNDS"); do
   for p in 2 3 4; do
     for s in 64M 256M; do
       $N --peers $p --bytes $s --iters 5 --warmup 2 | awk -v p=$p -v s=$s '{print "naive_" p "_" s, $11}' >>"$out"
+      if [ $gloo = 1 ]; then
+        python3 benches/gloo_ring.py --peers $p --bytes $s --iters 5 --warmup 2 2>/dev/null | awk -v p=$p -v s=$s '{print "gloo_" p "_" s, $4}' >>"$out"
+      fi
+      # The defaults, as a user runs it:
+      $C bench --local $p -b $s -e $s -n 8 -w 2 -c 0 | awk -v p=$p -v s=$s '/^ +[0-9]/ {print "default_" p "_" s, $7, $11}' >>"$out"
       for t in uring socket; do
         $C bench --local $p -b $s -e $s -n 8 -w 2 -c 0 --transport $t | awk -v p=$p -v s=$s -v t=$t '/^ +[0-9]/ {print t "_" p "_" s, $7, $11}' >>"$out"
       done
@@ -45,6 +54,19 @@ for key in $(awk '{print $1}' "$out" | sort -u); do
   v=$(awk -v k="$key" '$1==k {print $2}' "$out" | med)
   cpu=$(awk -v k="$key" '$1==k && NF>2 {print $3}' "$out" | med)
   echo "$key $v ${cpu:-}"
+done
+echo "# Concord's defaults against the naive ring and gloo (busbw ratios of the medians)"
+for p in 2 3 4; do
+  for s in 64M 256M; do
+    awk -v p=$p -v s=$s -v k="_${p}_${s}" '
+      $1=="default" k {d[++nd]=$2} $1=="naive" k {n[++nn]=$2} $1=="gloo" k {g[++ng]=$2}
+      function m(a, c,   i, j, t) { for (i = 1; i <= c; i++) for (j = i + 1; j <= c; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }; return a[int((c + 1) / 2)] }
+      END {
+        printf "%s peers %s: default %.3f  vs naive %.2fx", p, s, m(d, nd), m(d, nd) / m(n, nn)
+        if (ng) printf "  vs gloo %.2fx", m(d, nd) / m(g, ng)
+        printf "\n"
+      }' "$out"
+  done
 done
 rm -f "$out"
 # The reduction kernels against the plain C loop, same run (where gcc is installed).

@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""torch.distributed's gloo all-reduce (f32 sum) timed as `concord bench` times its own, so that
+benches/measure.sh can set the two side by side in the same run.
+
+N processes on 127.0.0.1 (GLOO_SOCKET_IFNAME=lo). Per iteration: barrier, all_reduce, and the
+iteration's time is the slowest rank's. Prints one line per size:
+    gloo PEERS BYTES BUSBW_GBPS MEDIAN_US
+with busbw = bytes / median * 2 (N - 1) / N (nccl-tests' convention, GB = 1e9 B).
+
+Usage: gloo_ring.py --peers N --bytes 64M [--iters 8] [--warmup 2]   (needs torch)
+"""
+import argparse
+import os
+import socket
+import statistics
+import sys
+import time
+
+
+def parse_bytes(text):
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    if text[-1].upper() in units:
+        return int(text[:-1]) * units[text[-1].upper()]
+    return int(text)
+
+
+def rank_main(rank, args, port):
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    import torch
+    import torch.distributed as dist
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.peers
+    )
+    n = parse_bytes(args.bytes) // 4
+    buf = torch.ones(n, dtype=torch.float32)
+    took = torch.zeros(1, dtype=torch.float64)
+    times = []
+    for i in range(args.warmup + args.iters):
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_reduce(buf)
+        took[0] = time.perf_counter() - t0
+        dist.all_reduce(took, op=dist.ReduceOp.MAX)
+        if i >= args.warmup:
+            times.append(took.item())
+    if rank == 0:
+        med = statistics.median(times)
+        bus = n * 4 / med * 2 * (args.peers - 1) / args.peers / 1e9
+        print(f"gloo {args.peers} {n * 4} {bus:.3f} {med * 1e6:.0f}", flush=True)
+    dist.destroy_process_group()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--peers", type=int, required=True)
+    p.add_argument("--bytes", required=True)
+    p.add_argument("--iters", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rank", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.rank is not None:
+        rank_main(args.rank, args, args.port)
+        return
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        sys.exit("gloo_ring.py needs torch (pip install torch)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    import subprocess
+
+    base = [sys.executable, __file__, "--peers", str(args.peers), "--bytes", args.bytes,
+            "--iters", str(args.iters), "--warmup", str(args.warmup), "--port", str(port)]
+    procs = [subprocess.Popen(base + ["--rank", str(r)]) for r in range(args.peers)]
+    try:
+        codes = [pr.wait(timeout=600) for pr in procs]
+    finally:
+        for pr in procs:
+            if pr.poll() is None:
+                pr.kill()
+    if any(codes):
+        sys.exit(f"gloo ranks exited with {codes}")
+
+
+if __name__ == "__main__":
+    main()
