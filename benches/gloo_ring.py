@@ -8,6 +8,9 @@ iteration's time is the slowest rank's. Prints one line per size:
 with busbw = bytes / median * 2 (N - 1) / N (nccl-tests' convention, GB = 1e9 B).
 
 Usage: gloo_ring.py --peers N --bytes 64M [--iters 8] [--warmup 2]   (needs torch)
+
+Across hosts (benches/links.sh), each rank is started on its own host instead:
+    gloo_ring.py --peers N --bytes 64M --rank R --store HOST:PORT --ifname IF
 """
 import argparse
 import os
@@ -24,16 +27,16 @@ def parse_bytes(text):
     return int(text)
 
 
-def rank_main(rank, args, port):
+def rank_main(rank, args, store):
     import warnings
 
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     import torch
     import torch.distributed as dist
 
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    os.environ["GLOO_SOCKET_IFNAME"] = args.ifname
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.peers
+        "gloo", init_method=f"tcp://{store}", rank=rank, world_size=args.peers
     )
     n = parse_bytes(args.bytes) // 4
     buf = torch.ones(n, dtype=torch.float32)
@@ -61,10 +64,13 @@ def main():
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rank", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--store", help="HOST:PORT of rank 0's store (with --rank)")
+    p.add_argument("--ifname", default="lo", help="interface gloo uses (default lo)")
     args = p.parse_args()
     if args.rank is not None:
-        rank_main(args.rank, args, args.port)
+        if not args.store:
+            sys.exit("gloo_ring.py: --rank needs --store HOST:PORT")
+        rank_main(args.rank, args, args.store)
         return
     try:
         import torch  # noqa: F401
@@ -76,7 +82,8 @@ def main():
     import subprocess
 
     base = [sys.executable, __file__, "--peers", str(args.peers), "--bytes", args.bytes,
-            "--iters", str(args.iters), "--warmup", str(args.warmup), "--port", str(port)]
+            "--iters", str(args.iters), "--warmup", str(args.warmup),
+            "--store", f"127.0.0.1:{port}"]
     procs = [subprocess.Popen(base + ["--rank", str(r)]) for r in range(args.peers)]
     try:
         codes = [pr.wait(timeout=600) for pr in procs]

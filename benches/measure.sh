@@ -4,7 +4,7 @@
 # (benches/gloo_ring.py, where torch is installed) and `concord bench --local` on both
 # backends (2, 3 and 4 peers), interleaved over ROUNDS rounds; prints each figure's median,
 # the ratios of Concord's defaults to the naive ring and to gloo, then the reduction kernels
-# against the C loop (benches/kernels.sh).
+# against the C loop (benches/kernels.sh) and, as root, the shaped-link rows (benches/links.sh).
 # Usage: benches/measure.sh [ROUNDS]   (needs iperf3: apt-get install iperf3; gloo: pip install torch)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,4 +72,10 @@ rm -f "$out"
 # The reduction kernels against the plain C loop, same run (where gcc is installed).
 if command -v gcc >/dev/null; then
   bash benches/kernels.sh "$ROUNDS"
+fi
+# Shaped links between network namespaces (where the user is root and iperf3 is installed).
+if [ "$(id -u)" = 0 ] && command -v tc >/dev/null && command -v iperf3 >/dev/null; then
+  bash benches/links.sh "$ROUNDS" || echo "# shaped-link rows failed: see the messages above"
+else
+  echo "# shaped-link rows skipped: benches/links.sh needs root, iproute2 (tc) and iperf3"
 fi
