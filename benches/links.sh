@@ -71,8 +71,8 @@ for rate in $RATES; do
       kill $m 2>/dev/null || true
       wait $m 2>/dev/null || true
       # The peer that holds rank 0 prints the table.
-      cat "$out".[234] | awk -v k="${rate}_concord_$s" '/^ +[0-9]/ {print k, $7}' >>"$out"
-      grep -q "^${rate}_concord_$s " "$out" ||
+      row=$(cat "$out".[234] | awk -v k="${rate}_concord_$s" '/^ +[0-9]/ {print k, $7}')
+      [ -n "$row" ] && echo "$row" >>"$out" ||
         { echo "links.sh: concord at $rate, $s gave no row (exit statuses$rcs):" >&2; for f in "$out".[234]; do tail -n 3 "$f" >&2; done; }
       if [ $gloo = 1 ]; then
         pids=()
