@@ -24,6 +24,13 @@ const SAMPLES: usize = 15;
 type RefPass =
     unsafe extern "C" fn(*const c_char, *mut c_void, *const c_void, *const c_void, usize) -> c_int;
 
+/// What one row times: Concord's kernel with these stores, or the reference at this index.
+#[derive(Clone, Copy)]
+enum Contender {
+    Concord(Stores),
+    Reference(usize),
+}
+
 /// A C reference loaded from a shared library.
 struct Reference {
     name: String,
@@ -57,41 +64,33 @@ fn main() {
         for dtype in DType::ALL {
             let usable = bytes - bytes % dtype.size_bytes();
             let c_name = CString::new(dtype.name()).expect("dtype names have no NUL");
-            // Contenders: Concord with each kind of stores, then every reference. Each row is
-            // printed as `{head} {GBPS}{tail}`.
-            let mut rows: Vec<(String, String, Vec<f64>)> = Vec::new();
+            // Concord with each kind of stores, then every reference. Each row is printed as
+            // `{head} {GBPS}{tail}`.
+            let mut rows: Vec<(Contender, String, String, Vec<f64>)> = Vec::new();
             let engine = if bytes >= Stores::STREAMING_MIN_BYTES {
                 Stores::Streaming
             } else {
                 Stores::Cached
             };
-            for stores in [Stores::Cached, Stores::Streaming] {
-                let name = if stores == Stores::Streaming {
-                    "streaming"
-                } else {
-                    "cached"
-                };
+            for (stores, name) in [(Stores::Cached, "cached"), (Stores::Streaming, "streaming")] {
                 let tag = if stores == engine { " engine" } else { "" };
                 rows.push((
+                    Contender::Concord(stores),
                     format!("concord {} {bytes}", dtype.name()),
                     format!(" {name}{tag}"),
                     Vec::new(),
                 ));
             }
-            for r in &refs {
+            for (i, r) in refs.iter().enumerate() {
                 rows.push((
+                    Contender::Reference(i),
                     format!("ref {} {} {bytes}", r.name, dtype.name()),
                     String::new(),
                     Vec::new(),
                 ));
             }
-            let pass = |which: usize, d: &mut Aligned| match which {
-                0 | 1 => {
-                    let stores = if which == 0 {
-                        Stores::Cached
-                    } else {
-                        Stores::Streaming
-                    };
+            let pass = |who: Contender, d: &mut Aligned| match who {
+                Contender::Concord(stores) => {
                     k.reduce_out_with(
                         &mut d.bytes_mut()[..usable],
                         &a.bytes()[..usable],
@@ -103,11 +102,11 @@ fn main() {
                     )
                     .expect("benchmark buffers are valid");
                 }
-                n => {
-                    // SAFETY: three live buffers of at least `bytes` bytes each, `d` exclusive;
-                    // the loop reads `a` and `b` and writes `d` within `bytes`.
+                Contender::Reference(i) => {
+                    // SAFETY: three live buffers of at least `usable` bytes each, `d` exclusive;
+                    // the loop reads `a` and `b` and writes `d` within `usable` bytes.
                     let rc = unsafe {
-                        (refs[n - 2].pass)(
+                        (refs[i].pass)(
                             c_name.as_ptr(),
                             d.bytes_mut().as_mut_ptr().cast(),
                             a.bytes().as_ptr().cast(),
@@ -115,30 +114,24 @@ fn main() {
                             usable,
                         )
                     };
-                    assert_eq!(
-                        rc,
-                        0,
-                        "{} has no loop for {}",
-                        refs[n - 2].name,
-                        dtype.name()
-                    );
+                    assert_eq!(rc, 0, "{} has no loop for {}", refs[i].name, dtype.name());
                 }
             };
-            for which in 0..rows.len() {
-                pass(which, &mut d); // warm up
+            for row in &rows {
+                pass(row.0, &mut d); // warm up
             }
             for _ in 0..SAMPLES {
-                for (which, row) in rows.iter_mut().enumerate() {
+                for row in &mut rows {
                     let (start, mut passes) = (Instant::now(), 0u32);
                     while start.elapsed().as_secs_f64() < 0.02 {
-                        pass(which, &mut d);
+                        pass(row.0, &mut d);
                         passes += 1;
                     }
-                    row.2
+                    row.3
                         .push(start.elapsed().as_secs_f64() / f64::from(passes));
                 }
             }
-            for (head, tail, mut t) in rows {
+            for (_, head, tail, mut t) in rows {
                 t.sort_by(f64::total_cmp);
                 let gbps = 3.0 * usable as f64 / t[SAMPLES / 2] / 1e9;
                 println!("{head} {gbps:.2}{tail}");
@@ -148,9 +141,8 @@ fn main() {
 }
 
 /// The references (`--ref NAME=LIB`, loaded) and the sizes.
-fn parse(args: impl Iterator<Item = String>) -> Result<(Vec<Reference>, Vec<usize>), String> {
+fn parse(mut args: impl Iterator<Item = String>) -> Result<(Vec<Reference>, Vec<usize>), String> {
     let (mut refs, mut sizes) = (Vec::new(), Vec::new());
-    let mut args = args.peekable();
     while let Some(arg) = args.next() {
         if arg == "--ref" {
             let spec = args.next().ok_or("--ref needs NAME=LIB")?;
