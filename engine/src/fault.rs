@@ -1,7 +1,9 @@
 //! Fault injection for the tests: `CONCORD_FAULT_KILL_AT=<point>[:<tag>]` makes this process
 //! SIGKILL itself when it reaches `point` (for collective `tag`, if given). Points:
 //! `vote` (just voted to start a collective), `reduce-scatter` and `all-gather` (receiving the
-//! first frame of that phase), `connect` (building ring connections), `serve` (after serving a
+//! first frame of that phase of an all-reduce), a collective's name (`broadcast`, `reduce`,
+//! `all_gather`, `reduce_scatter`, `all_reduce`: receiving its first frame), that name with
+//! `-sent` (after sending the second frame of its first step: a broadcast's root), `connect` (building ring connections), `serve` (after serving a
 //! piece of shared state; the number is the sync's revision there, not a tag). Read once; costs one
 //! comparison per call when unset.
 

@@ -49,6 +49,7 @@ pub use api::{
 };
 pub use collective::Traffic;
 pub use concord_kernels::{DType, ReduceOp};
+pub use concord_master::proto::CollKind;
 pub use concord_transport::auth::RunToken;
 pub use concord_transport::{BackendChoice, BackendKind};
 pub use config::Config;

@@ -37,3 +37,31 @@ impl RawBuf {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.len()) }
     }
 }
+
+/// The buffers of one collective, as the data plane reaches them.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Bufs {
+    /// The input (the whole buffer, or this peer's chunk for an all-gather).
+    pub(crate) src: RawBuf,
+    /// The output (the whole buffer, or this peer's chunk for a reduce-scatter); `src` itself,
+    /// or overlapping it, in place.
+    pub(crate) dst: RawBuf,
+    /// In place: where each range of `dst` that overlaps the input saves its original before
+    /// its first write (as long as `dst`).
+    pub(crate) backup: Option<RawBuf>,
+    /// Scratch as long as the whole buffer, for partial sums that are sent on and not kept (a
+    /// reduce-scatter; a reduce, off the root).
+    pub(crate) work: Option<RawBuf>,
+}
+
+impl Bufs {
+    /// Out of place (`backup: None`) or in place (`src` is `dst`), with no scratch.
+    pub(crate) fn new(src: RawBuf, dst: RawBuf, backup: Option<RawBuf>) -> Self {
+        Bufs {
+            src,
+            dst,
+            backup,
+            work: None,
+        }
+    }
+}

@@ -21,8 +21,8 @@ use concord::PullRequest;
 use concord_master::coordinator::{Coordinator, CoordinatorConfig, Output};
 use concord_master::proto::{
     decode_master, decode_peer, encode_master, encode_peer, master_message_bytes, split_frame,
-    AbortKind, CollectiveDesc, EntryDesc, MasterMsg, PeerMsg, Pull, RingMember, MAX_MESSAGE_BYTES,
-    PROTOCOL_VERSION,
+    AbortKind, CollKind, CollectiveDesc, EntryDesc, MasterMsg, PeerMsg, Pull, RingMember,
+    MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
 };
 use concord_transport::auth::{self, EpochKey, KeyPurpose, RunToken};
 use concord_transport::frame::{DataHeader, HEADER_BYTES};
@@ -105,9 +105,11 @@ fn drive(name: &str, min_runs: u64, mut one: impl FnMut(&mut Rng)) {
 
 fn desc() -> CollectiveDesc {
     CollectiveDesc {
+        kind: CollKind::AllReduce,
         count: 1024,
         dtype: "float".into(),
         op: "sum".into(),
+        root: 0,
     }
 }
 
@@ -491,9 +493,11 @@ fn peer_message(rng: &mut Rng, epoch_hint: u64, seq_hint: u64) -> PeerMsg {
         5 => PeerMsg::CollInit {
             tag: rng.below(4) as u64,
             desc: CollectiveDesc {
+                kind: CollKind::ALL[rng.below(CollKind::ALL.len())],
                 count: rng.below(3) as u64 * 1000,
                 dtype: ["float", "half", "nonsense"][rng.below(3)].into(),
                 op: ["sum", "avg", "bogus"][rng.below(3)].into(),
+                root: rng.below(4) as u32,
             },
         },
         6 => PeerMsg::CollComplete {

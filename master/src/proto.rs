@@ -25,24 +25,132 @@ pub const MAX_ENTRIES: usize = 8192;
 /// Identifier the master gives each peer, unique for the master's lifetime.
 pub type PeerId = u64;
 
+/// Which collective a vote is for. The wire carries it as one byte ([`CollKind::to_wire`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CollKind {
+    /// Every peer ends with the reduction of every peer's input.
+    AllReduce,
+    /// Every peer ends with the root's buffer.
+    Broadcast,
+    /// The root ends with the reduction of every peer's input.
+    Reduce,
+    /// Every peer ends with every peer's input, in rank order.
+    AllGather,
+    /// Rank `r` ends with slice `r` of the reduction of every peer's input.
+    ReduceScatter,
+    /// Nothing moves: the vote itself is the synchronisation.
+    Barrier,
+}
+
+impl CollKind {
+    /// Every kind, in wire order.
+    pub const ALL: [CollKind; 6] = [
+        CollKind::AllReduce,
+        CollKind::Broadcast,
+        CollKind::Reduce,
+        CollKind::AllGather,
+        CollKind::ReduceScatter,
+        CollKind::Barrier,
+    ];
+
+    /// nccl-tests' name of the collective (`all_reduce`, `broadcast`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            CollKind::AllReduce => "all_reduce",
+            CollKind::Broadcast => "broadcast",
+            CollKind::Reduce => "reduce",
+            CollKind::AllGather => "all_gather",
+            CollKind::ReduceScatter => "reduce_scatter",
+            CollKind::Barrier => "barrier",
+        }
+    }
+
+    /// The kind of a name as [`CollKind::name`] gives it.
+    pub fn from_name(name: &str) -> Option<CollKind> {
+        CollKind::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// Whether the collective has a root (broadcast and reduce).
+    pub fn has_root(self) -> bool {
+        matches!(self, CollKind::Broadcast | CollKind::Reduce)
+    }
+
+    /// Whether the collective reduces (and so its op matters).
+    pub fn reduces(self) -> bool {
+        matches!(
+            self,
+            CollKind::AllReduce | CollKind::Reduce | CollKind::ReduceScatter
+        )
+    }
+
+    /// The byte the wire carries.
+    pub fn to_wire(self) -> u8 {
+        self as u8
+    }
+
+    /// The kind of a wire byte, if it is one.
+    pub fn from_wire(byte: u8) -> Option<CollKind> {
+        CollKind::ALL.get(usize::from(byte)).copied()
+    }
+}
+
+impl fmt::Display for CollKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// What every peer must agree on for a collective with a given tag.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct CollectiveDesc {
-    /// Element count.
+    /// Which collective.
+    pub kind: CollKind,
+    /// Element count of the whole buffer as nccl-tests counts it: the input of an all-reduce,
+    /// broadcast or reduce; the output of an all-gather (world × each input); the input of a
+    /// reduce-scatter (world × each output).
     pub count: u64,
     /// Element type name (for example "float").
     pub dtype: String,
-    /// Reduction name (for example "sum").
+    /// Reduction name (for example "sum"; "none" for collectives that do not reduce).
     pub op: String,
+    /// Ring position of the root (broadcast and reduce; 0 for the others).
+    pub root: u32,
+}
+
+impl CollectiveDesc {
+    /// The fields in which `self` and `other` differ, each as `name (this vs other)`.
+    pub fn differences(&self, other: &CollectiveDesc) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.kind != other.kind {
+            out.push(format!("kind ({} vs {})", self.kind, other.kind));
+        }
+        if self.count != other.count {
+            out.push(format!("count ({} vs {})", self.count, other.count));
+        }
+        if self.dtype != other.dtype {
+            out.push(format!("dtype ({} vs {})", self.dtype, other.dtype));
+        }
+        if self.op != other.op {
+            out.push(format!("op ({} vs {})", self.op, other.op));
+        }
+        if self.root != other.root {
+            out.push(format!("root ({} vs {})", self.root, other.root));
+        }
+        out
+    }
 }
 
 impl fmt::Display for CollectiveDesc {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "count={} dtype={} op={}",
-            self.count, self.dtype, self.op
-        )
+            "{} count={} dtype={} op={}",
+            self.kind, self.count, self.dtype, self.op
+        )?;
+        if self.kind.has_root() {
+            write!(f, " root={}", self.root)?;
+        }
+        Ok(())
     }
 }
 
@@ -386,6 +494,10 @@ pub enum ProtoError {
 /// The abort kind of a wire byte; an unknown byte is a malformed message.
 fn abort_kind(byte: u8) -> Result<AbortKind, ProtoError> {
     AbortKind::from_wire(byte).ok_or_else(|| malformed(format!("unknown abort kind {byte}")))
+}
+
+fn coll_kind(byte: u8) -> Result<CollKind, ProtoError> {
+    CollKind::from_wire(byte).ok_or_else(|| malformed(format!("unknown collective kind {byte}")))
 }
 
 fn malformed(what: impl Into<String>) -> ProtoError {

@@ -31,7 +31,7 @@ pub use uring::{resolve_backend, BackendChoice, BackendKind, UringStream};
 use std::io;
 
 /// Version of Concord's wire protocol (control and data plane). Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Errors of the transport layer.
 #[non_exhaustive]

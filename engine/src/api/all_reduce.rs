@@ -6,9 +6,10 @@ use std::time::Duration;
 use concord_kernels::{DType, ReduceOp};
 
 use super::communicator::Communicator;
+use crate::collective::Spec;
 use crate::gpu::cudarc::driver::CudaSlice;
 use crate::gpu::{self, DeviceAttempt, DeviceElement};
-use crate::raw_buf::RawBuf;
+use crate::raw_buf::Bufs;
 use crate::results::ReduceInfo;
 use crate::{Element, Error};
 
@@ -172,12 +173,9 @@ impl Communicator {
         // `device`; the call returns only through `complete`, after the data plane let go.
         unsafe {
             self.inner.launch(
-                mirror,
-                mirror,
-                None,
+                Spec::all_reduce(dtype, op, len / dtype.size_bytes()),
+                Bufs::new(mirror, mirror, None),
                 Some(Arc::clone(&device)),
-                dtype,
-                op,
                 tag,
                 timeout,
             )?
@@ -194,32 +192,6 @@ impl Communicator {
         tag: u64,
         timeout: Option<Duration>,
     ) -> Result<ReduceInfo, Error> {
-        let timeout = timeout.unwrap_or(self.inner.config.op_timeout);
-        // In place: each range's original is saved to a pooled backup just before the data
-        // plane first writes it, and put back if the collective fails.
-        let mut backup: Option<Vec<u8>> = src.is_none().then(|| self.inner.take_backup(dst.len()));
-        let dst_raw = RawBuf {
-            ptr: dst.as_mut_ptr(),
-            len: dst.len(),
-        };
-        let src_raw = src.map_or(dst_raw, |s| RawBuf {
-            ptr: s.as_ptr() as *mut u8,
-            len: s.len(),
-        });
-        let backup_raw = backup.as_mut().map(|b| RawBuf {
-            ptr: b.as_mut_ptr(),
-            len: b.len(),
-        });
-        // SAFETY: `src`, `dst` and `backup` outlive this call, which returns only through
-        // `complete`, after the data plane released them (and restored `dst` on failure).
-        unsafe {
-            self.inner
-                .launch(src_raw, dst_raw, backup_raw, None, dtype, op, tag, timeout)?
-        };
-        let result = self.inner.complete(tag);
-        if let Some(b) = backup {
-            self.inner.give_backup(b);
-        }
-        result
+        self.run_host(Spec::all_reduce(dtype, op, 0), src, dst, tag, timeout)
     }
 }

@@ -24,10 +24,11 @@ use concord_kernels::{DType, ReduceOp};
 use super::all_reduce::check_same_len;
 use super::handle::Completion;
 use super::handle::{Buffers, DeviceHandle, Handle};
+use crate::collective::Spec;
 use crate::gpu::cudarc::driver::CudaSlice;
 use crate::gpu::{DeviceAttempt, DeviceElement};
 use crate::peer::Inner;
-use crate::raw_buf::RawBuf;
+use crate::raw_buf::{Bufs, RawBuf};
 use crate::{Element, Error};
 
 /// Launches and awaits async collectives; may be moved to one other thread.
@@ -86,6 +87,10 @@ impl<'c> Collectives<'c> {
             _borrow: PhantomData,
             _not_sync: PhantomData,
         }
+    }
+
+    pub(super) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
     }
 
     /// Starts an in-place all-reduce of `buf` and returns at once (after backpressure: with
@@ -180,6 +185,7 @@ impl<'c> Collectives<'c> {
                 (dst, dst, Some(raw_mut(backup)))
             }
             Buffers::OutOfPlace { src, dst } => (raw(src), raw_mut(dst), None),
+            Buffers::Shaped { .. } => unreachable!("shaped buffers launch through launch_shaped"),
         };
         let launch_error = if let Err(e) = check_same_len(src.len, dst.len, "bytes") {
             Some(e)
@@ -188,8 +194,13 @@ impl<'c> Collectives<'c> {
             // SAFETY: the vectors' heap memory does not move when the handle moves; the handle
             // keeps them until `complete` released them, and a leaked handle leaks them.
             unsafe {
-                self.inner
-                    .launch(src, dst, backup, None, dtype, op, tag, timeout)
+                self.inner.launch(
+                    Spec::all_reduce(dtype, op, dst.len / dtype.size_bytes()),
+                    Bufs::new(src, dst, backup),
+                    None,
+                    tag,
+                    timeout,
+                )
             }
             .err()
         };
@@ -230,12 +241,9 @@ impl<'c> Collectives<'c> {
                 // them.
                 let launched = unsafe {
                     self.inner.launch(
-                        mirror,
-                        mirror,
-                        None,
+                        Spec::all_reduce(T::DTYPE, op, len / T::DTYPE.size_bytes()),
+                        Bufs::new(mirror, mirror, None),
                         Some(Arc::clone(&device)),
-                        T::DTYPE,
-                        op,
                         tag,
                         timeout,
                     )
@@ -280,6 +288,7 @@ fn buffers_len<T: Element>(b: &Buffers<T>) -> usize {
     match b {
         Buffers::InPlace { buf, .. } => std::mem::size_of_val(buf.as_slice()),
         Buffers::OutOfPlace { dst, .. } => std::mem::size_of_val(dst.as_slice()),
+        Buffers::Shaped { out, .. } => std::mem::size_of_val(out.as_slice()),
     }
 }
 

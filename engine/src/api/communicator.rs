@@ -173,6 +173,12 @@ impl Communicator {
             .unwrap_or(0)
     }
 
+    /// The rank (ring position) of peer `id` on the ring in force, if it is a member: what a
+    /// broadcast or reduce names as its root.
+    pub fn rank_of(&self, id: PeerId) -> Option<usize> {
+        self.peer_ids().iter().position(|&p| p == id)
+    }
+
     /// Ids of the members of the ring of `epoch`, for one of the last 64 rings this peer was in.
     pub fn ring_members(&self, epoch: u64) -> Option<Vec<PeerId>> {
         self.inner.lock().proto.ring_history(epoch)

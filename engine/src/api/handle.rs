@@ -28,6 +28,14 @@ pub(super) enum Buffers<T> {
         src: Vec<T>,
         dst: Vec<T>,
     },
+    /// Any collective, laid out by `layout.rs`: `out` is what the handle gives back (the one
+    /// buffer in place), `pooled` the backup and scratch it took from the communicator's pool.
+    Shaped {
+        /// The input, owned only so that the I/O may read it until the end.
+        _src: Option<Vec<T>>,
+        out: Vec<T>,
+        pooled: Vec<Vec<u8>>,
+    },
 }
 
 /// An async collective in flight. It owns its buffers until the operation is over and gives them
@@ -104,6 +112,12 @@ impl<T: Element> Handle<'_, T> {
                 buf
             }
             Buffers::OutOfPlace { dst, .. } => dst,
+            Buffers::Shaped { out, pooled, .. } => {
+                for b in pooled {
+                    self.inner.give_backup(b);
+                }
+                out
+            }
         };
         (out, result)
     }

@@ -2,10 +2,15 @@
 //! shared-state sync, and async collectives with their handles.
 
 mod all_reduce;
+mod blocking;
+mod broadcast_reduce;
 mod builder;
 mod collectives;
+mod collectives_async;
 mod communicator;
+mod gather_scatter;
 mod handle;
+mod layout;
 mod membership;
 mod retry;
 mod state_sync;

@@ -5,40 +5,35 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use concord_kernels::{DType, ReduceOp};
-use concord_master::proto::{AbortKind, CollectiveDesc};
+use concord_master::proto::{AbortKind, CollKind};
 
 use super::{flush, Inner, Launch, PeerState};
-use crate::collective::ring::RingPlan;
+use crate::collective::ring::{chunks_of, RingPlan};
 use crate::collective::sizing::sub_bytes_for;
-use crate::collective::Traffic;
+use crate::collective::{Spec, Traffic};
 use crate::gpu::DeviceAttempt;
 use crate::plane::{Attempt, PlaneEvent, PlaneEvents};
 use crate::protocol::Effect;
-use crate::raw_buf::RawBuf;
+use crate::raw_buf::Bufs;
 use crate::results::ReduceInfo;
 use crate::Error;
 
 impl Inner {
     /// Starts a collective: backpressure on the in-flight limit, then the vote.
     ///
-    /// In place, `src` is `dst` and `backup` a buffer of the same size (contents unspecified)
-    /// that receives each range's original just before its first write; a failure puts the
-    /// saved ranges back, so the caller gets its input again.
+    /// In place, `bufs.backup` is a buffer as long as `bufs.dst` (contents unspecified) that
+    /// receives each range's original just before its first write; a failure puts the saved
+    /// ranges back, so the caller gets its input again.
     ///
     /// # Safety
-    /// `src`, `dst`, `backup` (and the device buffers of `device`) must stay alive, and
+    /// The buffers of `bufs` (and the device buffers of `device`) must stay alive, and
     /// untouched by the caller, until [`Inner::complete`] returned for this tag (or forever, if
     /// it never does).
-    #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn launch(
         &self,
-        src: RawBuf,
-        dst: RawBuf,
-        backup: Option<RawBuf>,
+        spec: Spec,
+        bufs: Bufs,
         device: Option<Arc<DeviceAttempt>>,
-        dtype: DType,
-        op: ReduceOp,
         tag: u64,
         timeout: Duration,
     ) -> Result<(), Error> {
@@ -47,25 +42,23 @@ impl Inner {
         let mut g = self
             .wait(
                 deadline,
-                &format!("all_reduce(tag {tag}): {limit} collectives already in flight"),
+                &format!("{}: {limit} collectives already in flight", spec.call(tag)),
                 |s| (s.launched.len() < limit).then_some(Ok(())),
             )
             .map(|()| self.lock())?;
-        let count = dst.len / dtype.size_bytes();
-        let desc = CollectiveDesc {
-            count: count as u64,
-            dtype: dtype.name().into(),
-            op: op.name().into(),
-        };
-        g.proto.start_collective(tag, desc)?;
+        g.proto.start_collective(tag, spec.desc())?;
         let launch = Launch {
-            src,
-            dst,
-            backup,
+            kind: spec.kind,
+            root: spec.root,
+            src: bufs.src,
+            dst: bufs.dst,
+            backup: bufs.backup,
+            work: bufs.work,
+            root_peer: None,
             device,
-            dtype,
-            reduce: op,
-            count,
+            dtype: spec.dtype,
+            reduce: spec.op,
+            count: spec.count,
             deadline,
             timeout,
             cancelled_at: None,
@@ -109,6 +102,7 @@ impl Inner {
             self.notify(&mut g); // A slot is free: wake a launch waiting on the limit.
         }
         drop(g);
+        let outcome = outcome.map_err(|e| name_lost_root(e, &launch));
         Some(self.release(launch, outcome))
     }
 
@@ -186,20 +180,30 @@ impl Inner {
             return;
         };
         l.commenced_at = Some(Instant::now());
-        let plan = RingPlan::new(
-            world,
-            rank,
+        if l.kind.has_root() {
+            l.root_peer = ring.get(l.root).map(|m| m.peer_id);
+        }
+        let elem = l.dtype.size_bytes();
+        let sliced = matches!(l.kind, CollKind::AllGather | CollKind::ReduceScatter);
+        if l.root >= world || (sliced && !l.count.is_multiple_of(world)) {
+            // Checked at launch against the same ring; only a bug gets here.
+            let why = format!(
+                "{} does not fit the ring of {world} peers (root {}, {} elements)",
+                l.kind, l.root, l.count
+            );
+            g.proto.collective_finished(tag, seq, Err(why));
+            return;
+        }
+        let sub_bytes = sub_bytes_for(
             l.count,
-            l.dtype.size_bytes(),
-            sub_bytes_for(
-                l.count,
-                l.dtype.size_bytes(),
-                world,
-                self.config.sub_chunk_bytes,
-            ),
+            elem,
+            chunks_of(l.kind, world),
+            self.config.sub_chunk_bytes,
         );
+        let plan = RingPlan::of(l.kind, l.root, world, rank, l.count, elem, sub_bytes);
         let attempt = Arc::new(
             Attempt::new(tag, seq, plan, l.dtype, l.reduce, l.src, l.dst)
+                .with_work(l.work)
                 .with_device(l.device.clone())
                 .with_backup(l.backup),
         );
@@ -221,20 +225,12 @@ impl Inner {
                 return;
             }
         }
-        if world == 1 || l.count == 0 {
+        if world == 1 || l.count == 0 || l.kind == CollKind::Barrier {
             // Nothing to move: the result is the input (divided by one for avg).
             let _busy = attempt.enter();
             // SAFETY: the launch's buffers are alive (launch contract) and no other thread has
-            // this attempt; src and dst are distinct buffers, or the same one (in place: no copy).
-            let dst = unsafe {
-                if l.src.ptr != l.dst.ptr {
-                    l.dst
-                        .slice_mut(0..l.dst.len)
-                        .copy_from_slice(l.src.slice(0..l.src.len));
-                }
-                l.dst.slice_mut(0..l.dst.len)
-            };
-            let r = concord_kernels::finish(dst, l.dtype, l.reduce, 1).map_err(|e| e.to_string());
+            // this attempt.
+            let r = unsafe { attempt.alone() };
             g.proto.collective_finished(tag, seq, r);
             return;
         }
@@ -264,6 +260,23 @@ impl Inner {
                 }
             }
         }
+    }
+}
+
+/// A broadcast's or reduce's abort that lost the root says so first: its data is gone with it.
+fn name_lost_root(e: Error, launch: &Launch) -> Error {
+    match (e, launch.root_peer) {
+        (Error::Aborted { tag, reason, lost }, Some(root)) if lost.contains(&root) => {
+            Error::Aborted {
+                tag,
+                reason: format!(
+                    "the root of this {} (rank {}, peer {root}) was lost; {reason}",
+                    launch.kind, launch.root
+                ),
+                lost,
+            }
+        }
+        (e, _) => e,
     }
 }
 

@@ -16,7 +16,7 @@ use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use concord_kernels::{DType, ReduceOp};
-use concord_master::proto::encode_peer;
+use concord_master::proto::{encode_peer, CollKind};
 
 use crate::collective::Traffic;
 use crate::config::Config;
@@ -31,10 +31,17 @@ use crate::Error;
 /// A collective launched by this peer, from its vote to its outcome.
 #[derive(Debug)]
 pub(crate) struct Launch {
+    /// Which collective, with which root.
+    pub(crate) kind: CollKind,
+    pub(crate) root: usize,
     pub(crate) src: RawBuf,
     pub(crate) dst: RawBuf,
-    /// In place (`src` is `dst`): where each range's original goes before its first write.
+    /// In place: where each range's original goes before its first write.
     pub(crate) backup: Option<RawBuf>,
+    /// Scratch for partial sums (see [`crate::raw_buf::Bufs::work`]).
+    pub(crate) work: Option<RawBuf>,
+    /// The peer at the root's ring position when the master let it go (broadcast and reduce).
+    pub(crate) root_peer: Option<concord_master::proto::PeerId>,
     /// Device buffers: `src` and `dst` are the device side's pinned mirror.
     pub(crate) device: Option<Arc<DeviceAttempt>>,
     pub(crate) dtype: DType,
@@ -186,7 +193,17 @@ impl Inner {
         }
     }
 
-    /// A buffer of exactly `bytes` for an in-place backup (contents unspecified).
+    /// This peer's (rank, world) on the ring in force; (0, 0) before the first ring.
+    pub(crate) fn position(&self) -> (usize, usize) {
+        let g = self.lock();
+        let me = g.proto.peer_id();
+        g.proto.ring().map_or((0, 0), |r| {
+            let rank = r.1.iter().position(|m| Some(m.peer_id) == me);
+            (rank.unwrap_or(0), r.1.len())
+        })
+    }
+
+    /// A buffer of exactly `bytes` for an in-place backup or scratch (contents unspecified).
     pub(crate) fn take_backup(&self, bytes: usize) -> Vec<u8> {
         let mut pool = self.backups.lock().unwrap_or_else(|p| p.into_inner());
         match pool.iter().position(|b| b.capacity() >= bytes) {

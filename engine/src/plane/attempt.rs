@@ -1,4 +1,5 @@
-//! One all-reduce attempt as the data plane sees it: its schedule, its buffers and its progress.
+//! One attempt of a collective as the data plane sees it: its schedule, its buffers and its
+//! progress.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -8,7 +9,7 @@ use concord_kernels::{DType, ReduceOp, Stores};
 use std::sync::Arc;
 
 use super::atomics::{AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex};
-use crate::collective::ring::RingPlan;
+use crate::collective::ring::{CollKind, Place, RingPlan};
 use crate::collective::Traffic;
 use crate::gpu::DeviceAttempt;
 use crate::raw_buf::RawBuf;
@@ -65,12 +66,14 @@ pub(crate) struct Attempt {
     pub(crate) reduce: ReduceOp,
     pub(crate) src: RawBuf,
     pub(crate) dst: RawBuf,
+    /// Scratch for partial sums that are sent on and not kept ([`Place::Work`]).
+    pub(crate) work: Option<RawBuf>,
     /// Device buffers: `src` and `dst` are then both the pinned mirror, and the device side
     /// does the reductions (see `crate::gpu`).
     pub(crate) device: Option<Arc<DeviceAttempt>>,
-    /// In place (`src` is `dst`): each range's original goes here before its first write.
+    /// In place: each range of `dst` goes here before its first write.
     pub(crate) backup: Option<RawBuf>,
-    /// Per (chunk, sub-chunk) range: its original is in `backup`.
+    /// Per (chunk, sub-chunk) range of `dst`: its original is in `backup`.
     saved: Box<[AtomicBool]>,
     /// How reduce-scatter results are written: streamed past the cache for large collectives
     /// out of place (see [`STREAM_MIN_BYTES`]), cached in place.
@@ -80,7 +83,9 @@ pub(crate) struct Attempt {
     pub(crate) backup_stores: Stores,
     /// Ranges before chunk `c`, to index `saved`.
     chunk_prefix: Vec<usize>,
+    /// Sends before each of this peer's send steps (from the first, [`RingPlan::send_steps`]).
     send_prefix: Vec<usize>,
+    /// Receives before each of this peer's receive steps (from [`RingPlan::recv_steps`]).
     pub(crate) recv_prefix: Vec<usize>,
     pub(crate) recv_done: Box<[AtomicBool]>,
     /// Receives whose frame arrived (on whichever connection): a second copy is refused.
@@ -140,17 +145,25 @@ impl Attempt {
         src: RawBuf,
         dst: RawBuf,
     ) -> Self {
-        assert_eq!(src.len, plan.count * plan.elem_bytes);
-        assert_eq!(dst.len, src.len);
-        let steps = plan.steps();
+        assert_eq!(src.len, plan.place_len(Place::Src), "{:?}", plan.kind);
+        let dst_unused = plan.kind == CollKind::Reduce && plan.rank != plan.root;
+        assert!(
+            dst.len == plan.place_len(Place::Dst) || dst_unused,
+            "{:?}",
+            plan.kind
+        );
+        let (sends, recvs) = (plan.send_steps(), plan.recv_steps());
         let send_prefix: Vec<usize> = std::iter::once(0)
-            .chain((0..steps).scan(0, |acc, t| {
+            .chain(sends.clone().scan(0, |acc, t| {
                 *acc += plan.subs(plan.send_chunk(t));
                 Some(*acc)
             }))
             .collect();
-        let recv_prefix: Vec<usize> = (0..=steps).map(|t| plan.recv_subs_before(t)).collect();
-        let (sends, recvs) = (send_prefix[steps], recv_prefix[steps]);
+        let recv_prefix: Vec<usize> = (recvs.start..=recvs.end)
+            .map(|t| plan.recv_subs_before(t))
+            .collect();
+        let (send_steps, steps) = (sends.len(), recvs.len());
+        let (sends, recvs) = (send_prefix[send_steps], recv_prefix[steps]);
         Attempt {
             tag,
             seq,
@@ -159,6 +172,7 @@ impl Attempt {
             reduce,
             src,
             dst,
+            work: None,
             device: None,
             backup: None,
             saved: Box::new([]),
@@ -172,13 +186,13 @@ impl Attempt {
             } else {
                 Stores::Cached
             },
-            chunk_prefix: (0..=plan.world)
+            chunk_prefix: (0..=plan.chunks())
                 .map(|c| (0..c).map(|d| plan.subs(d)).sum())
                 .collect(),
             recv_done: (0..recvs).map(|_| AtomicBool::new(false)).collect(),
             recv_claimed: (0..recvs).map(|_| AtomicBool::new(false)).collect(),
             send_next: AtomicUsize::new(0),
-            striped: sends >= STRIPE_MIN_SENDS_PER_STEP * steps.max(1),
+            striped: sends >= STRIPE_MIN_SENDS_PER_STEP * send_steps.max(1),
             left: AtomicUsize::new(sends + recvs),
             send_prefix,
             recv_prefix,
@@ -191,21 +205,39 @@ impl Attempt {
         }
     }
 
+    /// Gives the collective its scratch buffer (as long as the whole buffer), which the plan
+    /// needs where it lands anything in [`Place::Work`].
+    pub(crate) fn with_work(mut self, work: Option<RawBuf>) -> Self {
+        if let Some(w) = work {
+            assert_eq!(w.len, self.plan.count * self.plan.elem_bytes);
+        }
+        self.work = work;
+        self
+    }
+
+    /// The buffer of `place`.
+    pub(crate) fn buf(&self, place: Place) -> &RawBuf {
+        match place {
+            Place::Src => &self.src,
+            Place::Dst => &self.dst,
+            Place::Work => self
+                .work
+                .as_ref()
+                .expect("a collective with partial sums has a work buffer"),
+        }
+    }
+
     /// Marks the collective as one on device buffers (`src` and `dst` are its mirror).
     pub(crate) fn with_device(mut self, device: Option<Arc<DeviceAttempt>>) -> Self {
         self.device = device;
         self
     }
 
-    /// In place: `backup` (as long as `dst`) receives each range's original before the range
-    /// is first written, and [`Attempt::restore_saved`] puts the saved ranges back.
+    /// In place: `backup` (as long as `dst`) receives each range of `dst` before the range is
+    /// first written, and [`Attempt::restore_saved`] puts the saved ranges back.
     pub(crate) fn with_backup(mut self, backup: Option<RawBuf>) -> Self {
         if let Some(b) = backup {
             assert_eq!(b.len, self.dst.len);
-            assert_eq!(
-                self.src.ptr, self.dst.ptr,
-                "an in-place collective reads its output"
-            );
             let ranges = *self.chunk_prefix.last().expect("non-empty");
             self.saved = (0..ranges).map(|_| AtomicBool::new(false)).collect();
             self.backup = Some(b);
@@ -226,13 +258,16 @@ impl Attempt {
     #[allow(clippy::mut_from_ref)]
     pub(crate) unsafe fn claim_save(&self, c: usize, j: usize) -> Option<&mut [u8]> {
         let backup = self.backup.as_ref()?;
+        if self.plan.out_place(c) != Place::Dst {
+            return None;
+        }
         let i = self.chunk_prefix[c] + j;
         if self.saved[i].swap(true, Ordering::AcqRel) {
             return None;
         }
         // SAFETY: the flag was clear, so this thread is the range's first writer and the only
         // one touching its backup range (the caller's contract).
-        Some(unsafe { backup.slice_mut(self.plan.sub_bytes(c, j)) })
+        Some(unsafe { backup.slice_mut(self.plan.place_bytes(Place::Dst, c, j)) })
     }
 
     /// The original bytes of sub-chunk `j` of chunk `c`: the backup's copy in place (saved by
@@ -242,16 +277,44 @@ impl Attempt {
     /// Inside a busy guard, by the thread about to write that range; in place, the range was
     /// saved already.
     pub(crate) unsafe fn original(&self, c: usize, j: usize) -> &[u8] {
-        let range = self.plan.sub_bytes(c, j);
         match &self.backup {
-            Some(backup) => {
+            Some(backup) if self.plan.out_place(c) == Place::Dst => {
                 debug_assert!(self.saved[self.chunk_prefix[c] + j].load(Ordering::Acquire));
                 // SAFETY: saved by an earlier writer; never written again during the attempt.
-                unsafe { backup.slice(range) }
+                unsafe { backup.slice(self.plan.place_bytes(Place::Dst, c, j)) }
             }
-            // SAFETY: out of place, nobody writes the input.
-            None => unsafe { self.src.slice(range) },
+            // SAFETY: nobody writes the input where the output does not overlap it.
+            _ => unsafe { self.src.slice(self.plan.place_bytes(Place::Src, c, j)) },
         }
+    }
+
+    /// With nothing to move (one peer, no elements, a barrier): the result is the input, copied
+    /// where the output is elsewhere and finished (divided by one for `avg`).
+    ///
+    /// # Safety
+    /// Inside a busy guard of the only thread that has this attempt; the buffers are alive.
+    pub(crate) unsafe fn alone(&self) -> Result<(), String> {
+        let plan = &self.plan;
+        let idle = plan.count == 0
+            || matches!(plan.kind, CollKind::Broadcast | CollKind::Barrier)
+            || (plan.kind == CollKind::Reduce && plan.rank != plan.root);
+        if idle {
+            return Ok(());
+        }
+        debug_assert_eq!(plan.world, 1, "a ring of more peers moves its elements");
+        // SAFETY: the caller's contract; src and dst are the same buffer (no copy) or distinct.
+        let dst = unsafe {
+            if self.src.ptr != self.dst.ptr {
+                self.dst
+                    .slice_mut(0..self.dst.len)
+                    .copy_from_slice(self.src.slice(0..self.src.len));
+            }
+            self.dst.slice_mut(0..self.dst.len)
+        };
+        if !plan.kind.reduces() {
+            return Ok(());
+        }
+        concord_kernels::finish(dst, self.dtype, self.reduce, 1).map_err(|e| e.to_string())
     }
 
     /// After a failure: puts every saved range back. Ranges never saved were never written.
@@ -260,10 +323,10 @@ impl Attempt {
     /// The operation is retired and idle (no thread touches its buffers), and they are alive.
     pub(crate) unsafe fn restore_saved(&self) {
         let Some(backup) = &self.backup else { return };
-        for c in 0..self.plan.world {
+        for c in 0..self.plan.chunks() {
             for j in 0..self.plan.subs(c) {
                 if self.saved[self.chunk_prefix[c] + j].load(Ordering::Acquire) {
-                    let range = self.plan.sub_bytes(c, j);
+                    let range = self.plan.place_bytes(Place::Dst, c, j);
                     // SAFETY: the caller's contract; backup and dst are distinct buffers.
                     unsafe {
                         self.dst
@@ -275,10 +338,15 @@ impl Attempt {
         }
     }
 
-    /// How many receives are all-gather copies (steps `world - 1` and later).
+    /// How many receives of an all-reduce are all-gather copies (steps `world - 1` and later).
     pub(crate) fn copy_recvs(&self) -> usize {
         let world = self.plan.world;
         self.recv_prefix[self.plan.steps()] - self.recv_prefix[world.saturating_sub(1)]
+    }
+
+    /// The index of receive `(t, j)` among this peer's receives (its claim and ready flag).
+    pub(crate) fn recv_index(&self, t: usize, j: usize) -> usize {
+        self.recv_prefix[t - self.plan.recv_steps().start] + j
     }
 
     /// Whether there is nothing to move (one peer, or no elements).
@@ -342,7 +410,7 @@ impl Attempt {
             return None;
         }
         let (t, j) = Self::locate(&self.send_prefix, k);
-        Some((k, t, j))
+        Some((k, self.plan.send_steps().start + t, j))
     }
 
     /// Claims send `k` for the calling TX thread; false if another one took it first.
@@ -352,10 +420,13 @@ impl Attempt {
             .is_ok()
     }
 
-    /// Whether send `(t, j)` has its input: always at step 0, else once the matching receive of
-    /// step `t - 1` is reduced.
+    /// Whether send `(t, j)` has its input: the matching receive of step `t - 1` has landed,
+    /// or this peer received nothing then (it sends its input).
     pub(crate) fn send_ready(&self, t: usize, j: usize) -> bool {
-        t == 0 || self.recv_done[self.recv_prefix[t - 1] + j].load(Ordering::Acquire)
+        if t == 0 || !self.plan.recv_steps().contains(&(t - 1)) {
+            return true;
+        }
+        self.recv_done[self.recv_index(t - 1, j)].load(Ordering::Acquire)
     }
 
     /// Records that a claimed send went out. Returns true when this finished the operation.

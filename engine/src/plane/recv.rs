@@ -9,7 +9,7 @@ use concord_transport::frame::HEADER_BYTES;
 
 use super::attempt::Attempt;
 use super::shared::{Pending, RxConn, Shared};
-use crate::collective::ring::RecvKind;
+use crate::collective::ring::{CollKind, RecvKind};
 use crate::fault::{injected_panic_tag, panic_message};
 
 /// A caller receiving on the first connection while it waits for a small blocking collective:
@@ -194,7 +194,14 @@ fn recv_one(s: &Shared, conn: usize, c: &mut RxConn, may_wait: bool) -> Result<(
     };
     let plan = &attempt.plan;
     let kind = plan.recv_kind(frame.step);
-    if frame.sub == 0 && (frame.step == 0 || frame.step + 1 == plan.world) {
+    if frame.sub == 0 && frame.step == plan.recv_steps().start {
+        // Where a test may kill this peer: its first frame of the collective.
+        crate::fault::kill_point(plan.kind.name(), Some(attempt.tag));
+    }
+    if plan.kind == CollKind::AllReduce
+        && frame.sub == 0
+        && (frame.step == 0 || frame.step + 1 == plan.world)
+    {
         let phase = if kind == RecvKind::Copy {
             "all-gather"
         } else {
@@ -236,7 +243,9 @@ struct Frame {
     sub: usize,
     /// The receive's index in the attempt's schedule (its claim and ready flag).
     receive: usize,
-    /// Its bytes in the attempt's buffer.
+    /// The chunk it belongs to.
+    chunk: usize,
+    /// Its bytes in the buffer it lands in ([`Attempt::buf`] of the chunk's `out_place`).
     range: std::ops::Range<usize>,
 }
 
@@ -323,9 +332,10 @@ fn check_frame(
     let from = s.prev_id;
     let plan = &attempt.plan;
     let (t, j) = (h.step as usize, h.sub as usize);
-    let valid = t < plan.steps() && j < plan.subs(plan.recv_chunk(t));
+    let chunk = plan.recv_chunk(t);
+    let valid = plan.recv_steps().contains(&t) && j < plan.subs(chunk);
     let range = if valid {
-        plan.sub_bytes(plan.recv_chunk(t), j)
+        plan.place_bytes(plan.out_place(chunk), chunk, j)
     } else {
         0..0
     };
@@ -336,7 +346,7 @@ fn check_frame(
             h.tag,
         ));
     }
-    let receive = attempt.recv_prefix[t] + j;
+    let receive = attempt.recv_index(t, j);
     if !attempt.claim_recv(receive) {
         return Err(format!(
             "ring predecessor {from} sent step {t} sub-chunk {j} of collective {} twice",
@@ -347,8 +357,16 @@ fn check_frame(
         step: t,
         sub: j,
         receive,
+        chunk,
         range,
     })
+}
+
+impl Attempt {
+    /// The buffer a frame lands in.
+    fn out(&self, frame: &Frame) -> &crate::raw_buf::RawBuf {
+        self.buf(self.plan.out_place(frame.chunk))
+    }
 }
 
 /// Fails `attempt` alone (the connection and the other attempts carry on).
@@ -425,10 +443,9 @@ fn land_device<'a>(
 fn land_copy(s: &Shared, c: &mut RxConn, attempt: &Attempt, frame: &Frame) -> Result<(), String> {
     // SAFETY: inside a busy guard; this RX thread is the only writer of the receive's range,
     // and the TX thread reads it only after its ready flag is set.
-    let out = unsafe { attempt.dst.slice_mut(frame.range.clone()) };
-    let chunk = attempt.plan.recv_chunk(frame.step);
+    let out = unsafe { attempt.out(frame).slice_mut(frame.range.clone()) };
     // SAFETY: inside a busy guard; this RX thread is the only writer of the range now.
-    if let Some(save) = unsafe { attempt.claim_save(chunk, frame.sub) } {
+    if let Some(save) = unsafe { attempt.claim_save(frame.chunk, frame.sub) } {
         concord_kernels::copy(save, out, attempt.backup_stores).map_err(|e| e.to_string())?;
     }
     c.stream.read_exact(out).map_err(|e| s.recv_error(e))
@@ -452,9 +469,9 @@ fn land_reduce<'a>(
     let staged = &c.staging[..len];
     // SAFETY: inside a busy guard; this RX thread is the only writer of the receive's range,
     // and the TX thread reads it only after its ready flag is set.
-    let out = unsafe { attempt.dst.slice_mut(frame.range.clone()) };
+    let out = unsafe { attempt.out(frame).slice_mut(frame.range.clone()) };
     let finish = (kind == RecvKind::ReduceFinish).then_some(attempt.plan.world);
-    let chunk = attempt.plan.recv_chunk(frame.step);
+    let chunk = frame.chunk;
     let reduce = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         if injected_panic_tag() == Some(attempt.tag) {
             panic!("injected fault: CONCORD_FAULT_PANIC_TAG={}", attempt.tag);

@@ -9,6 +9,7 @@ use concord_transport::frame::{DataHeader, HEADER_BYTES};
 use super::attempt::Attempt;
 use super::connection::Connection;
 use super::shared::Shared;
+use crate::collective::ring::{CollKind, Place};
 
 impl Shared {
     /// Sends `attempt`'s ready frames now, from this thread, if they may go inline (see
@@ -158,17 +159,12 @@ fn send_one(
         }
     }
     let plan = &attempt.plan;
-    let range = plan.sub_bytes(plan.send_chunk(t), j);
-    // SAFETY: inside a busy guard the buffers are alive. Step 0 reads the caller's input, which
-    // nobody writes; later steps read a range the RX thread finished (flag acquired in
+    let (c, place) = (plan.send_chunk(t), plan.send_place(t));
+    let range = plan.place_bytes(place, c, j);
+    // SAFETY: inside a busy guard the buffers are alive. A send from the input reads what
+    // nobody writes; any other reads a range the RX thread finished (flag acquired in
     // `send_ready`) and writes again only after this frame reached the successor (ring.rs).
-    let payload = unsafe {
-        if t == 0 {
-            attempt.src.slice(range)
-        } else {
-            attempt.dst.slice(range)
-        }
-    };
+    let payload = unsafe { attempt.buf(place).slice(range.clone()) };
     let header = DataHeader {
         len: payload.len() as u32,
         tag: attempt.tag,
@@ -179,9 +175,38 @@ fn send_one(
     stream
         .write_frame(&header, payload)
         .map_err(|e| format!("sending to ring successor {}: {e}", s.next_id))?;
+    if j == 1 && t == plan.send_steps().start {
+        // Where a test may kill this peer: mid-send of its first step (a broadcast's root).
+        crate::fault::kill_point(sent_point(plan.kind), Some(attempt.tag));
+    }
+    if plan.kind == CollKind::AllGather && place == Place::Src {
+        // Out of place, this peer's own input also goes into its slot of the output (in
+        // place it is there already): nobody else writes that slot.
+        let slot = plan.place_bytes(Place::Dst, c, j);
+        // SAFETY: inside a busy guard; the slot is written by this send alone (no receive of
+        // this peer lands in its own chunk), and read by nobody during the collective.
+        unsafe {
+            let out = attempt.dst.slice_mut(slot);
+            if out.as_ptr() != payload.as_ptr() {
+                out.copy_from_slice(payload);
+            }
+        }
+    }
     drop(busy);
     if attempt.sent((HEADER_BYTES + header.len as usize) as u64) {
         s.finish(attempt, Ok(attempt.traffic()));
     }
     Ok(TrySend::Sent)
+}
+
+/// The fault-injection point after a peer's second frame of its first send step.
+fn sent_point(kind: CollKind) -> &'static str {
+    match kind {
+        CollKind::AllReduce => "all_reduce-sent",
+        CollKind::Broadcast => "broadcast-sent",
+        CollKind::Reduce => "reduce-sent",
+        CollKind::AllGather => "all_gather-sent",
+        CollKind::ReduceScatter => "reduce_scatter-sent",
+        CollKind::Barrier => "barrier-sent",
+    }
 }

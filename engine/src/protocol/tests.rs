@@ -2,7 +2,7 @@
 //! out-of-turn master messages.
 
 use super::*;
-use concord_master::proto::{AbortKind, CollectiveDesc};
+use concord_master::proto::{AbortKind, CollKind, CollectiveDesc};
 
 fn challenged(token: Option<&str>, token_required: bool) -> PeerProto {
     let credentials = Credentials {
@@ -58,9 +58,11 @@ fn welcomed() -> PeerProto {
 
 fn desc() -> CollectiveDesc {
     CollectiveDesc {
+        kind: CollKind::AllReduce,
         count: 1,
         dtype: "float".into(),
         op: "sum".into(),
+        root: 0,
     }
 }
 

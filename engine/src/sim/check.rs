@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use concord_kernels::ReduceOp;
-use concord_master::proto::{MasterMsg, PeerId};
+use concord_master::proto::{CollKind, MasterMsg, PeerId};
 
 use super::net::Time;
 
@@ -24,6 +24,9 @@ struct Attempt {
     tag: u64,
     epoch: u64,
     op: ReduceOp,
+    kind: CollKind,
+    /// Ring position of a broadcast's or reduce's root.
+    root: usize,
     /// Recipients of `CollCommence`, with the input each had launched.
     inputs: BTreeMap<PeerId, Vec<f32>>,
     /// Recipients of `CollDone`.
@@ -40,8 +43,8 @@ pub(crate) struct Checker {
     registered: BTreeSet<PeerId>,
     removed: BTreeMap<PeerId, Time>,
     attempts: BTreeMap<u64, Attempt>,
-    /// The input of each peer's latest launch of each tag.
-    inputs: BTreeMap<(PeerId, u64), (Vec<f32>, ReduceOp)>,
+    /// The input of each peer's latest launch of each tag, with its op, kind and root.
+    inputs: BTreeMap<(PeerId, u64), Launched>,
     /// The attempt that completed each data tag, and the peers that completed it.
     tag_seq: BTreeMap<u64, (u64, BTreeSet<PeerId>)>,
     /// Attempts the master completed / aborted.
@@ -85,8 +88,22 @@ impl Checker {
     }
 
     /// A peer voted for `tag` with this input.
-    pub(crate) fn on_launch(&mut self, peer: PeerId, tag: u64, input: &[f32], op: ReduceOp) {
-        self.inputs.insert((peer, tag), (input.to_vec(), op));
+    pub(crate) fn on_launch(
+        &mut self,
+        peer: PeerId,
+        tag: u64,
+        input: &[f32],
+        op: ReduceOp,
+        kind: CollKind,
+        root: usize,
+    ) {
+        let launched = Launched {
+            input: input.to_vec(),
+            op,
+            kind,
+            root,
+        };
+        self.inputs.insert((peer, tag), launched);
     }
 
     /// The master sends `msg` to peer `to`; `known` are the peers it knows once the input that
@@ -149,7 +166,13 @@ impl Checker {
             self.fail(now, format!("collective {tag} seq {seq} commenced on peer {to}, not in the ring of epoch {epoch}"));
             return;
         }
-        let Some((input, op)) = self.inputs.get(&(to, tag)).cloned() else {
+        let Some(Launched {
+            input,
+            op,
+            kind,
+            root,
+        }) = self.inputs.get(&(to, tag)).cloned()
+        else {
             self.fail(
                 now,
                 format!(
@@ -162,11 +185,20 @@ impl Checker {
             tag,
             epoch,
             op,
+            kind,
+            root,
             inputs: BTreeMap::new(),
             done_sent: BTreeSet::new(),
             result: None,
         });
-        if (attempt.tag, attempt.epoch, attempt.op) != (tag, epoch, op) {
+        let same = (
+            attempt.tag,
+            attempt.epoch,
+            attempt.op,
+            attempt.kind,
+            attempt.root,
+        ) == (tag, epoch, op, kind, root);
+        if !same {
             self.fail(
                 now,
                 format!("seq {seq} commenced as two different collectives"),
@@ -245,15 +277,16 @@ impl Checker {
             self.fail(now, why);
             return;
         }
-        let inputs: Vec<&[f32]> = attempt.inputs.values().map(Vec::as_slice).collect();
-        let want = reduce_exact(attempt.op, &inputs);
+        let ring = self.epochs.get(&epoch).cloned().unwrap_or_default();
+        let want = expected(attempt, &ring, peer);
         let got: Vec<f32> = super::floats(bits);
         let wrong = (got.len() != want.len())
             .then_some(0)
             .or_else(|| (0..got.len()).find(|i| got[*i].to_bits() != want[*i].to_bits()));
         let mut broken = wrong.map(|i| {
             format!(
-                "peer {peer}: collective {tag} seq {seq} ({:?} over {:?} of epoch {epoch}) is wrong at element {i} of {}: got {:?}, want {:?}",
+                "peer {peer}: collective {tag} seq {seq} ({} {:?} over {:?} of epoch {epoch}) is wrong at element {i} of {}: got {:?}, want {:?}",
+                attempt.kind,
                 attempt.op,
                 attempt.inputs.keys().collect::<Vec<_>>(),
                 want.len(),
@@ -261,7 +294,13 @@ impl Checker {
                 want.get(i)
             )
         });
+        // Every peer holds the same bits where the semantics say so.
+        let shared = matches!(
+            attempt.kind,
+            CollKind::AllReduce | CollKind::AllGather | CollKind::Broadcast
+        );
         match &attempt.result {
+            _ if !shared => {}
             None => attempt.result = Some(bits.to_vec()),
             Some(first) if first != bits => {
                 let why = format!("peers disagree on the bits of collective {tag} seq {seq}");
@@ -301,6 +340,43 @@ impl Checker {
             );
             self.fail(now, why);
         }
+    }
+}
+
+/// What a peer launched for a tag.
+#[derive(Clone, Debug)]
+struct Launched {
+    input: Vec<f32>,
+    op: ReduceOp,
+    kind: CollKind,
+    root: usize,
+}
+
+/// What `peer` must hold at the end of `attempt` on `ring` (every call is in place but a
+/// reduce-scatter's): computed from every member's input, so a missing or doubled
+/// contribution shows.
+fn expected(attempt: &Attempt, ring: &[PeerId], peer: PeerId) -> Vec<f32> {
+    let rank = ring.iter().position(|p| *p == peer).unwrap_or(usize::MAX);
+    let in_ring_order: Vec<&[f32]> = ring
+        .iter()
+        .filter_map(|p| attempt.inputs.get(p).map(Vec::as_slice))
+        .collect();
+    if in_ring_order.len() != ring.len() || rank == usize::MAX {
+        return Vec::new(); // A member without an input: nothing can match, the caller says so.
+    }
+    let all = || reduce_exact(attempt.op, &in_ring_order);
+    match attempt.kind {
+        CollKind::AllReduce => all(),
+        CollKind::ReduceScatter => {
+            let total = all();
+            let slot = total.len() / ring.len();
+            total[rank * slot..(rank + 1) * slot].to_vec()
+        }
+        CollKind::AllGather => in_ring_order.concat(),
+        CollKind::Broadcast => in_ring_order[attempt.root].to_vec(),
+        CollKind::Reduce if rank == attempt.root => all(),
+        CollKind::Reduce => in_ring_order[rank].to_vec(),
+        CollKind::Barrier => Vec::new(),
     }
 }
 

@@ -16,14 +16,14 @@
 //! `all_reduce_many_with_retry` does, until all succeed or fewer than two peers remain.
 
 use concord_kernels::{DType, ReduceOp};
-use concord_master::proto::{AbortKind, CollectiveDesc};
+use concord_master::proto::{AbortKind, CollKind};
 
 use super::check::Done;
 use super::ctx::Ctx;
 use super::net::Event;
 use super::peer::{Launch, SimPeer, Stage};
 use super::plane::{Neighbour, Plane};
-use super::{count_of, data_tag, floats, input_value, op_of};
+use super::{count_of, data_tag, floats, input_value, kind_of, op_of};
 use crate::protocol::TopoPhase;
 
 /// Tag of the per-step agreement collective (never a data tag).
@@ -211,21 +211,52 @@ impl SimPeer {
             }
         }
         self.launches.clear();
-        self.launch(ctx, SYNC_TAG, input, ReduceOp::Max, None);
+        self.launch(
+            ctx,
+            SYNC_TAG,
+            input,
+            ReduceOp::Max,
+            None,
+            CollKind::AllReduce,
+        );
         self.set_stage(ctx, Stage::Sync);
     }
 
-    fn launch(&mut self, ctx: &mut Ctx, tag: u64, input: Vec<f32>, op: ReduceOp, k: Option<usize>) {
-        let desc = CollectiveDesc {
-            count: input.len() as u64,
-            dtype: DType::F32.name().into(),
-            op: op.name().into(),
-        };
-        if let Err(e) = self.proto.start_collective(tag, desc) {
-            return self.fail(ctx, format!("all_reduce(tag {tag}) refused: {e}"));
+    /// Votes for collective `tag` of `kind` with this peer's `input` (its slot, for an
+    /// all-gather), in place; a broadcast's or reduce's root follows the step and `k`.
+    fn launch(
+        &mut self,
+        ctx: &mut Ctx,
+        tag: u64,
+        mut input: Vec<f32>,
+        op: ReduceOp,
+        k: Option<usize>,
+        kind: CollKind,
+    ) {
+        let world = self.world().max(1);
+        let root = (self.step as usize + k.unwrap_or(0)) % world;
+        if kind == CollKind::ReduceScatter {
+            input.truncate(input.len() / world * world); // A whole slot per peer.
         }
-        ctx.checker.on_launch(self.id(), tag, &input, op);
+        let count = match kind {
+            CollKind::AllGather => input.len() * world,
+            _ => input.len(),
+        };
+        let spec = crate::collective::Spec {
+            kind,
+            root: if kind.has_root() { root } else { 0 },
+            dtype: DType::F32,
+            op,
+            count,
+        };
+        if let Err(e) = self.proto.start_collective(tag, spec.desc()) {
+            return self.fail(ctx, format!("{} refused: {e}", spec.call(tag)));
+        }
+        ctx.checker
+            .on_launch(self.id(), tag, &input, op, kind, spec.root);
         let launch = Launch {
+            kind,
+            root: spec.root,
             op,
             input,
             k,
@@ -309,7 +340,8 @@ impl SimPeer {
             let input = (0..count_of(ctx.config.elems, k))
                 .map(|i| input_value(me, self.step, k, i))
                 .collect();
-            self.launch(ctx, data_tag(self.step, k), input, op_of(k), Some(k));
+            let kind = kind_of(self.step, k);
+            self.launch(ctx, data_tag(self.step, k), input, op_of(k), Some(k), kind);
         }
         self.set_stage(ctx, Stage::Batch);
     }

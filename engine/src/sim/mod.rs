@@ -421,6 +421,15 @@ pub fn op_of(k: usize) -> ReduceOp {
     }
 }
 
+/// The collective data collective `k` of `step` is: every kind in turn over the steps, so that
+/// a batch of four mixes all-reduces with broadcasts, reduces, all-gathers and reduce-scatters.
+pub fn kind_of(step: u64, k: usize) -> concord_master::proto::CollKind {
+    use concord_master::proto::CollKind::*;
+    const KINDS: [concord_master::proto::CollKind; 5] =
+        [AllReduce, ReduceScatter, AllGather, Broadcast, Reduce];
+    KINDS[(step as usize + k) % KINDS.len()]
+}
+
 /// Elements of data all-reduce `k` when the first has `elems` (uneven, so chunks differ).
 pub fn count_of(elems: usize, k: usize) -> usize {
     elems + 7 * k

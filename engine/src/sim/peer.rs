@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use concord_kernels::ReduceOp;
 use concord_master::coordinator::ConnId;
+use concord_master::proto::CollKind;
 use concord_master::proto::{decode_master, encode_peer, split_frame, PeerId, PeerMsg};
 
 use super::ctx::Ctx;
@@ -42,6 +43,9 @@ pub(crate) enum Stage {
 /// One collective this peer launched, until its outcome is taken.
 #[derive(Debug)]
 pub(crate) struct Launch {
+    /// Which collective, with which root (a ring position).
+    pub(crate) kind: CollKind,
+    pub(crate) root: usize,
     pub(crate) op: ReduceOp,
     pub(crate) input: Vec<f32>,
     /// Which data collective of the step (`None`: the agreement collective).
@@ -226,10 +230,10 @@ impl SimPeer {
         launch.running = Some((seq, epoch));
         launch.output = None;
         let src: Vec<u8> = launch.input.iter().flat_map(|x| x.to_ne_bytes()).collect();
-        let op = launch.op;
+        let (op, kind, root) = (launch.op, launch.kind, launch.root);
         let outs = match &mut self.plane {
             Some(plane) if plane.epoch == epoch => {
-                plane.register(tag, seq, rank, sub_elems, op, src)
+                plane.register(tag, seq, kind, root, rank, sub_elems, op, src)
             }
             _ => vec![PlaneOut::Finished {
                 tag,

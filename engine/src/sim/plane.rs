@@ -15,7 +15,7 @@ use concord_kernels::{DType, ReduceOp};
 use concord_master::proto::PeerId;
 
 use super::net::Frame;
-use crate::collective::ring::{RecvKind, RingPlan};
+use crate::collective::ring::{chunks_of, CollKind, Place, RecvKind, RingPlan};
 
 /// How many retired `(tag, seq)` pairs are remembered (as the real plane does).
 const RETIRED_MEMORY: usize = 4096;
@@ -33,7 +33,8 @@ pub(crate) enum PlaneOut {
     DialAck { to: usize, epoch: u64 },
     /// Close the connection to a neighbour.
     LinkDown { to: usize, epoch: u64 },
-    /// An operation's part here is over: the reduced buffer, or why it failed.
+    /// An operation's part here is over: its output (the whole buffer; a reduce-scatter's
+    /// slot; off a reduce's root, the input untouched), or why it failed.
     Finished {
         tag: u64,
         seq: u64,
@@ -54,11 +55,21 @@ struct RingOp {
     op: ReduceOp,
     src: Vec<u8>,
     dst: Vec<u8>,
-    /// `recv_prefix[t]`: receives before step `t`.
+    /// Partial sums sent on and not kept ([`Place::Work`]).
+    work: Vec<u8>,
+    /// `recv_prefix[t - first]`: receives before step `t`, from this peer's first receive step.
     recv_prefix: Vec<usize>,
     /// Index of the next receive expected (frames of one connection arrive in order).
     next_recv: usize,
     reported: bool,
+}
+
+impl RingOp {
+    /// The output this peer reports: its whole buffer, or a reduce-scatter's slot (`dst` is
+    /// the slot there); off a reduce's root, the untouched input.
+    fn result(&self) -> Vec<u8> {
+        self.dst.clone()
+    }
 }
 
 /// The connections and operations of one ring epoch on one peer.
@@ -185,11 +196,16 @@ impl Plane {
         self.fail("a ring neighbour closed its connection")
     }
 
-    /// Starts an operation the master let go.
+    /// Starts an operation the master let go. `src` is this peer's input (its slot for an
+    /// all-gather; the root's data on a broadcast's root); every call is in place but a
+    /// reduce-scatter's, whose output is this peer's slot.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn register(
         &mut self,
         tag: u64,
         seq: u64,
+        kind: CollKind,
+        root: usize,
         rank: usize,
         sub_elems: usize,
         op: ReduceOp,
@@ -203,34 +219,75 @@ impl Plane {
             return finished(Err(format!("collective {tag} seq {seq} registered twice")));
         }
         let elem_bytes = DType::F32.size_bytes();
-        let count = src.len() / elem_bytes;
-        if self.world == 1 || count == 0 {
+        let count = match kind {
+            CollKind::AllGather => src.len() / elem_bytes * self.world,
+            _ => src.len() / elem_bytes,
+        };
+        if self.world == 1 || count == 0 || kind == CollKind::Barrier {
             // Nothing to move: the result is the input (divided by one for avg).
             let mut dst = src;
             let r = concord_kernels::finish(&mut dst, DType::F32, op, 1);
             return finished(r.map(|()| dst).map_err(|e| e.to_string()));
         }
-        let plan = RingPlan::new(self.world, rank, count, elem_bytes, sub_elems * elem_bytes);
-        let recv_prefix = (0..=plan.steps())
+        let plan = RingPlan::of(
+            kind,
+            root,
+            self.world,
+            rank,
+            count,
+            elem_bytes,
+            sub_elems * elem_bytes,
+        );
+        debug_assert_eq!(plan.chunks(), chunks_of(kind, self.world));
+        let recvs = plan.recv_steps();
+        let recv_prefix = (recvs.start..=recvs.end)
             .map(|t| plan.recv_subs_before(t))
             .collect();
+        let mut dst = vec![0u8; plan.place_len(Place::Dst)];
+        match kind {
+            CollKind::AllGather => {
+                dst[plan.chunk_bytes(rank)].copy_from_slice(&src);
+            }
+            CollKind::ReduceScatter => {}
+            _ => dst.copy_from_slice(&src),
+        }
         let ring_op = RingOp {
             plan,
             op,
-            dst: src.clone(),
+            dst,
+            work: vec![0u8; count * elem_bytes],
             src,
             recv_prefix,
             next_recv: 0,
             reported: false,
         };
         let mut outs = Vec::new();
-        let c = plan.send_chunk(0);
-        for j in 0..plan.subs(c) {
-            let payload = ring_op.src[plan.sub_bytes(c, j)].to_vec();
-            outs.push(self.frame(tag, seq, 0, j, payload));
+        // The first send step goes out now when it sends the input (no receive gates it).
+        let sends = plan.send_steps();
+        if !sends.is_empty() && plan.send_place(sends.start) == Place::Src {
+            let t = sends.start;
+            let c = plan.send_chunk(t);
+            for j in 0..plan.subs(c) {
+                let payload = ring_op.src[plan.place_bytes(Place::Src, c, j)].to_vec();
+                outs.push(self.frame(tag, seq, t, j, payload));
+            }
         }
-        // Every chunk reaches every peer once, so a non-empty buffer means frames to receive.
-        debug_assert!(ring_op.recv_prefix[plan.steps()] > 0);
+        if ring_op.recv_prefix[recvs.len()] == 0 {
+            // Nothing to receive (a chain's first peer): its part is over once it has sent.
+            outs.push(PlaneOut::Finished {
+                tag,
+                seq,
+                result: Ok(ring_op.result()),
+            });
+            self.ops.insert(
+                (tag, seq),
+                RingOp {
+                    reported: true,
+                    ..ring_op
+                },
+            );
+            return outs;
+        }
         self.ops.insert((tag, seq), ring_op);
         // Frames that overtook the go-ahead, in their arrival order.
         let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.early)
@@ -293,13 +350,21 @@ impl Plane {
         }
         let plan = op.plan;
         let (t, j) = (frame.step as usize, frame.sub as usize);
-        let valid = t < plan.steps() && j < plan.subs(plan.recv_chunk(t));
+        let c = plan.recv_chunk(t);
+        let recvs = plan.recv_steps();
+        let valid = recvs.contains(&t) && j < plan.subs(c);
+        let place = plan.out_place(c);
         let range = if valid {
-            plan.sub_bytes(plan.recv_chunk(t), j)
+            plan.place_bytes(place, c, j)
         } else {
             0..0
         };
-        if !valid || op.recv_prefix[t] + j != op.next_recv || frame.payload.len() != range.len() {
+        let index = if valid {
+            op.recv_prefix[t - recvs.start] + j
+        } else {
+            usize::MAX
+        };
+        if !valid || index != op.next_recv || frame.payload.len() != range.len() {
             let why = format!(
                 "predecessor sent step {t} sub-chunk {j} ({} bytes) of collective {} seq {}, expected receive {}",
                 frame.payload.len(),
@@ -309,19 +374,26 @@ impl Plane {
             );
             return self.fail(&why);
         }
-        let out = &mut op.dst[range.clone()];
-        let mine = &op.src[range.clone()];
+        let mine = match plan.kind {
+            CollKind::AllGather | CollKind::Broadcast => Vec::new(),
+            _ => op.src[plan.place_bytes(Place::Src, c, j)].to_vec(),
+        };
+        let out = match place {
+            Place::Dst => &mut op.dst[range.clone()],
+            Place::Work => &mut op.work[range.clone()],
+            Place::Src => unreachable!("nothing lands in the input"),
+        };
         let reduced = match plan.recv_kind(t) {
             RecvKind::Copy => {
                 out.copy_from_slice(&frame.payload);
                 Ok(())
             }
             RecvKind::Reduce => {
-                concord_kernels::reduce_out(out, mine, &frame.payload, DType::F32, op.op)
+                concord_kernels::reduce_out(out, &mine, &frame.payload, DType::F32, op.op)
             }
             RecvKind::ReduceFinish => concord_kernels::reduce_out_finish(
                 out,
-                mine,
+                &mine,
                 &frame.payload,
                 DType::F32,
                 op.op,
@@ -331,20 +403,20 @@ impl Plane {
         if let Err(e) = reduced {
             return self.fail(&format!("reduction failed: {e}"));
         }
+        let forwarded = out.to_vec();
         op.next_recv += 1;
         let mut outs = Vec::new();
         // What step t received is what step t + 1 sends (ring.rs), sub-chunk for sub-chunk.
-        if t + 1 < plan.steps() {
-            let payload = op.dst[range].to_vec();
-            outs.push(self.frame(frame.tag, frame.seq, t + 1, j, payload));
+        if plan.send_steps().contains(&(t + 1)) {
+            outs.push(self.frame(frame.tag, frame.seq, t + 1, j, forwarded));
         }
         let op = self.ops.get_mut(&key).expect("present above");
-        if op.next_recv == op.recv_prefix[plan.steps()] {
+        if op.next_recv == op.recv_prefix[recvs.len()] {
             op.reported = true;
             outs.push(PlaneOut::Finished {
                 tag: frame.tag,
                 seq: frame.seq,
-                result: Ok(op.dst.clone()),
+                result: Ok(op.result()),
             });
         }
         outs

@@ -227,8 +227,50 @@ impl Coordinator {
                 Coll::Voting { descs }
                     if descs.keys().copied().collect::<BTreeSet<_>>() == voters_needed =>
                 {
-                    let first = descs.values().next().expect("accepted is not empty");
-                    if descs.values().all(|d| d == first) {
+                    let (first_id, first) = descs.iter().next().expect("accepted is not empty");
+                    let ring_len = self.rings.get(&g).map_or(0, Vec::len);
+                    let agreed = descs.values().all(|d| d == first);
+                    let refusal = if !agreed {
+                        let diffs: Vec<String> = descs
+                            .iter()
+                            .filter(|(_, d)| *d != first)
+                            .map(|(id, d)| {
+                                format!(
+                                    "peer {id} differs from peer {first_id} in {}",
+                                    d.differences(first).join(", ")
+                                )
+                            })
+                            .collect();
+                        let listing: Vec<String> = descs
+                            .iter()
+                            .map(|(id, d)| format!("peer {id}: {d}"))
+                            .collect();
+                        Some(format!(
+                            "peers disagree on collective {tag}, nothing was moved: {} ({})",
+                            diffs.join("; "),
+                            listing.join("; ")
+                        ))
+                    } else if first.kind.has_root() && first.root as usize >= ring_len {
+                        Some(format!(
+                            "{} {tag} names root rank {}, but the ring has {ring_len} peers (ranks 0..{ring_len}); nothing was moved",
+                            first.kind, first.root
+                        ))
+                    } else {
+                        None
+                    };
+                    if let Some(reason) = refusal {
+                        let voters: Vec<PeerId> = descs.keys().copied().collect();
+                        self.colls.remove(&key);
+                        for id in voters {
+                            self.send(
+                                id,
+                                MasterMsg::CollRefused {
+                                    tag,
+                                    reason: reason.clone(),
+                                },
+                            );
+                        }
+                    } else {
                         let seq = self.next_seq;
                         self.next_seq += 1;
                         let members: BTreeSet<PeerId> =
@@ -253,26 +295,6 @@ impl Coordinator {
                                 done: BTreeSet::new(),
                             },
                         );
-                    } else {
-                        let listing: Vec<String> = descs
-                            .iter()
-                            .map(|(id, d)| format!("peer {id}: {d}"))
-                            .collect();
-                        let reason = format!(
-                            "peers disagree on collective {tag}, nothing was reduced ({})",
-                            listing.join("; ")
-                        );
-                        let voters: Vec<PeerId> = descs.keys().copied().collect();
-                        self.colls.remove(&key);
-                        for id in voters {
-                            self.send(
-                                id,
-                                MasterMsg::CollRefused {
-                                    tag,
-                                    reason: reason.clone(),
-                                },
-                            );
-                        }
                     }
                 }
                 Coll::Running { seq, members, done } if done == members => {

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use concord_transport::PROTOCOL_VERSION;
 
 use super::{ConnId, Coordinator, CoordinatorConfig, Output};
-use crate::proto::{AbortKind, CollectiveDesc, MasterMsg, PeerMsg};
+use crate::proto::{AbortKind, CollKind, CollectiveDesc, MasterMsg, PeerMsg};
 
 struct H {
     c: Coordinator,
@@ -129,9 +129,11 @@ fn topology_epoch(msgs: &[MasterMsg]) -> Option<u64> {
 
 fn desc(count: u64) -> CollectiveDesc {
     CollectiveDesc {
+        kind: CollKind::AllReduce,
         count,
         dtype: "float".into(),
         op: "sum".into(),
+        root: 0,
     }
 }
 
@@ -1452,5 +1454,99 @@ mod limits {
         h.c.handle_connect(flood + 10, ip("10.9.9.9"), h.now);
         assert!(h.c.refusals.logged_at.len() <= 1, "stale addresses pruned");
         assert_eq!(h.c.connection_count(), 1);
+    }
+}
+
+#[test]
+fn a_refusal_names_the_fields_that_differ() {
+    let mut h = H::group(2);
+    let broadcast = |root| CollectiveDesc {
+        kind: CollKind::Broadcast,
+        root,
+        ..desc(64)
+    };
+    h.msg(
+        1,
+        PeerMsg::CollInit {
+            tag: 3,
+            desc: broadcast(0),
+        },
+    );
+    let out = h.msg(
+        2,
+        PeerMsg::CollInit {
+            tag: 3,
+            desc: broadcast(1),
+        },
+    );
+    for conn in [1, 2] {
+        match &H::sent_to(&out, conn)[0] {
+            MasterMsg::CollRefused { tag: 3, reason } => assert!(
+                reason.contains("root (1 vs 0)") && !reason.contains("count ("),
+                "{reason}"
+            ),
+            m => panic!("{m:?}"),
+        }
+    }
+    h.msg(
+        1,
+        PeerMsg::CollInit {
+            tag: 4,
+            desc: desc(64),
+        },
+    );
+    let out = h.msg(
+        2,
+        PeerMsg::CollInit {
+            tag: 4,
+            desc: CollectiveDesc {
+                kind: CollKind::AllGather,
+                ..desc(64)
+            },
+        },
+    );
+    match &H::sent_to(&out, 1)[0] {
+        MasterMsg::CollRefused { tag: 4, reason } => {
+            assert!(
+                reason.contains("kind (all_gather vs all_reduce)"),
+                "{reason}"
+            )
+        }
+        m => panic!("{m:?}"),
+    }
+}
+
+#[test]
+fn a_root_outside_the_ring_is_refused() {
+    let mut h = H::group(2);
+    let reduce = CollectiveDesc {
+        kind: CollKind::Reduce,
+        root: 2,
+        ..desc(8)
+    };
+    h.msg(
+        1,
+        PeerMsg::CollInit {
+            tag: 9,
+            desc: reduce.clone(),
+        },
+    );
+    let out = h.msg(
+        2,
+        PeerMsg::CollInit {
+            tag: 9,
+            desc: reduce,
+        },
+    );
+    for conn in [1, 2] {
+        match &H::sent_to(&out, conn)[0] {
+            MasterMsg::CollRefused { tag: 9, reason } => {
+                assert!(
+                    reason.contains("root rank 2") && reason.contains("2 peers"),
+                    "{reason}"
+                )
+            }
+            m => panic!("{m:?}"),
+        }
     }
 }

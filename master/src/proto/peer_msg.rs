@@ -6,8 +6,8 @@
 
 use super::wire::{Dec, Enc};
 use super::{
-    abort_kind, malformed, CollectiveDesc, EntryDesc, PeerMsg, ProtoError, CONTROL_MAGIC,
-    MAX_ENTRIES,
+    abort_kind, coll_kind, malformed, CollectiveDesc, EntryDesc, PeerMsg, ProtoError,
+    CONTROL_MAGIC, MAX_ENTRIES,
 };
 
 /// Encodes a peer-to-master message, length prefix included.
@@ -54,7 +54,12 @@ fn fields(msg: &PeerMsg) -> Enc {
         }
         PeerMsg::CollInit { tag, desc } => {
             let mut e = Enc::new(5);
-            e.u64(*tag).u64(desc.count).str(&desc.dtype).str(&desc.op);
+            e.u64(*tag)
+                .u8(desc.kind.to_wire())
+                .u64(desc.count)
+                .str(&desc.dtype)
+                .str(&desc.op)
+                .u32(desc.root);
             e
         }
         PeerMsg::CollComplete {
@@ -135,9 +140,11 @@ pub fn decode_peer(body: &[u8]) -> Result<PeerMsg, ProtoError> {
         5 => PeerMsg::CollInit {
             tag: d.u64()?,
             desc: CollectiveDesc {
+                kind: coll_kind(d.u8()?)?,
                 count: d.u64()?,
                 dtype: d.str()?,
                 op: d.str()?,
+                root: d.u32()?,
             },
         },
         6 => PeerMsg::CollComplete {

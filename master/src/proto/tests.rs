@@ -9,9 +9,11 @@ fn body(frame: &[u8]) -> &[u8] {
 #[test]
 fn every_message_round_trips() {
     let desc = CollectiveDesc {
+        kind: CollKind::AllReduce,
         count: 5,
         dtype: "float".into(),
         op: "sum".into(),
+        root: 0,
     };
     let peers = [
         PeerMsg::Hello {

@@ -10,6 +10,14 @@ use crate::sizes::parse_size;
 /// Options of `concord bench` (the short flags are those of nccl-tests).
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct BenchArgs {
+    /// Collective to time, by nccl-tests' names: all_reduce, broadcast, reduce, all_gather,
+    /// reduce_scatter (and barrier, which moves nothing). Sizes are the whole buffer as
+    /// nccl-tests counts it (an all-gather's output, a reduce-scatter's input).
+    #[arg(long = "coll", default_value = "all_reduce", value_parser = parse_coll)]
+    pub(crate) coll: concord::CollKind,
+    /// Root rank of a broadcast or reduce.
+    #[arg(short = 'r', long = "root", default_value_t = 0)]
+    pub(crate) root: usize,
     /// Smallest size in bytes (K/M/G suffixes are powers of 1024).
     #[arg(short = 'b', long = "minbytes", default_value = "64K", value_parser = parse_size)]
     pub(crate) minbytes: usize,
@@ -107,6 +115,13 @@ pub(crate) struct BenchArgs {
     pub(crate) cpu_bind: Option<CpuBind>,
 }
 
+fn parse_coll(s: &str) -> Result<concord::CollKind, String> {
+    concord::CollKind::from_name(s).ok_or_else(|| {
+        let names: Vec<&str> = concord::CollKind::ALL.iter().map(|k| k.name()).collect();
+        format!("unknown collective {s:?}: give one of {}", names.join(", "))
+    })
+}
+
 /// How `concord bench --local` places its peer processes on CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CpuBind {
@@ -202,6 +217,32 @@ impl BenchArgs {
         }
         if self.timeout_s == 0 {
             return Err("-T 0: the deadline must be at least one second".into());
+        }
+        if self.root != 0 && !self.coll.has_root() {
+            return Err(format!(
+                "-r {}: {} has no root; -r applies to broadcast and reduce",
+                self.root, self.coll
+            ));
+        }
+        if let Some(n) = self.local.filter(|&n| self.root >= n) {
+            return Err(format!(
+                "-r {}: the root must be a rank of the {n} peers (0..{n})",
+                self.root
+            ));
+        }
+        if let Some(n) = self.world.filter(|&n| self.root >= n) {
+            return Err(format!(
+                "-r {}: the root must be a rank of the {n} peers (0..{n})",
+                self.root
+            ));
+        }
+        if self.coll != concord::CollKind::AllReduce
+            && (self.device != BenchDevice::Cpu || self.state)
+        {
+            return Err(format!(
+                "--coll {}: device buffers and --state measure all_reduce; drop --device / --state or give --coll all_reduce",
+                self.coll
+            ));
         }
         if self.device != BenchDevice::Cpu && (self.state || self.elastic || self.ops.is_some()) {
             return Err(
@@ -338,6 +379,10 @@ impl BenchArgs {
             master.into(),
             "--world".into(),
             world.to_string(),
+            "--coll".into(),
+            self.coll.name().into(),
+            "-r".into(),
+            self.root.to_string(),
         ];
         for (flag, v) in [
             ("-b", self.minbytes.to_string()),

@@ -1,12 +1,14 @@
-//! `concord bench`: all-reduce bandwidth, following nccl-tests (sizes, iterations, table, busbw).
+//! `concord bench`: collective bandwidth, following nccl-tests (sizes, iterations, table, busbw).
 //!
 //! Rooms: `args` (flags), `local` (`--local N`: an embedded master and N peer processes),
-//! `peer` (one peer's measurement loop), `report` (the table, the footer and JSON).
+//! `peer` (one peer's measurement loop), `shapes` (what each collective puts in and expects),
+//! `report` (the table, the footer and JSON).
 
 pub(crate) mod args;
 mod local;
 mod peer;
 mod report;
+mod shapes;
 
 pub(crate) use args::BenchArgs;
 use args::CpuBind;

@@ -10,6 +10,7 @@ use concord::{Communicator, ReduceOp};
 
 use super::args::BenchDevice;
 use super::report::{self, Row};
+use super::shapes::{self, Shape};
 use super::BenchArgs;
 use crate::device::{Buffers as DeviceBuffers, StageSums};
 
@@ -94,8 +95,13 @@ pub(super) fn run_peer(args: &BenchArgs) -> Result<(), String> {
     };
     let mut tag = 0u64;
     let mut rows = Vec::new();
-    for (size_index, &size) in args.sizes().iter().enumerate() {
-        let bytes = size / args.dtype.size_bytes() * args.dtype.size_bytes();
+    let sizes = match args.coll {
+        // A barrier moves nothing: one row.
+        concord::CollKind::Barrier => vec![0],
+        _ => args.sizes(),
+    };
+    for (size_index, &size) in sizes.iter().enumerate() {
+        let bytes = shapes::row_bytes(args.coll, size, args.dtype.size_bytes(), world);
         let mut gpu = cuda
             .as_ref()
             .map(|ctx| DeviceBuffers::new(ctx, bytes))
@@ -250,27 +256,32 @@ fn iterate_host(
     tag: &mut u64,
 ) -> Result<Sample, String> {
     let (dtype, op) = (args.dtype, args.op);
-    host.refill(args, comm.rank(), bytes, iter_id, checked || first);
-    let (src, dst) = (&mut host.src[..bytes], &mut host.dst[..bytes]);
-    if args.in_place {
-        dst.copy_from_slice(src);
-    }
+    let shape = Shape::new(args, comm.rank(), comm.world_size(), bytes);
+    shape.prepare(
+        args,
+        iter_id,
+        checked || first,
+        &mut host.src,
+        &mut host.dst,
+    );
     *tag += 1;
     let tag = *tag;
     let emulated = args.device == BenchDevice::Emulated;
+    let (src, dst) = (&host.src[..], &mut host.dst[..]);
     let cpu0 = cpu_seconds();
     let start = Instant::now();
     let r = match (args.in_place, emulated) {
-        (true, false) => comm.all_reduce_raw(None, dst, dtype, op, tag, None),
-        (false, false) => comm.all_reduce_raw(Some(src), dst, dtype, op, tag, None),
-        (true, true) => comm.all_reduce_emulated_device(None, dst, dtype, op, tag),
-        (false, true) => comm.all_reduce_emulated_device(Some(src), dst, dtype, op, tag),
+        (true, true) => comm.all_reduce_emulated_device(None, &mut dst[..bytes], dtype, op, tag),
+        (false, true) => {
+            comm.all_reduce_emulated_device(Some(&src[..bytes]), &mut dst[..bytes], dtype, op, tag)
+        }
+        (_, false) => shape.call(comm, args, src, dst, tag),
     };
     let elapsed = start.elapsed();
     let cpu_s = cpu_seconds() - cpu0;
-    let info = r.map_err(|e| format!("all-reduce of {bytes} bytes: {e}"))?;
+    let info = r.map_err(|e| format!("{} of {bytes} bytes: {e}", args.coll))?;
     let wrong = if checked {
-        host.wrong(args, comm.world_size(), bytes, iter_id)
+        shape.wrong(args, iter_id, &host.dst, &mut host.want)
     } else {
         0
     };
@@ -315,6 +326,7 @@ fn agree(
         0.0
     };
     Ok(Row {
+        coll: args.coll.name(),
         size_bytes: bytes,
         count: bytes / args.dtype.size_bytes(),
         dtype: args.dtype.name(),
@@ -323,7 +335,7 @@ fn agree(
         p10_us: stats[1],
         p90_us: stats[2],
         algbw_gbps: algbw,
-        busbw_gbps: algbw * 2.0 * (world as f64 - 1.0) / world as f64,
+        busbw_gbps: algbw * shapes::bus_factor(args.coll, world),
         wrong: if args.check == 1 { wrong_all[0] } else { 0 },
         // Per GB of nothing is no figure: a zero-byte row has none.
         cpu_s_per_gb: (moved > 0).then(|| cpu_all[0] / (moved as f64 * args.iters as f64 / 1e9)),

@@ -8,6 +8,8 @@ use super::BenchArgs;
 /// One size's figures, as the table and the JSON carry them.
 #[derive(Debug, serde::Serialize)]
 pub(super) struct Row {
+    /// The collective, by nccl-tests' name.
+    pub(super) coll: &'static str,
     pub(super) size_bytes: usize,
     pub(super) count: usize,
     pub(super) dtype: &'static str,
@@ -70,8 +72,14 @@ pub(super) fn print_banner(
 ) {
     let _ = writeln!(
         out,
-        "# concord bench {}: all_reduce, {world} peers, {} {}, {}, kernels {}, transport {transport}, {} conn(s)/neighbour, sub-chunk {} B, polling {} us",
+        "# concord bench {}: {}{}, {world} peers, {} {}, {}, kernels {}, transport {transport}, {} conn(s)/neighbour, sub-chunk {} B, polling {} us",
         env!("CARGO_PKG_VERSION"),
+        args.coll,
+        if args.coll.has_root() {
+            format!(" (root {})", args.root)
+        } else {
+            String::new()
+        },
         args.dtype,
         args.op,
         if args.in_place { "in-place" } else { "out-of-place" },
@@ -119,6 +127,8 @@ pub(super) fn write_json(
         "tool": "concord bench",
         "version": env!("CARGO_PKG_VERSION"),
         "world": world,
+        "coll": args.coll.name(),
+        "root": args.root,
         "dtype": args.dtype.name(),
         "op": args.op.name(),
         "in_place": args.in_place,
