@@ -1,5 +1,6 @@
-//! Fault injection for the tests: `CONCORD_FAULT_KILL_AT=<point>[:<tag>]` makes this process
-//! SIGKILL itself when it reaches `point` (for collective `tag`, if given). Points:
+//! Fault injection for the tests: `CONCORD_FAULT_KILL_AT=<point>[:<tag>][,...]` makes this
+//! process SIGKILL itself when it reaches one of the points (for collective `tag`, if given).
+//! Points:
 //! `vote` (just voted to start a collective), `reduce-scatter` and `all-gather` (receiving the
 //! first frame of that phase of an all-reduce), a collective's name (`broadcast`, `reduce`,
 //! `all_gather`, `reduce_scatter`, `all_reduce`: receiving its first frame), that name with
@@ -9,26 +10,34 @@
 
 use std::sync::OnceLock;
 
-fn target() -> &'static Option<(String, Option<u64>)> {
-    static T: OnceLock<Option<(String, Option<u64>)>> = OnceLock::new();
+fn targets() -> &'static [(String, Option<u64>)] {
+    static T: OnceLock<Vec<(String, Option<u64>)>> = OnceLock::new();
     T.get_or_init(|| {
-        let v = std::env::var("CONCORD_FAULT_KILL_AT").ok()?;
-        let mut parts = v.splitn(2, ':');
-        let point = parts.next()?.to_string();
-        let tag = parts.next().and_then(|t| t.parse().ok());
-        Some((point, tag))
+        let Ok(v) = std::env::var("CONCORD_FAULT_KILL_AT") else {
+            return Vec::new();
+        };
+        v.split(',')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let mut parts = p.splitn(2, ':');
+                let point = parts.next().unwrap_or_default().to_string();
+                let tag = parts.next().and_then(|t| t.parse().ok());
+                (point, tag)
+            })
+            .collect()
     })
 }
 
 /// Dies here if told to.
 pub(crate) fn kill_point(point: &str, tag: Option<u64>) {
-    if let Some((p, want)) = target() {
-        if p == point && (want.is_none() || *want == tag) {
-            eprintln!("concord: fault injection: SIGKILL at {point}");
-            // SAFETY: plain libc calls with no pointers; the process ends here.
-            unsafe {
-                libc::kill(libc::getpid(), libc::SIGKILL);
-            }
+    let hit = targets()
+        .iter()
+        .any(|(p, want)| p == point && (want.is_none() || *want == tag));
+    if hit {
+        eprintln!("concord: fault injection: SIGKILL at {point}");
+        // SAFETY: plain libc calls with no pointers; the process ends here.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
         }
     }
 }

@@ -76,6 +76,36 @@ fn a_peer_killed_in_each_phase_leaves_survivors_that_finish() {
     }
 }
 
+/// `concord bench --elastic --coll KIND` with a peer SIGKILLed inside the second collective of
+/// iteration 3 (whether it receives first or only sends there): the survivors retry it on the
+/// repaired ring and finish every iteration with exact results.
+#[test]
+fn a_peer_killed_in_each_new_collective_leaves_survivors_that_finish() {
+    for kind in ["broadcast", "reduce", "all_gather", "reduce_scatter"] {
+        let point = format!("{kind}:3001,{kind}-sent:3001");
+        let master = MasterProcess::start();
+        let flags = ["--coll", kind];
+        let mut peers: Vec<Peer> = (0..2)
+            .map(|_| Peer::start_with(&master.addr, 3, 8, "2M", &flags, &[]))
+            .collect();
+        let victim = Peer::start_with(
+            &master.addr,
+            3,
+            8,
+            "2M",
+            &flags,
+            &[("CONCORD_FAULT_KILL_AT", point.as_str())],
+        );
+        for p in peers.drain(..) {
+            let (ok, lines) = p.finish(Duration::from_secs(90));
+            assert!(ok, "{kind}: survivor failed: {lines:?}");
+            assert_survived(&lines, 8, 2);
+        }
+        let (ok, _) = victim.finish(Duration::from_secs(5));
+        assert!(!ok, "{kind}: the victim died");
+    }
+}
+
 #[test]
 fn a_peer_killed_while_connecting_spoils_only_that_round() {
     let master = MasterProcess::start();

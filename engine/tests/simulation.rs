@@ -4,8 +4,8 @@
 
 use std::time::Instant;
 
-use concord::sim::{count_of, input_value, op_of, run, sweep, Faults, SimConfig};
-use concord::ReduceOp;
+use concord::sim::{count_of, input_value, kind_of, op_of, run, sweep, Faults, SimConfig};
+use concord::{CollKind, ReduceOp};
 
 /// Seeds in the sweep with every fault on.
 const SWEEP_SEEDS: u64 = 300;
@@ -58,27 +58,50 @@ fn a_run_without_faults_matches_a_direct_computation() {
         s.kills + s.stalls + s.joins + s.drops + s.aborted + s.retries,
         0
     );
-    // Every peer holds every data all-reduce of the last step, over all peers.
+    // Every peer holds every data collective of the last step, over all peers.
     assert_eq!(s.results.len(), c.peers * c.batch);
     for r in &s.results {
-        assert_eq!(r.members.len(), c.peers);
+        let world = r.members.len();
+        assert_eq!(world, c.peers);
+        let rank = r.members.iter().position(|p| *p == r.peer).unwrap();
+        let value = |p: u64, i: usize| input_value(p, r.step, r.k, i);
+        let reduce = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| {
+                    let column = r.members.iter().map(|p| value(*p, i));
+                    match op_of(r.k) {
+                        ReduceOp::Max => column.fold(f32::MIN, f32::max),
+                        ReduceOp::Avg => column.sum::<f32>() / world as f32,
+                        _ => column.sum::<f32>(),
+                    }
+                })
+                .collect()
+        };
         let n = count_of(c.elems, r.k);
-        assert_eq!(r.data.len(), n);
-        for i in 0..n {
-            let column = r.members.iter().map(|p| input_value(*p, r.step, r.k, i));
-            let want = match op_of(r.k) {
-                ReduceOp::Max => column.fold(f32::MIN, f32::max),
-                ReduceOp::Avg => column.sum::<f32>() / r.members.len() as f32,
-                _ => column.sum::<f32>(),
-            };
-            assert_eq!(
-                r.data[i].to_bits(),
-                want.to_bits(),
-                "peer {} k {} i {i}",
-                r.peer,
-                r.k
-            );
-        }
+        let root = (r.step as usize + r.k) % world;
+        let own = |p: u64| -> Vec<f32> { (0..n).map(|i| value(p, i)).collect() };
+        let want: Vec<f32> = match kind_of(r.step, r.k) {
+            CollKind::AllReduce => reduce(n),
+            CollKind::ReduceScatter => {
+                let slot = n / world;
+                reduce(slot * world)[rank * slot..(rank + 1) * slot].to_vec()
+            }
+            CollKind::AllGather => r.members.iter().flat_map(|p| own(*p)).collect(),
+            CollKind::Broadcast => own(r.members[root]),
+            CollKind::Reduce if rank == root => reduce(n),
+            CollKind::Reduce => own(r.peer),
+            CollKind::Barrier => Vec::new(),
+        };
+        let got: Vec<u32> = r.data.iter().map(|x| x.to_bits()).collect();
+        let want: Vec<u32> = want.iter().map(|x| x.to_bits()).collect();
+        assert_eq!(
+            got,
+            want,
+            "peer {} k {} ({:?})",
+            r.peer,
+            r.k,
+            kind_of(r.step, r.k)
+        );
     }
 }
 

@@ -1,4 +1,5 @@
-//! A batch of all-reduces that survives lost peers: re-run what failed on a repaired ring.
+//! Collectives that survive lost peers: a batch of all-reduces re-runs what failed on a repaired
+//! ring; any other collective (or group of them) re-runs through [`Communicator::with_retry`].
 
 use std::time::Instant;
 
@@ -77,6 +78,41 @@ impl Communicator {
             todo.len()
         ));
         Err((give_back(&order, done, todo), e))
+    }
+}
+
+impl Communicator {
+    /// Runs `attempt` (one or more collectives on this communicator) until it succeeds: when it
+    /// fails because the group lost a peer (or hit a deadline), rebuilds the ring with the
+    /// survivors ([`Communicator::repair_topology`]) and runs it again, at most 16 times.
+    /// Every survivor must call it with the same `attempt` (the retries are collective too).
+    ///
+    /// `attempt` is called with the communicator, whose ring may be smaller each time: it
+    /// reads [`Communicator::world_size`], [`Communicator::rank`] and [`Communicator::rank_of`]
+    /// to size an all-gather's output or to pick a broadcast's root again (the error of a
+    /// broadcast or reduce whose root was lost says so). In-place inputs are restored before
+    /// each retry, as by every failing collective. Returns the result and the retries taken.
+    pub fn with_retry<R>(
+        &mut self,
+        mut attempt: impl FnMut(&Communicator) -> Result<R, Error>,
+    ) -> Result<(R, usize), Error> {
+        const MAX_ATTEMPTS: usize = 16;
+        let mut last = None;
+        for retries in 0..MAX_ATTEMPTS {
+            match attempt(self) {
+                Ok(r) => return Ok((r, retries)),
+                Err(e) if e.is_retryable() || matches!(e, Error::Timeout(_)) => {
+                    tracing::info!("retrying on a repaired ring after: {e}");
+                    last = Some(e);
+                    self.repair_topology()?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Timeout(format!(
+            "still failing after {MAX_ATTEMPTS} attempts; the last error: {}",
+            last.map_or_else(String::new, |e| e.to_string())
+        )))
     }
 }
 

@@ -134,15 +134,15 @@ pub struct SimConfig {
     pub seed: u64,
     /// Peers at the start (2 to 64).
     pub peers: usize,
-    /// Training steps; each runs a batch of data all-reduces (1 to 10 000).
+    /// Training steps; each runs a batch of data collectives (1 to 10 000).
     pub steps: u64,
     /// Faults to inject.
     pub faults: Faults,
     /// Most faults (other than delays) per run; the seed picks how many, at least one.
     pub max_faults: usize,
-    /// Data all-reduces in flight per step (1 to 64). Tag `k` uses [`op_of`]`(k)`.
+    /// Data collectives in flight per step (1 to 64). Tag `k` uses [`op_of`]`(k)`.
     pub batch: usize,
-    /// Elements of the first all-reduce of a step; tag `k` has [`count_of`]`(elems, k)`.
+    /// Elements of the first collective of a step; tag `k` has [`count_of`]`(elems, k)`.
     pub elems: usize,
     /// Elements per sub-chunk (one data frame); small, so that there are many frames.
     pub sub_elems: usize,
@@ -160,7 +160,7 @@ pub struct SimConfig {
 }
 
 impl SimConfig {
-    /// Four peers, ten steps, no faults, four f32 all-reduces of 300-321 elements per step in
+    /// Four peers, ten steps, no faults, four f32 collectives of 300-321 elements per step in
     /// 24-element frames.
     pub fn new(seed: u64) -> Self {
         SimConfig {
@@ -206,20 +206,20 @@ impl SimConfig {
     }
 }
 
-/// One data all-reduce of the last step, as a peer that finished the run holds it.
+/// One data collective of the last step, as a peer that finished the run holds it.
 #[derive(Clone, Debug)]
 pub struct PeerResult {
     /// The peer.
     pub peer: PeerId,
     /// The step.
     pub step: u64,
-    /// Which all-reduce of the step (its op is [`op_of`]`(k)`).
+    /// Which collective of the step (its kind is [`kind_of`]`(step, k)`, its op [`op_of`]`(k)`).
     pub k: usize,
     /// The master's sequence number of the attempt that succeeded.
     pub seq: u64,
     /// Members of the ring it ran on.
     pub members: Vec<PeerId>,
-    /// The reduced values.
+    /// Its output here (see [`kind_of`]: every call is in place but a reduce-scatter's).
     pub data: Vec<f32>,
 }
 
@@ -268,7 +268,7 @@ pub struct Summary {
     pub virtual_us: u64,
     /// FNV-1a digest of every processed event, in order: the identity of the trace.
     pub digest: u64,
-    /// The last step's data all-reduces on every peer that finished.
+    /// The last step's data collectives on every peer that finished.
     pub results: Vec<PeerResult>,
     /// The last trace lines kept ([`SimConfig::trace_lines`]).
     pub trace: Vec<String>,
@@ -406,13 +406,13 @@ pub fn sweep(
     (passed, failed)
 }
 
-/// Input element `i` of data all-reduce `k` of `step` on `peer`: a small integer, so every sum
+/// Input element `i` of data collective `k` of `step` on `peer`: a small integer, so every sum
 /// is exact in f32 whatever the order, and the result can be checked bit for bit.
 pub fn input_value(peer: PeerId, step: u64, k: usize, i: usize) -> f32 {
     ((peer * 7 + step * 3 + k as u64 * 5 + i as u64) % 13) as f32
 }
 
-/// The reduction data all-reduce `k` of a step uses: sum, sum, avg, max, in turn.
+/// The reduction data collective `k` of a step uses: sum, sum, avg, max, in turn.
 pub fn op_of(k: usize) -> ReduceOp {
     match k % 4 {
         2 => ReduceOp::Avg,
@@ -430,12 +430,12 @@ pub fn kind_of(step: u64, k: usize) -> concord_master::proto::CollKind {
     KINDS[(step as usize + k) % KINDS.len()]
 }
 
-/// Elements of data all-reduce `k` when the first has `elems` (uneven, so chunks differ).
+/// Elements of data collective `k` when the first has `elems` (uneven, so chunks differ).
 pub fn count_of(elems: usize, k: usize) -> usize {
     elems + 7 * k
 }
 
-/// The tag of data all-reduce `k` of `step` (unique over a run).
+/// The tag of data collective `k` of `step` (unique over a run).
 fn data_tag(step: u64, k: usize) -> u64 {
     1 + step * 64 + k as u64
 }

@@ -37,6 +37,18 @@ impl Peer {
         bytes: &str,
         env: &[(&str, &str)],
     ) -> Peer {
+        Peer::start_with(master, min_world, iters, bytes, &[], env)
+    }
+
+    /// As [`Peer::start_sized`], with more flags of `concord bench --elastic` (`--coll`).
+    pub fn start_with(
+        master: &str,
+        min_world: usize,
+        iters: usize,
+        bytes: &str,
+        flags: &[&str],
+        env: &[(&str, &str)],
+    ) -> Peer {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log_path =
@@ -52,6 +64,7 @@ impl Peer {
             &min_world.to_string(),
         ])
         .args(["-n", &iters.to_string(), "-b", bytes, "-m", "4", "-T", "30"])
+        .args(flags)
         .stdout(Stdio::piped())
         .env("RUST_LOG", "info")
         .stderr(Stdio::from(log.try_clone().expect("log file")));

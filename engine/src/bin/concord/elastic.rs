@@ -1,14 +1,16 @@
-//! `concord bench --elastic`: all-reduces that keep going while peers join, die and stall.
+//! `concord bench --elastic`: collectives that keep going while peers join, die and stall.
 //!
 //! Each iteration: agree on the iteration number (a joiner learns it); run `-m` in-place f32 sums
-//! of `-b` bytes with retry; admit pending peers; check every result against the exact sum over
-//! the members of the ring its successful attempt ran on; print one JSON line.
+//! of `-b` bytes with retry (all-reduces as one batch in flight; with `--coll`, any other
+//! collective one after the other, each through `with_retry`, a broadcast or reduce rooted at
+//! rank `iteration mod world`); admit pending peers; check every result against the exact
+//! result over the members of the ring its successful attempt ran on; print one JSON line.
 //! Inputs are small integers, so every order of summation gives the same bits.
 
 use std::io::Write;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use concord::{Communicator, Error, ReduceOp};
+use concord::{CollKind, Communicator, Error, ReduceOp};
 
 use crate::bench::args::BenchArgs;
 
@@ -44,7 +46,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
     let mut iteration = 0u64;
     while iteration < args.iters as u64 {
         let start = Instant::now();
-        match step(&mut comm, me, &mut iteration, elems, batch) {
+        match step(&mut comm, me, &mut iteration, elems, batch, args.coll) {
             Ok((world, retries, wrong, first_failure)) => {
                 let line = serde_json::json!({
                     "iteration": iteration, "peer": me, "world": world, "ok": wrong == 0,
@@ -81,6 +83,7 @@ fn step(
     iteration: &mut u64,
     elems: usize,
     batch: usize,
+    kind: CollKind,
 ) -> Result<StepOutcome, Error> {
     let mut retries = 0;
     let mut first_failure: Option<(u128, String)> = None;
@@ -102,6 +105,13 @@ fn step(
         }
     }
     let it = *iteration;
+    if kind != CollKind::AllReduce {
+        let (wrong, more) = other_kind(comm, me, it, elems, batch, kind)?;
+        if comm.are_new_peers_pending()? {
+            comm.update_topology()?;
+        }
+        return Ok((comm.world_size(), retries + more, wrong, first_failure));
+    }
     let work: Vec<(u64, Vec<f32>)> = (0..batch)
         .map(|k| {
             (
@@ -135,4 +145,80 @@ fn step(
         wrong,
         first_failure,
     ))
+}
+
+/// `batch` collectives of `kind` (not all-reduce), one after the other, each retried on a
+/// repaired ring until it succeeds; returns the wrong elements and the retries.
+fn other_kind(
+    comm: &mut Communicator,
+    me: u64,
+    it: u64,
+    elems: usize,
+    batch: usize,
+    kind: CollKind,
+) -> Result<(u64, usize), Error> {
+    let (mut wrong, mut retries) = (0u64, 0usize);
+    for k in 0..batch {
+        let tag = it * 1_000 + k as u64;
+        let (w, r) = comm.with_retry(|c| {
+            let (rank, world) = (c.rank(), c.world_size());
+            let members = c.peer_ids();
+            let root = it as usize % world;
+            let slot = (elems / world).max(1);
+            let input =
+                |p: u64, n: usize| -> Vec<f32> { (0..n).map(|i| value(p, it, k, i)).collect() };
+            let sum = |n: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|i| members.iter().map(|p| value(*p, it, k, i)).sum())
+                    .collect()
+            };
+            let (got, want) = match kind {
+                CollKind::Broadcast => {
+                    let mut buf = if rank == root {
+                        input(me, elems)
+                    } else {
+                        vec![0.0; elems]
+                    };
+                    c.broadcast(&mut buf, root, tag)?;
+                    (buf, input(members[root], elems))
+                }
+                CollKind::Reduce => {
+                    let mut buf = input(me, elems);
+                    c.reduce_in_place(&mut buf, ReduceOp::Sum, root, tag)?;
+                    let want = if rank == root {
+                        sum(elems)
+                    } else {
+                        input(me, elems)
+                    };
+                    (buf, want)
+                }
+                CollKind::AllGather => {
+                    let mut out = vec![0.0; slot * world];
+                    c.all_gather(&input(me, slot), &mut out, tag)?;
+                    let want: Vec<f32> = members.iter().flat_map(|p| input(*p, slot)).collect();
+                    (out, want)
+                }
+                CollKind::ReduceScatter => {
+                    let mut out = vec![0.0; slot];
+                    c.reduce_scatter(&input(me, slot * world), &mut out, ReduceOp::Sum, tag)?;
+                    (
+                        out,
+                        sum(slot * world)[rank * slot..(rank + 1) * slot].to_vec(),
+                    )
+                }
+                _ => {
+                    c.barrier(tag)?;
+                    (Vec::new(), Vec::new())
+                }
+            };
+            Ok(got
+                .iter()
+                .zip(&want)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count() as u64)
+        })?;
+        wrong += w;
+        retries += r;
+    }
+    Ok((wrong, retries))
 }

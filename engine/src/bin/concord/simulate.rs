@@ -18,7 +18,7 @@ pub(crate) struct SimulateArgs {
     /// Peers at the start.
     #[arg(long, default_value_t = 4)]
     peers: usize,
-    /// Training steps (each a batch of tagged all-reduces).
+    /// Training steps (each a batch of tagged collectives: all-reduces, reduce-scatters, all-gathers, broadcasts and reduces in turn).
     #[arg(long, default_value_t = 10)]
     steps: u64,
     /// Faults to inject: a comma-separated list of kill, stall, join, delay, drop, timeout (or
@@ -28,10 +28,10 @@ pub(crate) struct SimulateArgs {
     /// Most faults per run, other than delays (the seed picks how many).
     #[arg(long, default_value_t = 4)]
     max_faults: usize,
-    /// All-reduces in flight per step.
+    /// Collectives in flight per step.
     #[arg(long, default_value_t = 4)]
     batch: usize,
-    /// Elements of each all-reduce (f32).
+    /// Elements of each collective (f32).
     #[arg(long, default_value_t = 300)]
     elems: usize,
     /// Elements per data frame.

@@ -88,7 +88,8 @@ impl Shape {
         }
         let buf = &mut dst[..self.bytes];
         match (self.kind, self.in_place) {
-            (CollKind::Broadcast, _) if rank == self.root => {
+            // The root's buffer is never written: refilled only when fresh.
+            (CollKind::Broadcast, _) if rank == self.root && fresh => {
                 check::fill(dtype, op, rank, iter, buf)
             }
             (CollKind::AllGather, true) => {
