@@ -276,3 +276,123 @@ fn collectives_matrix_world_3_uring() {
 fn collectives_matrix_world_4_socket() {
     run_matrix(4, "socket");
 }
+
+/// Peer side of `async_collectives_of_every_kind_in_flight_together`.
+#[test]
+fn peer_async() {
+    if !is_peer() {
+        return;
+    }
+    let mut comm = join_from_env();
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let (dtype, op) = (DType::F32, ReduceOp::Sum);
+    let per = 40_009usize;
+    let floats = |bytes: Vec<u8>| -> Vec<f32> { bytemuck::cast_slice(&bytes).to_vec() };
+    let filled = |r: usize, iter: u64, n: usize| {
+        let mut b = vec![0u8; n * 4];
+        verify::fill(dtype, op, r, iter, &mut b);
+        floats(b)
+    };
+    let total = |iter: u64, n: usize| {
+        let mut b = vec![0u8; n * 4];
+        verify::reference(dtype, op, world, iter, &mut b);
+        floats(b)
+    };
+    {
+        let (collectives, _probe) = comm.split();
+        // Eight rounds of every kind, all launched before any is awaited.
+        let mut handles = Vec::new();
+        for round in 0..8u64 {
+            let t = 10 * round;
+            let root = round as usize % world;
+            let bcast = if rank == root {
+                filled(rank, t + 1, per)
+            } else {
+                vec![0.0; per]
+            };
+            handles.push((
+                CollKind::Broadcast,
+                t + 1,
+                root,
+                collectives.broadcast_async(bcast, root, t + 1),
+            ));
+            let h = collectives.reduce_async(filled(rank, t + 2, per), op, root, t + 2);
+            handles.push((CollKind::Reduce, t + 2, root, h));
+            let h = collectives.all_gather_async(
+                filled(rank, t + 3, per),
+                vec![0.0; per * world],
+                t + 3,
+            );
+            handles.push((CollKind::AllGather, t + 3, root, h));
+            let h = collectives.reduce_scatter_async(
+                filled(rank, t + 4, per * world),
+                vec![0.0; per],
+                op,
+                t + 4,
+            );
+            handles.push((CollKind::ReduceScatter, t + 4, root, h));
+            handles.push((
+                CollKind::AllReduce,
+                t + 5,
+                root,
+                collectives.all_reduce_async(filled(rank, t + 5, per), op, t + 5),
+            ));
+            handles.push((CollKind::Barrier, t + 6, root, {
+                // A barrier's handle holds no buffer: its type differs, so it is awaited here.
+                let b = collectives.barrier_async(t + 6);
+                let (buf, r) = b.wait();
+                r.expect("barrier");
+                assert!(buf.is_empty());
+                collectives.all_reduce_async(vec![1.0f32], op, t + 7)
+            }));
+        }
+        for (kind, tag, root, h) in handles {
+            let (got, r) = h.wait();
+            r.unwrap_or_else(|e| panic!("{kind} tag {tag}: {e}"));
+            let want = match kind {
+                CollKind::Broadcast => filled(root, tag, per),
+                CollKind::Reduce if rank == root => total(tag, per),
+                CollKind::Reduce => filled(rank, tag, per),
+                CollKind::AllGather => (0..world).flat_map(|r| filled(r, tag, per)).collect(),
+                CollKind::ReduceScatter => {
+                    total(tag, per * world)[rank * per..(rank + 1) * per].to_vec()
+                }
+                CollKind::AllReduce => total(tag, per),
+                CollKind::Barrier => vec![world as f32],
+            };
+            assert!(got == want, "{kind} tag {tag}: wrong result");
+        }
+    }
+    // Peers that disagree on the root are refused with the field named; nothing moves.
+    let mut buf = filled(rank, 99, 1000);
+    let before = buf.clone();
+    let err = comm
+        .broadcast(&mut buf, rank, 500)
+        .expect_err("three peers name three roots");
+    assert!(matches!(err, concord::Error::Mismatch { .. }), "{err}");
+    assert!(err.to_string().contains("root ("), "{err}");
+    assert!(buf == before, "a refused broadcast moved nothing");
+    // A shape that does not fit the ring is refused before anything is sent.
+    let err = comm
+        .all_gather(&[1.0f32; 3], &mut [0.0f32; 5], 501)
+        .expect_err("5 is not 3 x world");
+    assert!(matches!(err, concord::Error::InvalidArgument(_)), "{err}");
+    println!("ASYNC_OK");
+}
+
+#[test]
+fn async_collectives_of_every_kind_in_flight_together() {
+    if is_peer() {
+        return;
+    }
+    let master = MasterProcess::start();
+    let env = vec![("MASTER", master.addr.clone()), ("WORLD", "3".to_string())];
+    let waits: Vec<_> = (0..3)
+        .map(|_| spawn_peer("peer_async", &env))
+        .map(|p| std::thread::spawn(move || wait_output(p, Duration::from_secs(120))))
+        .collect();
+    for w in waits {
+        let (ok, out) = w.join().unwrap();
+        assert!(ok && out.contains("ASYNC_OK"), "a peer:\n{out}");
+    }
+}

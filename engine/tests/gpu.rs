@@ -260,6 +260,49 @@ fn gpu_peer() {
                 .expect("shared-state sync");
             let got = stream.clone_dtoh(&entry).expect("download");
             assert_eq!(got, (0..4099u32).map(|i| i * 3).collect::<Vec<_>>());
+            // The other collectives of device buffers (staged through host memory).
+            let value = |r: usize, i: usize| ((i * 7 + r * 13) % 1000) as f32 * 0.25;
+            let root = world - 1;
+            let mut b: CudaSlice<f32> = stream.clone_htod(&input).expect("upload");
+            comm.broadcast_device(&mut b, root, 200)
+                .expect("device broadcast");
+            let want: Vec<f32> = (0..n).map(|i| value(root, i)).collect();
+            assert_eq!(stream.clone_dtoh(&b).expect("download"), want, "broadcast");
+            let src: CudaSlice<f32> = stream.clone_htod(&input).expect("upload");
+            let mut dst: CudaSlice<f32> = stream.alloc_zeros(n).expect("alloc");
+            comm.reduce_device(&src, &mut dst, ReduceOp::Sum, root, 201)
+                .expect("device reduce");
+            let got = stream.clone_dtoh(&dst).expect("download");
+            if rank == root {
+                assert_eq!(got, expected, "reduce on the root");
+            } else {
+                assert!(
+                    got.iter().all(|&x| x == 0.0),
+                    "reduce leaves the others' dst"
+                );
+            }
+            let slot = n / world;
+            let mine: CudaSlice<f32> = stream.clone_htod(&input[..slot]).expect("upload");
+            let mut all: CudaSlice<f32> = stream.alloc_zeros(slot * world).expect("alloc");
+            comm.all_gather_device(&mine, &mut all, 202)
+                .expect("device all-gather");
+            let want: Vec<f32> = (0..world)
+                .flat_map(|r| (0..slot).map(move |i| value(r, i)))
+                .collect();
+            assert_eq!(
+                stream.clone_dtoh(&all).expect("download"),
+                want,
+                "all-gather"
+            );
+            let whole: CudaSlice<f32> = stream.clone_htod(&input[..slot * world]).expect("upload");
+            let mut part: CudaSlice<f32> = stream.alloc_zeros(slot).expect("alloc");
+            comm.reduce_scatter_device(&whole, &mut part, ReduceOp::Sum, 203)
+                .expect("device reduce-scatter");
+            assert_eq!(
+                stream.clone_dtoh(&part).expect("download"),
+                expected[rank * slot..(rank + 1) * slot].to_vec(),
+                "reduce-scatter"
+            );
             println!("GPU_OK rank {rank}");
         }
         "kill" => {

@@ -8,6 +8,7 @@ mod builder;
 mod collectives;
 mod collectives_async;
 mod communicator;
+mod device_collectives;
 mod gather_scatter;
 mod handle;
 mod layout;
