@@ -51,13 +51,18 @@ impl Communicator {
         let mut backup = l.backup.map(|n| self.inner.take_backup(n));
         let mut work = l.work.map(|n| self.inner.take_backup(n));
         let mut bufs = l.bufs;
+        let l = &l;
         bufs.backup = backup.as_deref_mut().map(raw_vec);
         bufs.work = work.as_deref_mut().map(raw_vec);
         // SAFETY: the caller's buffers are borrowed for this whole call and the pooled ones are
         // owned by it; it returns only through `complete`, after the data plane released them
         // (and restored an in-place input on failure), or when the launch failed.
-        let result = unsafe { self.inner.launch(spec, bufs, None, tag, timeout) }
-            .and_then(|()| self.inner.complete(tag));
+        let result = unsafe { self.inner.launch(spec, bufs, None, tag, timeout) }.and_then(|()| {
+            // SAFETY: the buffers are borrowed for this call; the data plane never touches an
+            // all-gather's own slot of the output.
+            unsafe { l.copy_own_slot() };
+            self.inner.complete(tag)
+        });
         for b in [backup, work].into_iter().flatten() {
             self.inner.give_backup(b);
         }

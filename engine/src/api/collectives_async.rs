@@ -105,7 +105,11 @@ impl<'c> Collectives<'c> {
             // SAFETY: the handle owns `src`, `out` and the pooled buffers (their heap memory
             // does not move when the handle moves) until `complete` released them; a leaked
             // handle leaks them.
-            unsafe { inner.launch(spec, bufs, None, tag, timeout) }
+            unsafe { inner.launch(spec, bufs, None, tag, timeout) }?;
+            // SAFETY: the handle owns the buffers; the data plane never touches an
+            // all-gather's own slot of the output.
+            unsafe { l.copy_own_slot() };
+            Ok(())
         });
         Handle {
             inner: Arc::clone(inner),

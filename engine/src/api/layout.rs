@@ -25,6 +25,29 @@ pub(crate) struct Layout {
     pub(crate) backup: Option<usize>,
     /// Bytes of scratch to attach.
     pub(crate) work: Option<usize>,
+    /// An out-of-place all-gather's own input and its slot of the output: the caller copies
+    /// one into the other while the data plane runs ([`Layout::copy_own_slot`]; nobody else
+    /// reads or writes that slot during the collective).
+    own_slot: Option<(RawBuf, RawBuf)>,
+}
+
+impl Layout {
+    /// Copies an out-of-place all-gather's input into this peer's slot of the output (nothing
+    /// for the other kinds). Off the data plane's threads: they only send from the input.
+    ///
+    /// # Safety
+    /// The buffers are alive, the input unchanged, and nobody else touches the slot (the data
+    /// plane never does: no receive lands in a peer's own chunk).
+    pub(crate) unsafe fn copy_own_slot(&self) {
+        if let Some((src, slot)) = self.own_slot {
+            // SAFETY: the caller's contract; `src` and the slot have the same length (the
+            // layout checked `dst = world x src`) and are distinct buffers.
+            unsafe {
+                slot.slice_mut(0..slot.len)
+                    .copy_from_slice(src.slice(0..src.len))
+            };
+        }
+    }
 }
 
 /// Lays out a call of `spec.kind` for the peer at `rank` of `world`, `src == None` meaning in
@@ -97,6 +120,7 @@ pub(crate) fn layout(
             bufs,
             backup: backup.then_some(dst.len),
             work: None,
+            own_slot: None,
         };
         (layout, count)
     };
@@ -117,6 +141,7 @@ pub(crate) fn layout(
                 bufs: Bufs::new(dst, dst, None),
                 backup: None,
                 work: None,
+                own_slot: None,
             },
             0,
         ),
@@ -154,7 +179,9 @@ pub(crate) fn layout(
                     ),
                 );
             }
-            plain(false, n(dst))
+            let mut l = plain(false, n(dst));
+            l.0.own_slot = (world > 1).then(|| (s, slot(dst)));
+            l
         }
         (CollKind::AllGather, None) => {
             whole_multiple(dst, "the buffer")?;
@@ -163,6 +190,7 @@ pub(crate) fn layout(
                     bufs: Bufs::new(slot(dst), dst, None),
                     backup: None,
                     work: None,
+                    own_slot: None,
                 },
                 n(dst),
             )
@@ -184,6 +212,7 @@ pub(crate) fn layout(
                     bufs: Bufs::new(s, dst, None),
                     backup: None,
                     work: (world > 1).then_some(s.len),
+                    own_slot: None,
                 },
                 n(s),
             )
@@ -196,6 +225,7 @@ pub(crate) fn layout(
                     bufs: Bufs::new(dst, out, None),
                     backup: Some(out.len),
                     work: (world > 1).then_some(dst.len),
+                    own_slot: None,
                 },
                 n(dst),
             )

@@ -9,7 +9,7 @@ use concord_transport::frame::{DataHeader, HEADER_BYTES};
 use super::attempt::Attempt;
 use super::connection::Connection;
 use super::shared::Shared;
-use crate::collective::ring::{CollKind, Place};
+use crate::collective::ring::CollKind;
 
 impl Shared {
     /// Sends `attempt`'s ready frames now, from this thread, if they may go inline (see
@@ -178,19 +178,6 @@ fn send_one(
     if j == 1 && t == plan.send_steps().start {
         // Where a test may kill this peer: mid-send of its first step (a broadcast's root).
         crate::fault::kill_point(sent_point(plan.kind), Some(attempt.tag));
-    }
-    if plan.kind == CollKind::AllGather && place == Place::Src {
-        // Out of place, this peer's own input also goes into its slot of the output (in
-        // place it is there already): nobody else writes that slot.
-        let slot = plan.place_bytes(Place::Dst, c, j);
-        // SAFETY: inside a busy guard; the slot is written by this send alone (no receive of
-        // this peer lands in its own chunk), and read by nobody during the collective.
-        unsafe {
-            let out = attempt.dst.slice_mut(slot);
-            if out.as_ptr() != payload.as_ptr() {
-                out.copy_from_slice(payload);
-            }
-        }
     }
     drop(busy);
     if attempt.sent((HEADER_BYTES + header.len as usize) as u64) {
