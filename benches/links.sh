@@ -7,7 +7,9 @@
 # iperf3's figure (a ring all-reduce moves busbw bytes per second over every uplink).
 # Usage: benches/links.sh [ROUNDS] [RATE...]   (default: 1 round, 1gbit 10gbit; needs root,
 # iproute2 and iperf3). The namespaces are removed on exit. CONCORD_LINKS_FLAGS adds flags to
-# every `concord bench` (e.g. `--conns 1`); CONCORD_LINKS_PORT moves the master's port.
+# every `concord bench` (e.g. `--conns 1`); CONCORD_LINKS_PORT moves the master's port;
+# CONCORD_LINKS_COLL times another collective than all_reduce (broadcast, reduce, all_gather,
+# reduce_scatter; both Concord and gloo, busbw with nccl-tests' factors).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-1}
@@ -21,6 +23,7 @@ cargo build --release -p concord >/dev/null 2>&1
 C=$PWD/target/release/concord
 P=cclk
 PORT=${CONCORD_LINKS_PORT:-48200}
+COLL=${CONCORD_LINKS_COLL:-all_reduce}
 out=$(mktemp)
 down() {
   for i in 1 2 3 4; do
@@ -62,7 +65,7 @@ for rate in $RATES; do
       sleep 0.5
       pids=()
       for i in 2 3 4; do
-        on $i "$C" bench --master 10.79.0.1:$PORT --world 3 -b $s -e $s -n 5 -w 2 -c 0 \
+        on $i "$C" bench --master 10.79.0.1:$PORT --world 3 --coll "$COLL" -b $s -e $s -n 5 -w 2 -c 0 \
           ${CONCORD_LINKS_FLAGS:-} >"$out.$i" 2>&1 &
         pids+=($!)
       done
@@ -77,7 +80,7 @@ for rate in $RATES; do
       if [ $gloo = 1 ]; then
         pids=()
         for i in 2 3 4; do
-          on $i python3 benches/gloo_ring.py --peers 3 --bytes $s --iters 5 --warmup 2 \
+          on $i python3 benches/gloo_ring.py --peers 3 --bytes $s --coll "$COLL" --iters 5 --warmup 2 \
             --rank $((i - 2)) --store 10.79.0.2:$((PORT + 1)) --ifname ${P}e$i >"$out.g$i" 2>/dev/null &
           pids+=($!)
         done
@@ -89,7 +92,7 @@ for rate in $RATES; do
   done
   down
 done
-echo "# median of $ROUNDS rounds; 3 peers, one per host, uplinks shaped; busbw GB/s"
+echo "# $COLL, median of $ROUNDS rounds; 3 peers, one per host, uplinks shaped; busbw GB/s"
 for rate in $RATES; do
   bits=$(echo "$rate" | awk '{n = $1 + 0; u = tolower(substr($1, length(n) + 1)); print n * (u ~ /^g/ ? 1e9 : u ~ /^m/ ? 1e6 : 1e3)}')
   ip=$(awk -v k="${rate}_iperf3_gbit" '$1==k {print $2}' "$out" | med)
