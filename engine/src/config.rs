@@ -17,8 +17,16 @@ pub struct Config {
     pub master: String,
     /// Where this peer accepts data connections (port 0: any free port).
     pub data_listen: SocketAddr,
-    /// IP to advertise to the ring instead of the one the master sees.
+    /// IP to advertise to the ring instead of the one the master sees (behind NAT). `None`:
+    /// `CONCORD_ADVERTISE`, else the chosen interface's, else the one the master sees.
     pub advertise_ip: Option<String>,
+    /// Which interface's address the data plane binds and advertises (`eth0`, a prefix, a
+    /// list, `=exact`, `^excluded`; see [`crate::launch::interfaces`]). `None`:
+    /// `CONCORD_SOCKET_IFNAME`, else every interface.
+    pub socket_ifname: Option<String>,
+    /// The ports the data listener may take, tried in order (firewalls). `None`:
+    /// `CONCORD_DATA_PORTS` (`lo-hi`), else any free port (or `data_listen`'s).
+    pub data_ports: Option<(u16, u16)>,
     /// Connections per ring neighbour (sub-chunks are striped over them).
     pub conns_per_neighbour: usize,
     /// Sub-chunk size: the unit of pipelining and of one frame. Smaller overlaps better,
@@ -60,6 +68,8 @@ impl Config {
             master,
             data_listen: "0.0.0.0:0".parse().expect("valid"),
             advertise_ip: None,
+            socket_ifname: None,
+            data_ports: None,
             conns_per_neighbour: 2,
             sub_chunk_bytes: 512 * 1024,
             socket: SocketOptions::default(),
@@ -97,4 +107,18 @@ pub(crate) fn validate(c: &Config) -> Result<(), Error> {
         )));
     }
     Ok(())
+}
+
+/// `lo-hi` (or one port) as a port range; `what` names the setting in an error.
+pub(crate) fn parse_port_range(what: &str, text: &str) -> Result<(u16, u16), Error> {
+    let (lo, hi) = text
+        .trim()
+        .split_once('-')
+        .unwrap_or((text.trim(), text.trim()));
+    match (lo.trim().parse::<u16>(), hi.trim().parse::<u16>()) {
+        (Ok(lo), Ok(hi)) if lo > 0 && lo <= hi => Ok((lo, hi)),
+        _ => Err(Error::InvalidArgument(format!(
+            "{what}={text:?}: give a port range like 40000-40100 (1 to 65535, low first)"
+        ))),
+    }
 }

@@ -30,6 +30,7 @@ mod element;
 mod error;
 mod fault;
 pub mod gpu;
+pub mod launch;
 mod pace;
 mod peer;
 mod plane;

@@ -220,3 +220,88 @@ fn a_cut_link_is_detected_and_the_survivors_carry_on() {
     let _ = master.kill();
     let _ = master.wait();
 }
+
+/// The same command line in every namespace, with a Slurm-style environment (the nodelist names
+/// the hosts by address, in hostlist syntax) and then a torchrun-style one: the group forms
+/// across the bridge, rank 0 runs the master in-process, the results are checked, and no
+/// process was given `--master` or `--world`.
+#[test]
+fn launchers_form_a_group_across_hosts_with_no_group_flags() {
+    let cluster = match Cluster::up(3) {
+        Ok(c) => c,
+        Err(why) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: network namespaces unavailable here (needs root and iproute2): {why}"
+            );
+            return;
+        }
+    };
+    let bin = env!("CARGO_BIN_EXE_concord");
+    let prefix = format!("10.79.{}.", cluster.subnet);
+    let token = "launcher test run token 51aa09";
+    type Env = Vec<(&'static str, String)>;
+    let slurm = |i: usize| -> Env {
+        vec![
+            ("SLURM_PROCID", (i - 1).to_string()),
+            ("SLURM_NTASKS", "3".into()),
+            ("SLURM_LOCALID", "0".into()),
+            ("SLURM_JOB_NODELIST", format!("{prefix}[1-3]")),
+            ("SLURM_JOB_ID", "31337".into()),
+        ]
+    };
+    let torchrun = |i: usize| -> Env {
+        vec![
+            ("RANK", (i - 1).to_string()),
+            ("WORLD_SIZE", "3".into()),
+            ("LOCAL_RANK", "0".into()),
+            ("MASTER_ADDR", format!("{prefix}1")),
+            ("MASTER_PORT", "29400".into()),
+        ]
+    };
+    for (name, env_of) in [
+        ("slurm", &slurm as &dyn Fn(usize) -> Env),
+        ("torchrun", &torchrun),
+    ] {
+        let peers: Vec<Child> = (1..=3)
+            .map(|i| {
+                cluster
+                    .exec(
+                        i,
+                        &[
+                            bin, "bench", "-b", "1M", "-e", "4M", "-n", "3", "-w", "1", "-T", "30",
+                        ],
+                    )
+                    .envs(env_of(i))
+                    .env("CONCORD_TOKEN", token)
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("peer")
+            })
+            .collect();
+        let outs: Vec<_> = peers
+            .into_iter()
+            .map(|p| p.wait_with_output().unwrap())
+            .collect();
+        let all: String = outs
+            .iter()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .collect();
+        for o in &outs {
+            assert!(
+                o.status.success(),
+                "{name}: {}\n{all}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        assert!(
+            all.contains("# launcher: ") && all.contains(&format!("{prefix}1:")),
+            "{name}: {all}"
+        );
+        assert!(
+            all.contains("3 peers") && all.contains("# Out of bounds values : 0 OK"),
+            "{name}: {all}"
+        );
+    }
+}

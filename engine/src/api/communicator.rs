@@ -8,7 +8,7 @@
 
 use std::cell::Cell;
 use std::marker::PhantomData;
-use std::net::Shutdown;
+use std::net::{Shutdown, SocketAddr};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -43,6 +43,9 @@ use crate::RunToken;
 pub struct Communicator {
     pub(crate) inner: Arc<Inner>,
     threads: Vec<JoinHandle<()>>,
+    /// The master this process runs for its launcher's group (rank 0 of `from_env`); it stops
+    /// after this peer said goodbye (fields drop after `Drop::drop`).
+    pub(crate) embedded: Option<crate::launch::embedded::EmbeddedMaster>,
     _not_sync: PhantomData<Cell<()>>,
 }
 
@@ -65,13 +68,8 @@ impl Communicator {
             nonce: concord_transport::auth::nonce()?,
         };
         let backend = resolve_transport(config.transport)?;
-        let listener = listen(config.data_listen, 128).map_err(|e| match e {
-            concord_transport::TransportError::Io { context, source } => Error::io(
-                format!("data port {}: {context}", config.data_listen),
-                source,
-            ),
-            other => other.into(),
-        })?;
+        choose_addresses(&mut config)?;
+        let listener = listen_data(&config)?;
         let data_port = listener
             .local_addr()
             .map_err(|e| Error::io("reading the data port's address", e))?
@@ -115,6 +113,7 @@ impl Communicator {
         let comm = Communicator {
             inner,
             threads,
+            embedded: None,
             _not_sync: PhantomData,
         };
         flush(&mut comm.inner.lock());
@@ -251,6 +250,64 @@ impl Drop for Communicator {
             let _ = t.join();
         }
     }
+}
+
+/// Fills in the interface, advertised address and port range from the environment where the
+/// builder left them, and binds the data listener to the chosen interface's address.
+fn choose_addresses(config: &mut Config) -> Result<(), Error> {
+    use crate::launch::interfaces::{choose, local_addrs, FAMILY_ENV, IFNAME_ENV};
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    if config.advertise_ip.is_none() {
+        config.advertise_ip = var("CONCORD_ADVERTISE");
+    }
+    if config.data_ports.is_none() {
+        if let Some(r) = var("CONCORD_DATA_PORTS") {
+            config.data_ports = Some(crate::config::parse_port_range("CONCORD_DATA_PORTS", &r)?);
+        }
+    }
+    let Some(spec) = config.socket_ifname.clone().or_else(|| var(IFNAME_ENV)) else {
+        return Ok(());
+    };
+    let prefer_v6 = match var(FAMILY_ENV).as_deref() {
+        None | Some("AF_INET") => false,
+        Some("AF_INET6") => true,
+        Some(other) => {
+            return Err(Error::InvalidArgument(format!(
+                "{FAMILY_ENV}={other:?}: give AF_INET or AF_INET6"
+            )))
+        }
+    };
+    let chosen = choose(&spec, &local_addrs()?, prefer_v6)?;
+    tracing::info!("data plane on {} ({})", chosen.ip, chosen.name);
+    config.data_listen = SocketAddr::new(chosen.ip, config.data_listen.port());
+    if config.advertise_ip.is_none() {
+        config.advertise_ip = Some(chosen.ip.to_string());
+    }
+    Ok(())
+}
+
+/// Binds the data listener: `data_listen`, or the first free port of `data_ports` there.
+fn listen_data(config: &Config) -> Result<std::net::TcpListener, Error> {
+    let bind = |addr: SocketAddr| {
+        listen(addr, 128).map_err(|e| match e {
+            concord_transport::TransportError::Io { context, source } => {
+                Error::io(format!("data port {addr}: {context}"), source)
+            }
+            other => other.into(),
+        })
+    };
+    let Some((lo, hi)) = config.data_ports else {
+        return bind(config.data_listen);
+    };
+    for port in lo..=hi {
+        if let Ok(l) = bind(SocketAddr::new(config.data_listen.ip(), port)) {
+            return Ok(l);
+        }
+    }
+    Err(Error::InvalidArgument(format!(
+        "no free data port in {lo}-{hi} on {}: widen the range (CONCORD_DATA_PORTS, --data-ports, data_port_range)",
+        config.data_listen.ip()
+    )))
 }
 
 /// Picks the backend once; a fall-back from io_uring is said once per process.

@@ -87,6 +87,17 @@ pub(crate) struct BenchArgs {
     /// Connections per ring neighbour (sub-chunks go to whichever is free).
     #[arg(long, default_value_t = 2)]
     pub(crate) conns: usize,
+    /// The interface whose address the data plane uses: `eth0`, a prefix, `eth0,ib0`, `=eth0`,
+    /// `^docker,lo` (default: CONCORD_SOCKET_IFNAME, else every interface).
+    #[arg(long)]
+    pub(crate) ifname: Option<String>,
+    /// The IP the ring dials for this peer, behind NAT (default: CONCORD_ADVERTISE, else the
+    /// chosen interface's, else the address the master sees).
+    #[arg(long)]
+    pub(crate) advertise: Option<String>,
+    /// Ports the data listener may take, `lo-hi` (default: CONCORD_DATA_PORTS, else any).
+    #[arg(long)]
+    pub(crate) data_ports: Option<String>,
     /// Sub-chunk size (the unit of pipelining).
     #[arg(long, default_value = "512K", value_parser = parse_size)]
     pub(crate) sub_chunk: usize,
@@ -113,6 +124,17 @@ pub(crate) struct BenchArgs {
     /// Default: auto.
     #[arg(long)]
     pub(crate) cpu_bind: Option<CpuBind>,
+}
+
+/// `--data-ports lo-hi`.
+pub(crate) fn parse_ports(text: &str) -> Result<(u16, u16), String> {
+    let (lo, hi) = text.split_once('-').unwrap_or((text, text));
+    match (lo.trim().parse::<u16>(), hi.trim().parse::<u16>()) {
+        (Ok(lo), Ok(hi)) if lo > 0 && lo <= hi => Ok((lo, hi)),
+        _ => Err(format!(
+            "--data-ports {text:?}: give a port range like 40000-40100 (1 to 65535, low first)"
+        )),
+    }
 }
 
 fn parse_coll(s: &str) -> Result<concord::CollKind, String> {
@@ -170,9 +192,12 @@ impl BenchArgs {
     }
 
     pub(super) fn validate(&self) -> Result<(), String> {
-        if self.local.is_none() && self.master.is_none() {
+        if self.local.is_none() && self.master.is_none() && self.launched()?.is_none() {
             return Err(
-                "give --local N (embedded master and N peers) or --master ADDR --world N".into(),
+                "give --local N (embedded master and N peers), --master ADDR --world N, or run \
+                 under a launcher (torchrun, srun, mpirun; or CONCORD_RANK, CONCORD_WORLD_SIZE \
+                 and CONCORD_MASTER)"
+                    .into(),
             );
         }
         if let Some(n) = self.local {
@@ -217,6 +242,9 @@ impl BenchArgs {
         }
         if self.timeout_s == 0 {
             return Err("-T 0: the deadline must be at least one second".into());
+        }
+        if let Some(r) = &self.data_ports {
+            parse_ports(r)?;
         }
         if self.root != 0 && !self.coll.has_root() {
             return Err(format!(
@@ -340,6 +368,15 @@ impl BenchArgs {
             .args
     }
 
+    /// The launcher's group when neither `--local` nor `--master` is given and a launcher's
+    /// variables are set.
+    pub(crate) fn launched(&self) -> Result<Option<concord::launch::env::LaunchEnv>, String> {
+        if self.local.is_some() || self.master.is_some() {
+            return Ok(None);
+        }
+        concord::launch::env::detect(&|k| std::env::var(k).ok()).map_err(|e| e.to_string())
+    }
+
     /// Collectives per iteration.
     pub(crate) fn ops_in_flight(&self) -> usize {
         self.ops.unwrap_or(1)
@@ -359,11 +396,21 @@ impl BenchArgs {
 
     /// The flags a `--local` child gets (everything but the launch mode).
     /// `builder` with the token of `--token-file`, if given (else the builder reads
-    /// `CONCORD_TOKEN`).
+    /// `CONCORD_TOKEN`), and `--ifname`, `--advertise` and `--data-ports`.
     pub(crate) fn with_token(
         &self,
-        builder: concord::CommunicatorBuilder,
+        mut builder: concord::CommunicatorBuilder,
     ) -> Result<concord::CommunicatorBuilder, String> {
+        if let Some(i) = &self.ifname {
+            builder = builder.socket_ifname(i.clone());
+        }
+        if let Some(a) = &self.advertise {
+            builder = builder.advertise_ip(a.clone());
+        }
+        if let Some(r) = &self.data_ports {
+            let (lo, hi) = parse_ports(r)?;
+            builder = builder.data_port_range(lo, hi);
+        }
         match &self.token_file {
             Some(path) => {
                 Ok(builder.token(concord::RunToken::from_file(path).map_err(|e| e.to_string())?))

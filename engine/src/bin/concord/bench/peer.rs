@@ -61,10 +61,13 @@ impl HostBuffers {
 }
 
 pub(super) fn run_peer(args: &BenchArgs) -> Result<(), String> {
-    let mut comm = join(args)?;
+    let (mut comm, launcher) = join(args)?;
     let world = comm.world_size();
     let leader = comm.rank() == 0;
     let mut out = std::io::stdout().lock();
+    if let (true, Some(said)) = (leader, &launcher) {
+        let _ = writeln!(out, "# launcher: {said}");
+    }
     if leader {
         report::print_banner(&mut out, args, world, comm.transport());
     }
@@ -164,9 +167,8 @@ pub(super) fn run_peer(args: &BenchArgs) -> Result<(), String> {
 
 /// Connects to the master and waits until exactly `--world` peers are in: `-T` bounds both
 /// the wait to be admitted and the wait for the others.
-fn join(args: &BenchArgs) -> Result<Communicator, String> {
-    let master = args.master.as_deref().expect("validated");
-    let world = args.world.expect("validated");
+fn join(args: &BenchArgs) -> Result<(Communicator, Option<String>), String> {
+    let launched = args.launched()?;
     let timeout = Duration::from_secs(args.timeout_s);
     let start = Instant::now();
     // Only a wait that ran its full course is -T's doing (a ring that cannot be built is a
@@ -178,8 +180,19 @@ fn join(args: &BenchArgs) -> Result<Communicator, String> {
         ),
         e => e.to_string(),
     };
+    let said = launched.as_ref().map(|l| l.describe());
+    let (builder, world) = match launched {
+        Some(env) => {
+            let world = env.world;
+            (concord::CommunicatorBuilder::from_launch(env), world)
+        }
+        None => (
+            Communicator::builder(args.master.as_deref().expect("validated")),
+            args.world.expect("validated"),
+        ),
+    };
     let mut comm = args
-        .with_token(Communicator::builder(master))?
+        .with_token(builder)?
         .op_timeout(timeout)
         .join_timeout(timeout)
         .conns_per_neighbour(args.conns)
@@ -199,7 +212,7 @@ fn join(args: &BenchArgs) -> Result<Communicator, String> {
             comm.world_size()
         ));
     }
-    Ok(comm)
+    Ok((comm, said))
 }
 
 /// One collective on device buffers: inputs uploaded when they change, the result downloaded
