@@ -247,3 +247,55 @@ fn an_ipv6_master_address() {
         ]
     });
 }
+
+/// A data port range with no free port is an error that names it; a free range is used.
+#[test]
+fn the_data_port_range_is_honoured() {
+    if is_peer() {
+        return;
+    }
+    let taken = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let p = taken.local_addr().unwrap().port();
+    let out = Command::new(concord_bin())
+        .args(["bench", "-b", "4K", "-e", "4K", "-n", "1", "-T", "5"])
+        .env("CONCORD_RANK", "0")
+        .env("CONCORD_WORLD_SIZE", "1")
+        .env("CONCORD_MASTER", format!("127.0.0.1:{}", free_port()))
+        .env("CONCORD_DATA_PORTS", format!("{p}-{p}"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(&format!("no free data port in {p}-{p}")),
+        "{err}"
+    );
+    // A range with a free port: a world of one under a launcher that starts its own master.
+    let free = free_port();
+    let port = free_port();
+    let out = Command::new(concord_bin())
+        .args([
+            "bench",
+            "-b",
+            "4K",
+            "-e",
+            "4K",
+            "-n",
+            "1",
+            "-T",
+            "10",
+            "--data-ports",
+        ])
+        .arg(format!("{free}-{free}"))
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", (port - 1).to_string())
+        .env("WORLD_SIZE", "1")
+        .env("RANK", "0")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(taken);
+}

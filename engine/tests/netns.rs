@@ -37,7 +37,10 @@ struct Cluster {
 
 impl Cluster {
     fn up(n: usize) -> Result<Cluster, String> {
-        let k = std::process::id() % 200 + 20;
+        // Distinct per cluster: the tests of this file run in parallel in one process.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n_up = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let k = (std::process::id() + 101 * n_up) % 200 + 20;
         let c = Cluster {
             prefix: format!("cct{k}"),
             subnet: k,
@@ -222,7 +225,7 @@ fn a_cut_link_is_detected_and_the_survivors_carry_on() {
 }
 
 /// The same command line in every namespace, with a Slurm-style environment (the nodelist names
-/// the hosts by address, in hostlist syntax) and then a torchrun-style one: the group forms
+/// the hosts, in hostlist syntax, resolvable there) and then a torchrun-style one: the group forms
 /// across the bridge, rank 0 runs the master in-process, the results are checked, and no
 /// process was given `--master` or `--world`.
 #[test]
@@ -239,6 +242,31 @@ fn launchers_form_a_group_across_hosts_with_no_group_flags() {
     };
     let bin = env!("CARGO_BIN_EXE_concord");
     let prefix = format!("10.79.{}.", cluster.subnet);
+    // Host names that resolve inside the namespaces only: `ip netns exec` mounts
+    // /etc/netns/NS/hosts over /etc/hosts.
+    let names: Vec<String> = (1..=3)
+        .map(|i| format!("{}node{i}", cluster.prefix))
+        .collect();
+    let hosts: String = (1..=3)
+        .map(|i| format!("{} {}\n", cluster.addr(i), names[i - 1]))
+        .collect();
+    let dirs: Vec<std::path::PathBuf> = (1..=3)
+        .map(|i| std::path::Path::new("/etc/netns").join(cluster.ns(i)))
+        .collect();
+    for d in &dirs {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("hosts"), format!("127.0.0.1 localhost\n{hosts}")).unwrap();
+    }
+    struct Cleanup(Vec<std::path::PathBuf>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for d in &self.0 {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
+    }
+    let _cleanup = Cleanup(dirs);
+    let nodelist = format!("{}node[1-3]", cluster.prefix);
     let token = "launcher test run token 51aa09";
     type Env = Vec<(&'static str, String)>;
     let slurm = |i: usize| -> Env {
@@ -246,7 +274,7 @@ fn launchers_form_a_group_across_hosts_with_no_group_flags() {
             ("SLURM_PROCID", (i - 1).to_string()),
             ("SLURM_NTASKS", "3".into()),
             ("SLURM_LOCALID", "0".into()),
-            ("SLURM_JOB_NODELIST", format!("{prefix}[1-3]")),
+            ("SLURM_JOB_NODELIST", nodelist.clone()),
             ("SLURM_JOB_ID", "31337".into()),
         ]
     };
@@ -295,8 +323,14 @@ fn launchers_form_a_group_across_hosts_with_no_group_flags() {
                 String::from_utf8_lossy(&o.stderr)
             );
         }
+        // Slurm's master is the nodelist's first host, by name; torchrun's is MASTER_ADDR.
+        let master_host = if name == "slurm" {
+            names[0].clone()
+        } else {
+            format!("{prefix}1")
+        };
         assert!(
-            all.contains("# launcher: ") && all.contains(&format!("{prefix}1:")),
+            all.contains("# launcher: ") && all.contains(&format!("master {master_host}:")),
             "{name}: {all}"
         );
         assert!(
