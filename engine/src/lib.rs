@@ -1,12 +1,15 @@
-//! Concord: a fault-tolerant ring all-reduce engine.
+//! Concord: a fault-tolerant ring collective engine (all-reduce, reduce-scatter, all-gather,
+//! broadcast, reduce, barrier).
 //!
-//! A `concord master` coordinates; each process embeds a [`Communicator`] that joins the master,
-//! is admitted by the group, and all-reduces buffers with its ring neighbours over TCP.
+//! A master coordinates; each process embeds a [`Communicator`] that joins it, is admitted by
+//! the group, and runs collectives with its ring neighbours over TCP. Under a launcher
+//! (torchrun, `srun`, `mpirun`) every process runs the same code: [`Communicator::from_env`]
+//! reads the launcher's ranks, rank 0 runs the master on a thread of its own, and every process
+//! waits until the whole world is in:
 //!
 //! ```no_run
 //! use concord::{Communicator, ReduceOp};
-//! // Start `concord master` first (default port 48148).
-//! let mut comm = Communicator::builder("127.0.0.1:48148").connect()?;
+//! let mut comm = Communicator::from_env()?;
 //! // Between steps: let waiting peers in.
 //! if comm.are_new_peers_pending()? {
 //!     comm.update_topology()?;
@@ -15,6 +18,10 @@
 //! comm.all_reduce_in_place(&mut grads, ReduceOp::Avg, 0)?;
 //! # Ok::<(), concord::Error>(())
 //! ```
+//!
+//! Without a launcher, start `concord master` and join it with
+//! `Communicator::builder("host:48148").connect()`, then
+//! [`Communicator::wait_for_world`] for the group you expect.
 
 #![warn(missing_docs)]
 

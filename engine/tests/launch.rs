@@ -23,7 +23,10 @@ fn peer_launched() {
     if !is_peer() {
         return;
     }
-    let comm = Communicator::from_env().expect("the launcher's group forms");
+    let mut comm = Communicator::from_env().expect("the launcher's group forms");
+    if comm.are_new_peers_pending().expect("pending vote") {
+        comm.update_topology().expect("topology");
+    }
     let world = comm.world_size();
     let mut grads = vec![comm.rank() as f32 + 1.0; 1 << 16];
     comm.all_reduce_in_place(&mut grads, ReduceOp::Sum, 0)
