@@ -33,7 +33,7 @@ impl Inner {
                     let drive = g
                         .launched
                         .get(&tag)
-                        .is_some_and(|l| l.device.is_none() && l.dst.len <= INLINE_MAX_TOTAL_BYTES);
+                        .is_some_and(|l| l.device.is_none() && l.bytes() <= INLINE_MAX_TOTAL_BYTES);
                     let plane = g.plane.as_ref().filter(|_| drive).map(DataPlane::driver);
                     drop(g);
                     let master = drive.then(|| MasterDriver::start(self));

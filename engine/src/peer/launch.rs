@@ -68,7 +68,7 @@ impl Inner {
             commenced_at: None,
             moved_at: None,
         };
-        self.pace.launched(launch.dst.len);
+        self.pace.launched(launch.bytes());
         g.launched.insert(tag, launch);
         flush(&mut g);
         crate::fault::kill_point("vote", Some(tag));
@@ -94,7 +94,7 @@ impl Inner {
             .launched
             .remove(&tag)
             .expect("a launched tag has a launch");
-        self.pace.completed(launch.dst.len);
+        self.pace.completed(launch.bytes());
         if let (Some((seq, _, _, _)), Some(plane)) = (&launch.running, &g.plane) {
             plane.retire(tag, *seq);
         }

@@ -61,6 +61,14 @@ pub(crate) struct Launch {
     pub(crate) moved_at: Option<Instant>,
 }
 
+impl Launch {
+    /// Bytes of the whole buffer (what sizes the collective: an all-gather's output, a
+    /// reduce-scatter's input; `dst` alone may be one slot, or empty off a reduce's root).
+    pub(crate) fn bytes(&self) -> usize {
+        self.count * self.dtype.size_bytes()
+    }
+}
+
 pub(crate) struct PeerState {
     pub(crate) proto: PeerProto,
     pub(crate) plane: Option<DataPlane>,

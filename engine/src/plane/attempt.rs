@@ -176,7 +176,8 @@ impl Attempt {
             device: None,
             backup: None,
             saved: Box::new([]),
-            stores: if dst.len >= stream_min_bytes() {
+            // Sized by the whole collective, as an all-reduce of the same buffer would be.
+            stores: if plan.count * plan.elem_bytes >= stream_min_bytes() {
                 Stores::Streaming
             } else {
                 Stores::Cached
