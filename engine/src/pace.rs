@@ -60,6 +60,13 @@ impl Pace {
         }
     }
 
+    /// Whether a collective larger than [`SPIN_MAX_COLLECTIVE_BYTES`] is in flight here.
+    pub(crate) fn large(&self) -> bool {
+        self.large_in_flight
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    }
+
     /// Whether a waiting thread should poll rather than block now.
     pub(crate) fn polling(&self) -> bool {
         !self.spin.is_zero()

@@ -136,6 +136,7 @@ impl DataPlane {
             events,
             register_timeout,
             pace,
+            widening: crate::affinity::Widening::from_env(),
             small: AtomicU8::new(POLL_FIRST),
         });
         let mut threads = Vec::new();

@@ -117,7 +117,9 @@ pub(super) fn rx_loop(s: &Shared, conn: usize) {
     // whole `register_timeout` with collectives expecting data, the blocking read below (with
     // its timeout) takes over, so a silent predecessor is still an error, as on the others.
     let mut quiet_since: Option<Instant> = None;
+    let mut widened = false;
     while !s.failed.load(Ordering::Acquire) {
+        s.place_thread(&mut widened);
         if conn == 0 && s.aside.driving() {
             // A caller receives here itself for now.
             quiet_since = None;

@@ -81,7 +81,9 @@ pub(super) fn tx_loop(s: &Shared, conn: usize) {
     let mut cache: Vec<Arc<Attempt>> = Vec::new();
     let mut cache_gen = u64::MAX;
     let mut turn = 0usize;
+    let mut widened = false;
     while !s.failed.load(Ordering::Acquire) {
+        s.place_thread(&mut widened);
         {
             let r = s.lock();
             if r.generation != cache_gen {

@@ -75,6 +75,9 @@ pub(super) struct Shared {
     pub(super) register_timeout: Duration,
     /// Whether the communicator's small collectives are under way (see [`Shared::polling`]).
     pub(super) pace: Arc<Pace>,
+    /// A bound peer's data threads widen to the launch's CPUs for large collectives
+    /// (`crate::affinity::Widening`).
+    pub(super) widening: Option<crate::affinity::Widening>,
     /// Which threads may poll: [`POLL_FIRST`] (the collectives here are all small enough and
     /// unstriped, or there are none: only the first connection carries them), [`POLL_ALL`]
     /// (small, some striped) or [`POLL_NONE`] (a large one is here).
@@ -82,6 +85,13 @@ pub(super) struct Shared {
 }
 
 impl Shared {
+    /// Keeps the calling data thread on the CPUs the collectives in flight call for.
+    pub(super) fn place_thread(&self, widened: &mut bool) {
+        if let Some(w) = &self.widening {
+            w.follow(self.pace.large(), widened);
+        }
+    }
+
     pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -118,10 +118,12 @@ pub(crate) struct BenchArgs {
     #[arg(long)]
     pub(crate) cuda_device: Option<usize>,
     /// With `--local`: `auto` runs each peer process on CPUs of its own (contiguous slices of
-    /// this process's CPUs) where there are at least as many CPUs as peers, `none` leaves them
-    /// to the scheduler. On a host of two CPUs, binding 2 peers keeps the scheduler from
-    /// putting both peers' hot threads on one CPU, which doubles the time of small collectives.
-    /// Default: auto.
+    /// this process's CPUs) where there are at least as many CPUs as peers, and lets its data
+    /// threads use every CPU while a collective over 4 MiB is in flight; `strict` keeps them on
+    /// the peer's own CPUs always; `none` leaves everything to the scheduler. On a host of two
+    /// CPUs, binding 2 peers keeps the scheduler from putting both peers' hot threads on one
+    /// CPU, which doubles the time of small collectives; large ones need the kernel's TCP work
+    /// spread. Default: auto.
     #[arg(long)]
     pub(crate) cpu_bind: Option<CpuBind>,
 }
@@ -148,6 +150,7 @@ fn parse_coll(s: &str) -> Result<concord::CollKind, String> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CpuBind {
     Auto,
+    Strict,
     None,
 }
 
@@ -156,8 +159,11 @@ impl std::str::FromStr for CpuBind {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "auto" => Ok(CpuBind::Auto),
+            "strict" => Ok(CpuBind::Strict),
             "none" => Ok(CpuBind::None),
-            other => Err(format!("unknown --cpu-bind {other:?}: give auto or none")),
+            other => Err(format!(
+                "unknown --cpu-bind {other:?}: give auto, strict or none"
+            )),
         }
     }
 }

@@ -36,9 +36,12 @@ pub(super) fn run_local(args: &BenchArgs, n: usize) -> Result<(), String> {
         let mut cmd = Command::new(&exe);
         cmd.args(args.child_args(&addr, n))
             .env(concord_transport::auth::TOKEN_ENV, &token_text);
-        if let Some(sets) = &binding {
+        if let Some((sets, wide)) = &binding {
             concord::affinity::bind_command(&mut cmd, &sets[i])
                 .map_err(|e| format!("binding a peer process to CPUs: {e}"))?;
+            if let Some(wide) = wide {
+                cmd.env(concord::affinity::WIDE_ENV, wide);
+            }
         }
         let child = cmd
             .spawn()
@@ -77,7 +80,11 @@ pub(super) fn run_local(args: &BenchArgs, n: usize) -> Result<(), String> {
 }
 
 /// The CPU sets of `--local`'s `n` peer processes, or `None` (unbound); says which on stdout.
-fn local_binding(bind: CpuBind, n: usize) -> Option<Vec<Vec<usize>>> {
+/// Each peer's CPUs, and (with `auto`) the launch's CPUs its data threads widen to while a
+/// large collective is in flight (`concord::affinity::Widening`).
+type Binding = (Vec<Vec<usize>>, Option<String>);
+
+fn local_binding(bind: CpuBind, n: usize) -> Option<Binding> {
     if bind == CpuBind::None {
         println!("# cpu binding: none (--cpu-bind none)");
         return None;
@@ -95,11 +102,16 @@ fn local_binding(bind: CpuBind, n: usize) -> Option<Vec<Vec<usize>>> {
                 .iter()
                 .map(|s| concord::affinity::format_cpus(s))
                 .collect();
+            let wide = (bind == CpuBind::Auto).then(|| concord::affinity::format_cpus(&allowed));
             println!(
-                "# cpu binding: peer processes on CPUs {} (--cpu-bind none to turn off)",
-                list.join(" | ")
+                "# cpu binding: peer processes on CPUs {}{} (--cpu-bind none to turn off)",
+                list.join(" | "),
+                match &wide {
+                    Some(w) => format!(", data threads on {w} during collectives over 4 MiB"),
+                    None => String::new(),
+                }
             );
-            Some(sets)
+            Some((sets, wide))
         }
         None => {
             println!(
