@@ -91,7 +91,7 @@ fn bad_input_is_refused_clearly() {
     );
     assert_refused(
         &["bench", "--local", "2", "--cpu-bind", "all"],
-        "auto or none",
+        "auto, strict or none",
     );
     assert_refused(
         &[
