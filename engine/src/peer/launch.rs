@@ -48,17 +48,13 @@ impl Inner {
             .map(|()| self.lock())?;
         g.proto.start_collective(tag, spec.desc())?;
         let launch = Launch {
-            kind: spec.kind,
-            root: spec.root,
+            spec,
             src: bufs.src,
             dst: bufs.dst,
             backup: bufs.backup,
             work: bufs.work,
             root_peer: None,
             device,
-            dtype: spec.dtype,
-            reduce: spec.op,
-            count: spec.count,
             deadline,
             timeout,
             cancelled_at: None,
@@ -133,7 +129,7 @@ impl Inner {
             let c = launch.commenced_at;
             tracing::debug!(
                 "collective {}: start vote {:.1} us, data {:.1} us, completion vote {:.1} us",
-                launch.count,
+                launch.spec.count,
                 us(launch.launched_at, c),
                 c.map_or(-1.0, |c| us(c, launch.moved_at)),
                 launch
@@ -180,36 +176,39 @@ impl Inner {
             return;
         };
         l.commenced_at = Some(Instant::now());
-        if l.kind.has_root() {
-            l.root_peer = ring.get(l.root).map(|m| m.peer_id);
+        let spec = l.spec;
+        if spec.kind.has_root() {
+            l.root_peer = ring.get(spec.root).map(|m| m.peer_id);
         }
-        let elem = l.dtype.size_bytes();
-        let sliced = matches!(l.kind, CollKind::AllGather | CollKind::ReduceScatter);
-        if l.root >= world || (sliced && !l.count.is_multiple_of(world)) {
+        let elem = spec.dtype.size_bytes();
+        let sliced = matches!(spec.kind, CollKind::AllGather | CollKind::ReduceScatter);
+        if spec.root >= world || (sliced && !spec.count.is_multiple_of(world)) {
             // Checked at launch against the same ring; only a bug gets here.
             let why = format!(
                 "{} does not fit the ring of {world} peers (root {}, {} elements)",
-                l.kind, l.root, l.count
+                spec.kind, spec.root, spec.count
             );
             g.proto.collective_finished(tag, seq, Err(why));
             return;
         }
         let sub_bytes = sub_bytes_for(
-            l.count,
+            spec.count,
             elem,
-            chunks_of(l.kind, world),
+            chunks_of(spec.kind, world),
             self.config.sub_chunk_bytes,
         );
-        let plan = RingPlan::of(l.kind, l.root, world, rank, l.count, elem, sub_bytes);
+        let plan = RingPlan::of(
+            spec.kind, spec.root, world, rank, spec.count, elem, sub_bytes,
+        );
         let attempt = Arc::new(
-            Attempt::new(tag, seq, plan, l.dtype, l.reduce, l.src, l.dst)
+            Attempt::new(tag, seq, plan, spec.dtype, spec.op, l.src, l.dst)
                 .with_work(l.work)
                 .with_device(l.device.clone())
                 .with_backup(l.backup),
         );
         l.running = Some((seq, world, epoch, Arc::clone(&attempt)));
         if let Some(device) = &l.device {
-            let staged = if world == 1 || l.count == 0 {
+            let staged = if world == 1 || spec.count == 0 {
                 device.copy_all()
             } else {
                 // Step 0 sends this peer's own chunk: only that one needs the host.
@@ -220,12 +219,12 @@ impl Inner {
                 g.proto.collective_finished(tag, seq, Err(e.to_string()));
                 return;
             }
-            if world == 1 || l.count == 0 {
+            if world == 1 || spec.count == 0 {
                 g.proto.collective_finished(tag, seq, Ok(()));
                 return;
             }
         }
-        if world == 1 || l.count == 0 || l.kind == CollKind::Barrier {
+        if world == 1 || spec.count == 0 || spec.kind == CollKind::Barrier {
             // Nothing to move: the result is the input (divided by one for avg).
             let _busy = attempt.enter();
             // SAFETY: the launch's buffers are alive (launch contract) and no other thread has
@@ -271,7 +270,7 @@ fn name_lost_root(e: Error, launch: &Launch) -> Error {
                 tag,
                 reason: format!(
                     "the root of this {} (rank {}, peer {root}) was lost; {reason}",
-                    launch.kind, launch.root
+                    launch.spec.kind, launch.spec.root
                 ),
                 lost,
             }

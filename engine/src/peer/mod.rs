@@ -15,10 +15,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
-use concord_kernels::{DType, ReduceOp};
-use concord_master::proto::{encode_peer, CollKind};
+use concord_master::proto::encode_peer;
 
-use crate::collective::Traffic;
+use crate::collective::{Spec, Traffic};
 use crate::config::Config;
 use crate::control::master_in::MasterIn;
 use crate::gpu::{DeviceAttempt, Gpu};
@@ -31,9 +30,8 @@ use crate::Error;
 /// A collective launched by this peer, from its vote to its outcome.
 #[derive(Debug)]
 pub(crate) struct Launch {
-    /// Which collective, with which root.
-    pub(crate) kind: CollKind,
-    pub(crate) root: usize,
+    /// What the collective is (kind, root, dtype, op, count), as voted.
+    pub(crate) spec: Spec,
     pub(crate) src: RawBuf,
     pub(crate) dst: RawBuf,
     /// In place: where each range's original goes before its first write.
@@ -44,9 +42,6 @@ pub(crate) struct Launch {
     pub(crate) root_peer: Option<concord_master::proto::PeerId>,
     /// Device buffers: `src` and `dst` are the device side's pinned mirror.
     pub(crate) device: Option<Arc<DeviceAttempt>>,
-    pub(crate) dtype: DType,
-    pub(crate) reduce: ReduceOp,
-    pub(crate) count: usize,
     pub(crate) deadline: Instant,
     pub(crate) timeout: Duration,
     /// When this peer asked the master to abort it (deadline passed or user cancel).
@@ -65,7 +60,7 @@ impl Launch {
     /// Bytes of the whole buffer (what sizes the collective: an all-gather's output, a
     /// reduce-scatter's input; `dst` alone may be one slot, or empty off a reduce's root).
     pub(crate) fn bytes(&self) -> usize {
-        self.count * self.dtype.size_bytes()
+        self.spec.count * self.spec.dtype.size_bytes()
     }
 }
 
