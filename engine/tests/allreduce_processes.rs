@@ -108,10 +108,9 @@ fn run_matrix(world: usize, backend: &str, spin_us: Option<u32>, stream_always: 
     let peers: Vec<_> = (0..world)
         .map(|_| spawn_peer("peer_matrix", &env))
         .collect();
-    let outputs: Vec<String> = peers
+    let outputs: Vec<String> = wait_outputs(peers, Duration::from_secs(300))
         .into_iter()
-        .map(|p| {
-            let (ok, out) = wait_output(p, Duration::from_secs(300));
+        .map(|(ok, out)| {
             assert!(ok, "a peer failed:\n{out}");
             out
         })

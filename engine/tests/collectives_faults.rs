@@ -169,11 +169,7 @@ fn run(kind: CollKind, root_is_victim: bool) {
         spawn_peer("peer_fault", &env),
         spawn_peer("peer_fault", &env),
     ];
-    let waits: Vec<_> = peers
-        .into_iter()
-        .map(|p| std::thread::spawn(move || wait_output(p, Duration::from_secs(120))))
-        .collect();
-    let results: Vec<(bool, String)> = waits.into_iter().map(|w| w.join().unwrap()).collect();
+    let results = wait_outputs(peers, Duration::from_secs(120));
     assert!(!results[0].0, "the victim died: {}", results[0].1);
     assert!(!results[0].1.contains("SURVIVED"));
     for (ok, out) in &results[1..] {

@@ -173,16 +173,9 @@ fn run_matrix(world: usize, backend: &str) {
     let peers: Vec<_> = (0..world)
         .map(|_| spawn_peer("peer_collectives", &env))
         .collect();
-    // Every peer's output is read at once: one line per case fills a pipe, and a peer blocked
-    // writing would stall the others' collectives.
-    let waits: Vec<_> = peers
+    let outputs: Vec<String> = wait_outputs(peers, Duration::from_secs(400))
         .into_iter()
-        .map(|p| std::thread::spawn(move || wait_output(p, Duration::from_secs(400))))
-        .collect();
-    let outputs: Vec<String> = waits
-        .into_iter()
-        .map(|w| {
-            let (ok, out) = w.join().expect("waiter");
+        .map(|(ok, out)| {
             assert!(ok, "a peer failed:\n{out}");
             out
         })
@@ -387,12 +380,8 @@ fn async_collectives_of_every_kind_in_flight_together() {
     }
     let master = MasterProcess::start();
     let env = vec![("MASTER", master.addr.clone()), ("WORLD", "3".to_string())];
-    let waits: Vec<_> = (0..3)
-        .map(|_| spawn_peer("peer_async", &env))
-        .map(|p| std::thread::spawn(move || wait_output(p, Duration::from_secs(120))))
-        .collect();
-    for w in waits {
-        let (ok, out) = w.join().unwrap();
+    let peers = (0..3).map(|_| spawn_peer("peer_async", &env)).collect();
+    for (ok, out) in wait_outputs(peers, Duration::from_secs(120)) {
         assert!(ok && out.contains("ASYNC_OK"), "a peer:\n{out}");
     }
 }

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    assert_survivors, is_peer, join_from_env, lines_with, spawn_peer, wait_output, MasterProcess,
+    assert_survivors, is_peer, join_from_env, lines_with, spawn_peer, wait_outputs, MasterProcess,
 };
 use concord::gpu::cudarc::driver::{CudaContext, CudaSlice};
 use concord::ReduceOp;
@@ -335,10 +335,7 @@ fn run_peers(world: usize, scenario: &str, killed: Option<usize>) -> Vec<(bool, 
             spawn_peer("gpu_peer", &env)
         })
         .collect();
-    peers
-        .into_iter()
-        .map(|p| wait_output(p, Duration::from_secs(300)))
-        .collect()
+    wait_outputs(peers, Duration::from_secs(300))
 }
 
 #[test]

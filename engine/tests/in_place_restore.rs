@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_survivors, is_peer, join_from_env, spawn_peer, wait_output, MasterProcess};
+use common::{assert_survivors, is_peer, join_from_env, spawn_peer, wait_outputs, MasterProcess};
 use concord::{DType, ReduceOp};
 
 /// A peer process: one in-place all-reduce of `BYTES` (default ~4 MB) that a killed peer
@@ -47,10 +47,7 @@ fn killed_in(phase: &str, bytes: usize) {
             spawn_peer("restore_peer", &env)
         })
         .collect();
-    let results = peers
-        .into_iter()
-        .map(|p| wait_output(p, Duration::from_secs(120)))
-        .collect();
+    let results = wait_outputs(peers, Duration::from_secs(120));
     assert_survivors(results, 2, "RESTORED");
 }
 

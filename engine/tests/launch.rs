@@ -40,12 +40,10 @@ fn peer_launched() {
 }
 
 fn run_launched(world: usize, env_of: impl Fn(usize) -> Vec<(&'static str, String)>) {
-    let peers: Vec<_> = (0..world)
+    let peers = (0..world)
         .map(|i| spawn_peer("peer_launched", &env_of(i)))
-        .map(|p| std::thread::spawn(move || wait_output(p, Duration::from_secs(60))))
         .collect();
-    for p in peers {
-        let (ok, out) = p.join().unwrap();
+    for (ok, out) in wait_outputs(peers, Duration::from_secs(60)) {
         assert!(ok, "a launched peer failed:\n{out}");
         assert_eq!(lines_with(&out, "LAUNCHED world "), [world.to_string()]);
     }

@@ -127,6 +127,20 @@ pub fn wait_output(mut child: Child, timeout: Duration) -> (bool, String) {
     (status.success(), reader.join().expect("reader"))
 }
 
+/// Waits for every child at once, each with `timeout` (as [`wait_output`]): a child whose
+/// output nobody reads yet would block once its pipe is full, and stall the collectives of the
+/// others. Results in the children's order.
+pub fn wait_outputs(children: Vec<Child>, timeout: Duration) -> Vec<(bool, String)> {
+    let waits: Vec<_> = children
+        .into_iter()
+        .map(|c| std::thread::spawn(move || wait_output(c, timeout)))
+        .collect();
+    waits
+        .into_iter()
+        .map(|w| w.join().expect("a waiter"))
+        .collect()
+}
+
 /// What follows `marker` on each line of `out` that has it (libtest may print a test's name
 /// before the first line a test prints).
 pub fn lines_with<'a>(out: &'a str, marker: &str) -> Vec<&'a str> {
