@@ -32,6 +32,9 @@ pub struct Config {
     /// Sub-chunk size: the unit of pipelining and of one frame. Smaller overlaps better,
     /// larger costs fewer syscalls.
     pub sub_chunk_bytes: usize,
+    /// Ring bytes of each shared-memory connection this peer receives on (a multiple of 4 KiB,
+    /// 256 KiB to 1 GiB).
+    pub shm_ring_bytes: usize,
     /// Socket options of data connections.
     pub socket: SocketOptions,
     /// How long to keep retrying an unreachable master.
@@ -72,6 +75,7 @@ impl Config {
             data_ports: None,
             conns_per_neighbour: 2,
             sub_chunk_bytes: 512 * 1024,
+            shm_ring_bytes: DEFAULT_SHM_RING_BYTES,
             socket: SocketOptions::default(),
             connect_timeout: Duration::from_secs(10),
             join_timeout: Duration::from_secs(600),
@@ -86,6 +90,9 @@ impl Config {
     }
 }
 
+/// Ring bytes of a shared-memory connection where none are configured.
+pub(crate) const DEFAULT_SHM_RING_BYTES: usize = 4 << 20;
+
 /// Refuses settings outside their documented ranges before anything is opened.
 pub(crate) fn validate(c: &Config) -> Result<(), Error> {
     if !(1..=64).contains(&c.conns_per_neighbour) {
@@ -98,6 +105,15 @@ pub(crate) fn validate(c: &Config) -> Result<(), Error> {
         return Err(Error::InvalidArgument(format!(
             "sub_chunk_bytes {} not in 4 KiB..=64 MiB",
             c.sub_chunk_bytes
+        )));
+    }
+    use concord_transport::shm::segment::{CAPACITY_ALIGN, MAX_CAPACITY, MIN_CAPACITY};
+    if !c.shm_ring_bytes.is_multiple_of(CAPACITY_ALIGN)
+        || !(MIN_CAPACITY..=MAX_CAPACITY).contains(&c.shm_ring_bytes)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "shm_ring_bytes {} is not a multiple of 4 KiB in 256 KiB..=1 GiB",
+            c.shm_ring_bytes
         )));
     }
     if !(1..=65536).contains(&c.max_in_flight) {

@@ -144,19 +144,20 @@ fn run_matrix(world: usize, backend: &str, spin_us: Option<u32>, stream_always: 
     // The selected backend carried the data: io_uring's own byte counters say so.
     for out in &outputs {
         let b: Vec<&str> = lines_with(out, "BACKEND ")[0].split(' ').collect();
-        assert_eq!(
-            b[0],
-            if backend == "uring" {
-                "io_uring"
-            } else {
-                "socket"
-            }
-        );
+        let expected = match backend {
+            "uring" => "io_uring",
+            "shm" => "shm",
+            _ => "socket",
+        };
+        assert_eq!(b[0], expected);
         let uring_bytes: u64 = b[1].parse().unwrap();
         if backend == "uring" {
             assert!(uring_bytes > 1_000_000, "io_uring sent {uring_bytes} bytes");
         } else {
-            assert_eq!(uring_bytes, 0, "the socket backend never touches io_uring");
+            assert_eq!(
+                uring_bytes, 0,
+                "the socket and shared-memory backends never touch io_uring"
+            );
         }
     }
     // Traffic: a peer sends 2(W-1)/W of the buffer plus frame headers.
@@ -200,6 +201,22 @@ fn allreduce_matrix_world_4_uring() {
 #[test]
 fn allreduce_matrix_world_4_socket() {
     run_matrix(4, "socket", None, false);
+}
+
+#[test]
+fn allreduce_matrix_world_2_shm() {
+    run_matrix(2, "shm", None, true);
+}
+
+/// Polling off: every wait of the shared-memory path sleeps on its doorbell.
+#[test]
+fn allreduce_matrix_world_3_shm() {
+    run_matrix(3, "shm", Some(0), false);
+}
+
+#[test]
+fn allreduce_matrix_world_4_shm() {
+    run_matrix(4, "shm", None, true);
 }
 
 /// A ring of one has no connections: a small blocking collective, which a caller otherwise

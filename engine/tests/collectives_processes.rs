@@ -148,6 +148,7 @@ fn peer_collectives() {
     for t in [u64::MAX - 3, u64::MAX - 2] {
         comm.barrier(t).expect("barrier");
     }
+    println!("TRANSPORT {}", comm.transport().name());
     println!("DONE");
 }
 
@@ -189,6 +190,12 @@ fn run_matrix(world: usize, backend: &str) {
                 .collect()
         })
         .collect();
+    if backend == "shm" && world > 1 {
+        // Every peer's connections to its successor were shared-memory rings.
+        for out in &outputs {
+            assert_eq!(lines_with(out, "TRANSPORT ")[0], "shm", "{out}");
+        }
+    }
     assert!(
         cases[0].len() > 400,
         "the matrix ran: {} cases",
@@ -268,6 +275,21 @@ fn collectives_matrix_world_3_uring() {
 #[test]
 fn collectives_matrix_world_4_socket() {
     run_matrix(4, "socket");
+}
+
+#[test]
+fn collectives_matrix_world_2_shm() {
+    run_matrix(2, "shm");
+}
+
+#[test]
+fn collectives_matrix_world_3_shm() {
+    run_matrix(3, "shm");
+}
+
+#[test]
+fn collectives_matrix_world_4_shm() {
+    run_matrix(4, "shm");
 }
 
 /// Peer side of `async_collectives_of_every_kind_in_flight_together`.

@@ -329,6 +329,21 @@ fn write_corpus() {
     )
     .unwrap();
     std::fs::write(dir.join("data-reply.bin"), reply).unwrap();
+    let offer = concord_transport::shm::Offer {
+        host: [b'h'; 64],
+        segment: Some(concord_transport::shm::OfferedSegment {
+            pid: 4242,
+            fd: 9,
+            capacity: 4 << 20,
+            cookie: [5; 16],
+        }),
+    };
+    std::fs::write(dir.join("shm-offer.bin"), offer.encode()).unwrap();
+    std::fs::write(
+        dir.join("shm-answer.bin"),
+        concord_transport::shm::Answer::Failed { errno: 13 }.encode(),
+    )
+    .unwrap();
 }
 
 /// A corpus input, mutated: bit flips, interesting bytes, truncation, growth, splicing.
@@ -439,6 +454,21 @@ fn data_plane_decoders() {
             }
         }
         let _ = read_reply(&mut Wire { input: &input });
+        // The shared-memory offer and answer: any bytes decode or give an error, and what
+        // decodes encodes back to the same bytes.
+        use concord_transport::shm::offer::{ANSWER_BYTES, OFFER_BYTES};
+        use concord_transport::shm::{Answer, Offer};
+        let mut offer = [0u8; OFFER_BYTES];
+        let n = input.len().min(OFFER_BYTES);
+        offer[..n].copy_from_slice(&input[..n]);
+        if let Ok(o) = Offer::decode(&offer) {
+            let again = Offer::decode(&o.encode()).expect("re-decodes");
+            assert_eq!(again, o);
+        }
+        let mut answer = [0u8; ANSWER_BYTES];
+        let n = input.len().min(ANSWER_BYTES);
+        answer[..n].copy_from_slice(&input[..n]);
+        let _ = Answer::decode(&answer);
     });
 }
 

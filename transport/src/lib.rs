@@ -10,6 +10,8 @@
 //!   shutdown), its probe, and the choice between it and sockets;
 //! - [`buffers`]: a bounded pool of page-aligned staging buffers, locked in memory when
 //!   `RLIMIT_MEMLOCK` allows;
+//! - [`shm`]: the shared-memory path between neighbours on one host (a memfd ring per
+//!   connection, the TCP connection kept as doorbell and liveness channel);
 //! - [`spin`]: bounded polling before a blocking wait, where an answer is microseconds away.
 //!
 //! Every wire structure starts with a magic number and the protocol version, so that a peer of
@@ -21,6 +23,7 @@ pub mod auth;
 pub mod buffers;
 pub mod frame;
 pub mod handshake;
+pub mod shm;
 pub mod socket;
 pub mod spin;
 pub mod uring;
@@ -31,7 +34,7 @@ pub use uring::{resolve_backend, BackendChoice, BackendKind, UringStream};
 use std::io;
 
 /// Version of Concord's wire protocol (control and data plane). Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Errors of the transport layer.
 #[non_exhaustive]

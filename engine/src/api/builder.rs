@@ -115,6 +115,12 @@ impl CommunicatorBuilder {
         self.config.sub_chunk_bytes = bytes;
         self
     }
+    /// Ring bytes of each shared-memory connection this peer receives on (default 4 MiB; a
+    /// multiple of 4 KiB from 256 KiB to 1 GiB).
+    pub fn shm_ring_bytes(mut self, bytes: usize) -> Self {
+        self.config.shm_ring_bytes = bytes;
+        self
+    }
     /// `SO_SNDBUF`/`SO_RCVBUF` of data sockets (default: kernel autotuning).
     pub fn socket_buffer_bytes(mut self, bytes: Option<usize>) -> Self {
         self.config.socket.send_buffer_bytes = bytes;
@@ -141,7 +147,11 @@ impl CommunicatorBuilder {
         self.config.group = group;
         self
     }
-    /// Data-plane backend (default: `CONCORD_TRANSPORT`, else auto).
+    /// Data-plane transport (default: `CONCORD_TRANSPORT`, else auto): `Auto` runs each
+    /// connection to a neighbour on this host over shared memory where both ends allow it, and
+    /// the others over io_uring where allowed, else sockets; `Shm` makes a failed shared-memory
+    /// connection on one host an error; `Uring` and `Socket` never use shared memory. Peers on
+    /// one host are those with the same kernel boot id, or the same `CONCORD_HOST_ID`.
     pub fn transport(mut self, choice: BackendChoice) -> Self {
         self.config.transport = Some(choice);
         self

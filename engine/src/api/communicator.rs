@@ -67,7 +67,7 @@ impl Communicator {
             token: config.token.clone(),
             nonce: concord_transport::auth::nonce()?,
         };
-        let backend = resolve_transport(config.transport)?;
+        let (backend, shm) = resolve_transport(config.transport)?;
         choose_addresses(&mut config)?;
         let listener = listen_data(&config)?;
         let data_port = listener
@@ -93,7 +93,7 @@ impl Communicator {
             credentials,
         );
         let inner = Arc::new(Inner::new(
-            proto, stream, read_half, listener, config, backend,
+            proto, stream, read_half, listener, config, backend, shm,
         ));
         let mut threads = Vec::new();
         let reader_inner = Arc::clone(&inner);
@@ -123,9 +123,16 @@ impl Communicator {
         Ok(comm)
     }
 
-    /// The data-plane backend this communicator runs on.
+    /// What this peer's data plane runs on: `Shm` when its connections to the ring successor
+    /// are a shared-memory ring (a neighbour on this host), else the TCP backend (io_uring or
+    /// socket), which also carries everything to other hosts.
     pub fn transport(&self) -> BackendKind {
-        self.inner.backend
+        self.inner
+            .lock()
+            .plane
+            .as_ref()
+            .and_then(|p| p.transport())
+            .unwrap_or(self.inner.backend)
     }
 
     /// This peer's id in the group.
@@ -310,8 +317,11 @@ fn listen_data(config: &Config) -> Result<std::net::TcpListener, Error> {
     )))
 }
 
-/// Picks the backend once; a fall-back from io_uring is said once per process.
-fn resolve_transport(choice: Option<BackendChoice>) -> Result<BackendKind, Error> {
+/// Picks the TCP backend once, and whether neighbours on this host may share memory; a
+/// fall-back from io_uring is said once per process.
+fn resolve_transport(
+    choice: Option<BackendChoice>,
+) -> Result<(BackendKind, crate::plane::shm_links::ShmUse), Error> {
     static SAID: std::sync::Once = std::sync::Once::new();
     let choice = match choice {
         Some(c) => c,
@@ -321,5 +331,5 @@ fn resolve_transport(choice: Option<BackendChoice>) -> Result<BackendKind, Error
     if let Some(why) = why {
         SAID.call_once(|| tracing::warn!("io_uring unavailable ({why}); using plain sockets"));
     }
-    Ok(kind)
+    Ok((kind, crate::plane::shm_links::ShmUse::of(choice)))
 }

@@ -176,6 +176,8 @@ impl Communicator {
             options: config.socket,
             timeout: config.topology_timeout,
             io_timeout: Some(config.op_timeout),
+            shm: self.inner.shm,
+            shm_ring_bytes: config.shm_ring_bytes,
             cancelled: &|| {
                 let g = inner.lock();
                 g.proto.fatal().is_some()

@@ -3,7 +3,7 @@
 use std::sync::Weak;
 use std::time::{Duration, Instant};
 
-use crate::peer::{flush, Inner};
+use crate::peer::{flush, Inner, RING_FAILURE_GRACE};
 use crate::Error;
 use concord_master::proto::AbortKind;
 
@@ -25,7 +25,16 @@ pub(crate) fn watchdog(inner: Weak<Inner>) {
         let mut next: Option<Instant> = None;
         let mut late = Vec::new();
         let mut unanswered = Vec::new();
+        let mut broken = Vec::new();
         for (tag, l) in &g.launched {
+            if let Some((at, ..)) = &l.ring_failure {
+                let due = *at + RING_FAILURE_GRACE;
+                if due <= now {
+                    broken.push(*tag);
+                } else {
+                    next = Some(next.map_or(due, |n| n.min(due)));
+                }
+            }
             match l.cancelled_at {
                 None if l.deadline <= now => late.push((*tag, l.timeout)),
                 None => next = Some(next.map_or(l.deadline, |n| n.min(l.deadline))),
@@ -35,7 +44,16 @@ pub(crate) fn watchdog(inner: Weak<Inner>) {
                 }
             }
         }
-        let acted = !late.is_empty() || !unanswered.is_empty();
+        let acted = !late.is_empty() || !unanswered.is_empty() || !broken.is_empty();
+        for tag in broken {
+            // No abort from the master within the grace: report the broken ring ourselves
+            // (a no-op if the collective ended meanwhile).
+            if let Some((_, seq, why)) =
+                g.launched.get_mut(&tag).and_then(|l| l.ring_failure.take())
+            {
+                g.proto.collective_finished(tag, seq, Err(why));
+            }
+        }
         let me = g.proto.peer_id().unwrap_or(0);
         for (tag, timeout) in late {
             let reason = format!(

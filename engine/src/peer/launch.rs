@@ -58,6 +58,7 @@ impl Inner {
             deadline,
             timeout,
             cancelled_at: None,
+            ring_failure: None,
             running: None,
             traffic: Traffic::default(),
             launched_at: Instant::now(),
@@ -301,6 +302,16 @@ impl PlaneEvents for Inner {
             // Only this collective failed: abort it everywhere, keep the ring.
             Err(why) if ring_intact => {
                 g.proto.cancel(tag, AbortKind::Failed, why);
+            }
+            // The ring broke: the master's abort naming a lost neighbour is likely on its way.
+            Err(why) if g.launched.contains_key(&tag) => {
+                let at = Instant::now() + super::RING_FAILURE_GRACE;
+                if let Some(l) = g.launched.get_mut(&tag) {
+                    l.ring_failure = Some((Instant::now(), seq, why));
+                }
+                if g.watch_at.is_none_or(|w| at < w) {
+                    self.watch.notify_all();
+                }
             }
             result => g.proto.collective_finished(tag, seq, result.map(drop)),
         }

@@ -46,6 +46,9 @@ pub(crate) struct Launch {
     pub(crate) timeout: Duration,
     /// When this peer asked the master to abort it (deadline passed or user cancel).
     pub(crate) cancelled_at: Option<Instant>,
+    /// A broken ring connection failed it here (when, the attempt, why): reported to the master
+    /// after [`RING_FAILURE_GRACE`] unless the master's abort came first.
+    pub(crate) ring_failure: Option<(Instant, u64, String)>,
     /// (seq, world, epoch, attempt) once the master let it go.
     pub(crate) running: Option<(u64, usize, u64, Arc<Attempt>)>,
     pub(crate) traffic: Traffic,
@@ -86,6 +89,8 @@ pub(crate) struct Inner {
     pub(crate) listener: TcpListener,
     pub(crate) config: Config,
     pub(crate) backend: concord_transport::BackendKind,
+    /// Whether connections to neighbours on this host may run over shared memory.
+    pub(crate) shm: crate::plane::shm_links::ShmUse,
     pub(crate) closing: std::sync::atomic::AtomicBool,
     /// Backups of async in-place inputs, reused so that a collective costs a copy, not an
     /// allocation and its page faults; at most `BACKUP_POOL_BYTES` are kept.
@@ -102,6 +107,13 @@ pub(crate) struct Inner {
     pub(crate) notified: std::sync::atomic::AtomicU64,
 }
 
+/// How long a peer whose ring connection broke waits for the master's abort before it reports
+/// the failure itself. A neighbour that died closes its master connection at the same moment as
+/// its data connections: the master's abort, which then names the lost peer, is a few
+/// milliseconds away, while a report from here would abort the collective without naming it.
+/// Only a connection that broke between live peers waits the whole grace.
+pub(crate) const RING_FAILURE_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Most bytes of idle in-place backups a communicator keeps for reuse.
 const BACKUP_POOL_BYTES: usize = 1 << 30;
 
@@ -113,6 +125,7 @@ impl Inner {
         listener: TcpListener,
         config: Config,
         backend: concord_transport::BackendKind,
+        shm: crate::plane::shm_links::ShmUse,
     ) -> Self {
         let pace = Arc::new(Pace::new(config.spin));
         Inner {
@@ -130,6 +143,7 @@ impl Inner {
             listener,
             config,
             backend,
+            shm,
             closing: std::sync::atomic::AtomicBool::new(false),
             backups: Mutex::new(Vec::new()),
             gpu: Mutex::new(None),

@@ -25,6 +25,8 @@ use concord_transport::socket::{connect_until, resolve, SocketOptions};
 use concord_transport::PROTOCOL_VERSION;
 use socket2::SockRef;
 
+use super::shm_links::{ShmEnds, ShmUse};
+
 /// The connections of one ring epoch.
 #[derive(Debug)]
 pub(crate) struct Links {
@@ -35,6 +37,8 @@ pub(crate) struct Links {
     /// Ids of the successor and the predecessor (for error messages).
     pub(crate) next_id: PeerId,
     pub(crate) prev_id: PeerId,
+    /// The connections that run over shared memory (`shm_links`).
+    pub(crate) shm: ShmEnds,
 }
 
 impl Links {
@@ -64,6 +68,10 @@ pub(crate) struct RingSetup<'a> {
     pub(crate) timeout: Duration,
     /// Read/write timeout set on every data socket: how long a neighbour may stay silent.
     pub(crate) io_timeout: Option<Duration>,
+    /// Whether connections to neighbours on this host may run over shared memory.
+    pub(crate) shm: ShmUse,
+    /// Ring bytes of each shared-memory connection this peer receives on.
+    pub(crate) shm_ring_bytes: usize,
     /// Returns true once the master called the round off: stop waiting for neighbours.
     pub(crate) cancelled: &'a (dyn Fn() -> bool + Sync),
 }
@@ -117,6 +125,7 @@ pub(crate) fn establish(listener: &TcpListener, setup: &RingSetup<'_>) -> Result
             prev: Vec::new(),
             next_id: setup.me,
             prev_id: setup.me,
+            shm: ShmEnds::default(),
         });
     }
     let deadline = Instant::now() + setup.timeout;
@@ -144,6 +153,8 @@ pub(crate) fn establish(listener: &TcpListener, setup: &RingSetup<'_>) -> Result
         return Err(first);
     }
     let (next, prev) = (dialled?, accepted?);
+    let shm =
+        super::shm_links::negotiate(&next, &prev, setup, succ.peer_id, pred.peer_id, deadline)?;
     for s in next.iter().chain(&prev) {
         s.set_read_timeout(setup.io_timeout)
             .map_err(|e| LinkError::Failed(format!("setting SO_RCVTIMEO: {e}")))?;
@@ -155,6 +166,7 @@ pub(crate) fn establish(listener: &TcpListener, setup: &RingSetup<'_>) -> Result
         prev,
         next_id: succ.peer_id,
         prev_id: pred.peer_id,
+        shm,
     })
 }
 
@@ -472,6 +484,8 @@ mod tests {
             options: SocketOptions::default(),
             timeout: Duration::from_secs(20),
             io_timeout: None,
+            shm: ShmUse::Off,
+            shm_ring_bytes: 1 << 20,
             cancelled: &|| false,
         }
     }

@@ -14,6 +14,7 @@ pub(crate) mod links;
 mod recv;
 mod send;
 mod shared;
+pub(crate) mod shm_links;
 
 pub(crate) use attempt::Attempt;
 pub(crate) use recv::Driver;
@@ -74,6 +75,7 @@ pub(crate) trait PlaneEvents: Send + Sync {
 pub(crate) struct DataPlane {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    transport: Option<BackendKind>,
 }
 
 impl std::fmt::Debug for DataPlane {
@@ -96,18 +98,31 @@ impl DataPlane {
         events: Weak<dyn PlaneEvents>,
     ) -> Result<Self, String> {
         let mut stoppers = Vec::new();
-        let mut wrap = |v: Vec<std::net::TcpStream>| -> Result<Vec<Connection>, String> {
-            v.into_iter()
-                .map(|t| {
-                    let (d, stop) = Connection::new(t, backend)?;
-                    stoppers.push(stop);
-                    Ok(d)
-                })
-                .collect()
-        };
-        let next = wrap(std::mem::take(&mut links.next))?;
-        let prev = wrap(std::mem::take(&mut links.prev))?;
-        let rx_fds = prev.iter().map(Connection::raw_fd).collect();
+        let shm = std::mem::take(&mut links.shm);
+        // Each connection is TCP (socket or io_uring) unless it was made a shared-memory ring,
+        // whose socket then lives on in the ring end as its doorbell.
+        let mut next = Vec::new();
+        let ends = shm.next.into_iter().chain(std::iter::repeat_with(|| None));
+        for (tcp, end) in std::mem::take(&mut links.next).into_iter().zip(ends) {
+            let (c, stop) = match end {
+                Some(w) => Connection::shm_tx(w),
+                None => Connection::new(tcp, backend)?,
+            };
+            next.push(c);
+            stoppers.push(stop);
+        }
+        let mut prev = Vec::new();
+        let ends = shm.prev.into_iter().chain(std::iter::repeat_with(|| None));
+        for (tcp, end) in std::mem::take(&mut links.prev).into_iter().zip(ends) {
+            let (c, stop) = match end {
+                Some(r) => Connection::shm_rx(r),
+                None => Connection::new(tcp, backend)?,
+            };
+            prev.push(c);
+            stoppers.push(stop);
+        }
+        let rx_probes = prev.iter().map(Connection::probe).collect();
+        let transport = next.first().map(Connection::kind);
         let rx = prev
             .into_iter()
             .map(|mut stream| {
@@ -123,7 +138,7 @@ impl DataPlane {
         let shared = Arc::new(Shared {
             tx: next.into_iter().map(Mutex::new).collect(),
             rx,
-            rx_fds,
+            rx_probes,
             inline: AtomicBool::new(true),
             aside: Default::default(),
             stoppers,
@@ -163,7 +178,11 @@ impl DataPlane {
                 Box::new(move || recv::rx_loop(&s, i)),
             )?);
         }
-        Ok(DataPlane { shared, threads })
+        Ok(DataPlane {
+            shared,
+            threads,
+            transport,
+        })
     }
 
     /// Adds an operation. Its first frames go out when the returned [`FirstSends`] is sent,
@@ -185,6 +204,11 @@ impl DataPlane {
         }
         self.shared.registry_cv.notify_all();
         Ok(FirstSends(Some((Arc::clone(&self.shared), attempt))))
+    }
+
+    /// What the connections to the successor run on (`None`: a ring of one has none).
+    pub(crate) fn transport(&self) -> Option<BackendKind> {
+        self.transport
     }
 
     /// What a caller needs to receive on this plane while it waits (see [`Driver`]).

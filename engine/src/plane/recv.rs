@@ -139,18 +139,16 @@ pub(super) fn rx_loop(s: &Shared, conn: usize) {
         if drivable && c.held.is_none() && !c.stream.readable_now() && !silent_too_long {
             drop(c);
             quiet_since.get_or_insert_with(Instant::now);
-            let fd = s.rx_fds[0];
+            let probe = &s.rx_probes[0];
             if s.polling(conn) {
                 // A small collective is under way: its next frame is microseconds away.
                 concord_transport::spin::spin_until(Duration::MAX, || {
-                    concord_transport::spin::readable(fd) || !s.polling(conn) || s.aside.driving()
+                    probe.readable() || !s.polling(conn) || s.aside.driving()
                 });
                 continue;
             }
             // Bounded, to notice the plane failing, a driver, or a long silence.
-            if !concord_transport::spin::wait_readable(fd, Some(Duration::from_millis(100)))
-                || s.aside.driving()
-            {
+            if !probe.wait(Duration::from_millis(100)) || s.aside.driving() {
                 continue;
             }
             c = s.rx[conn].lock().unwrap_or_else(|p| p.into_inner());
@@ -453,8 +451,8 @@ fn land_copy(s: &Shared, c: &mut RxConn, attempt: &Attempt, frame: &Frame) -> Re
     c.stream.read_exact(out).map_err(|e| s.recv_error(e))
 }
 
-/// A reduce-scatter frame of a host collective: read into the staging buffer, then reduced
-/// with this peer's own chunk into place (in place, saving each block of the original while
+/// A reduce-scatter frame of a host collective: reduced with this peer's own chunk into place
+/// from where it arrived (the staging buffer, or the shared-memory ring) (in place, saving each block of the original while
 /// reducing it). A failed or panicking reduction fails the attempt alone.
 fn land_reduce<'a>(
     s: &Shared,
@@ -465,47 +463,51 @@ fn land_reduce<'a>(
     kind: RecvKind,
 ) -> Result<Landed<'a>, String> {
     let len = frame.range.len();
-    c.stream
-        .read_staged(&mut c.staging, len)
-        .map_err(|e| s.recv_error(e))?;
-    let staged = &c.staging[..len];
     // SAFETY: inside a busy guard; this RX thread is the only writer of the receive's range,
     // and the TX thread reads it only after its ready flag is set.
     let out = unsafe { attempt.out(frame).slice_mut(frame.range.clone()) };
     let finish = (kind == RecvKind::ReduceFinish).then_some(attempt.plan.world);
     let chunk = frame.chunk;
-    let reduce = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        if injected_panic_tag() == Some(attempt.tag) {
-            panic!("injected fault: CONCORD_FAULT_PANIC_TAG={}", attempt.tag);
-        }
-        // SAFETY: inside a busy guard; this RX thread is the only writer of the range now,
-        // and the backup range is claimed only right before it is filled.
-        match unsafe { attempt.claim_save(chunk, frame.sub) } {
-            Some(save) => concord_kernels::reduce_into_saving(
-                out,
-                staged,
-                save,
-                attempt.backup_stores,
-                attempt.dtype,
-                attempt.reduce,
-                finish,
-            ),
-            None => {
-                // SAFETY: inside a busy guard, by the range's writer; in place, saved by an
-                // earlier writer (the claim above found it done).
-                let mine = unsafe { attempt.original(chunk, frame.sub) };
-                concord_kernels::reduce_out_with(
+    let reduce_with = |staged: &[u8]| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if injected_panic_tag() == Some(attempt.tag) {
+                panic!("injected fault: CONCORD_FAULT_PANIC_TAG={}", attempt.tag);
+            }
+            // SAFETY: inside a busy guard; this RX thread is the only writer of the range now,
+            // and the backup range is claimed only right before it is filled.
+            match unsafe { attempt.claim_save(chunk, frame.sub) } {
+                Some(save) => concord_kernels::reduce_into_saving(
                     out,
-                    mine,
                     staged,
+                    save,
+                    attempt.backup_stores,
                     attempt.dtype,
                     attempt.reduce,
                     finish,
-                    attempt.stores,
-                )
+                ),
+                None => {
+                    // SAFETY: inside a busy guard, by the range's writer; in place, saved by an
+                    // earlier writer (the claim above found it done).
+                    let mine = unsafe { attempt.original(chunk, frame.sub) };
+                    concord_kernels::reduce_out_with(
+                        out,
+                        mine,
+                        staged,
+                        attempt.dtype,
+                        attempt.reduce,
+                        finish,
+                        attempt.stores,
+                    )
+                }
             }
-        }
-    }));
+        }))
+    };
+    // The payload is reduced where it lies: in the staging buffer it was read into, or in the
+    // shared-memory ring.
+    let reduce = c
+        .stream
+        .with_payload(&mut c.staging, len, reduce_with)
+        .map_err(|e| s.recv_error(e))?;
     let failure = match reduce {
         Ok(Ok(())) => return Ok(Landed::Done(busy)),
         Ok(Err(e)) => e.to_string(),

@@ -56,8 +56,8 @@ pub(super) struct Shared {
     /// The predecessor connections with their receive state. Each RX thread locks its own to
     /// receive; a driving caller only ever `try_lock`s the first.
     pub(super) rx: Vec<Mutex<RxConn>>,
-    /// Raw descriptors of `rx`, to wait for bytes without holding the lock.
-    pub(super) rx_fds: Vec<std::os::fd::RawFd>,
+    /// Probes of `rx`, to wait for bytes without holding the lock.
+    pub(super) rx_probes: Vec<super::connection::Probe>,
     /// Whether frames may be sent inline now: the collectives here are small enough, unstriped
     /// and in host memory (the first TX thread then need not poll for them).
     pub(super) inline: AtomicBool,

@@ -5,7 +5,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// Name of the environment variable that overrides the configured backend
-/// (`auto`, `uring` / `io_uring`, or `socket`).
+/// (`auto`, `shm`, `uring` / `io_uring`, or `socket`).
 pub const BACKEND_ENV: &str = "CONCORD_TRANSPORT";
 
 /// The backend that actually moves data frames.
@@ -15,6 +15,8 @@ pub enum BackendKind {
     Uring,
     /// Blocking `read`/`write` on the socket ([`crate::socket`]).
     Socket,
+    /// A shared-memory ring ([`crate::shm`]), between peers of one host.
+    Shm,
 }
 
 impl BackendKind {
@@ -23,6 +25,7 @@ impl BackendKind {
         match self {
             BackendKind::Uring => "io_uring",
             BackendKind::Socket => "socket",
+            BackendKind::Shm => "shm",
         }
     }
 }
@@ -36,19 +39,25 @@ impl fmt::Display for BackendKind {
 /// What the user asked for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum BackendChoice {
-    /// io_uring when [`probe`](super::probe) says it works, else sockets (with the reason).
+    /// Shared memory with the neighbours on this host where both ends allow it and can map a
+    /// segment; towards other hosts io_uring when [`probe`](super::probe) says it works, else
+    /// sockets (with the reason).
     #[default]
     Auto,
-    /// io_uring or an error that says why it cannot run.
+    /// As `Auto`, but a neighbour on this host with which shared memory fails is an error
+    /// instead of a fall-back to TCP.
+    Shm,
+    /// io_uring (never shared memory) or an error that says why it cannot run.
     Uring,
-    /// Blocking sockets, never probing io_uring.
+    /// Blocking sockets, never probing io_uring, never shared memory.
     Socket,
 }
 
 impl FromStr for BackendChoice {
     type Err = String;
 
-    /// Parses `auto`, `uring`, `io_uring` or `socket` (any case, surrounding blanks ignored).
+    /// Parses `auto`, `shm`, `uring`, `io_uring` or `socket` (any case, surrounding blanks
+    /// ignored).
     ///
     /// ```
     /// use concord_transport::uring::BackendChoice;
@@ -58,10 +67,11 @@ impl FromStr for BackendChoice {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.trim().to_ascii_lowercase().as_str() {
             "auto" => Ok(BackendChoice::Auto),
+            "shm" | "shared-memory" => Ok(BackendChoice::Shm),
             "uring" | "io_uring" | "io-uring" => Ok(BackendChoice::Uring),
             "socket" | "sockets" => Ok(BackendChoice::Socket),
             other => Err(format!(
-                "unknown transport backend {other:?}: use auto, io_uring or socket"
+                "unknown transport backend {other:?}: use auto, shm, io_uring or socket"
             )),
         }
     }
@@ -71,6 +81,7 @@ impl fmt::Display for BackendChoice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             BackendChoice::Auto => "auto",
+            BackendChoice::Shm => "shm",
             BackendChoice::Uring => "io_uring",
             BackendChoice::Socket => "socket",
         })
@@ -87,13 +98,14 @@ impl BackendChoice {
                 .map_err(|e: String| format!("{BACKEND_ENV}={v:?}: {e}")),
             Ok(_) | Err(std::env::VarError::NotPresent) => Ok(default),
             Err(std::env::VarError::NotUnicode(v)) => Err(format!(
-                "{BACKEND_ENV}={v:?} is not UTF-8: use auto, io_uring or socket"
+                "{BACKEND_ENV}={v:?} is not UTF-8: use auto, shm, io_uring or socket"
             )),
         }
     }
 }
 
-/// Resolves a choice to the backend that will run, probing io_uring once per process.
+/// Resolves a choice to the backend that connections to other hosts run on, probing io_uring
+/// once per process (`Shm` resolves as `Auto`: shared memory is decided per connection).
 ///
 /// Returns the backend and, when `Auto` fell back to sockets, why (print it once: users want to
 /// know which backend ran). An explicit `Uring` that cannot run is an error carrying the reason.
@@ -118,7 +130,7 @@ pub(crate) fn resolve_with(
     match (choice, probed) {
         (BackendChoice::Socket, _) => Ok((BackendKind::Socket, None)),
         (_, Ok(())) => Ok((BackendKind::Uring, None)),
-        (BackendChoice::Auto, Err(why)) => Ok((
+        (BackendChoice::Auto | BackendChoice::Shm, Err(why)) => Ok((
             BackendKind::Socket,
             Some(format!("io_uring unavailable ({why}); using blocking sockets")),
         )),
@@ -140,6 +152,7 @@ mod tests {
             ("uring", BackendChoice::Uring),
             ("io_uring", BackendChoice::Uring),
             ("socket", BackendChoice::Socket),
+            ("shm", BackendChoice::Shm),
         ] {
             assert_eq!(s.parse::<BackendChoice>(), Ok(c), "{s}");
             assert_eq!(c.to_string().parse::<BackendChoice>(), Ok(c));

@@ -80,8 +80,9 @@ pub(crate) struct BenchArgs {
     /// all-reduce busbw of the same bytes, measured in the same run.
     #[arg(long)]
     pub(crate) state: bool,
-    /// Data-plane backend: auto (io_uring where allowed, else sockets), uring or socket.
-    /// Default: CONCORD_TRANSPORT, else auto.
+    /// Data-plane transport: auto (shared memory with peers on this host, io_uring to others
+    /// where allowed, else sockets), shm (as auto, but shared memory that fails on one host is
+    /// an error), uring or socket (never shared memory). Default: CONCORD_TRANSPORT, else auto.
     #[arg(long)]
     pub(crate) transport: Option<concord::BackendChoice>,
     /// Connections per ring neighbour (sub-chunks go to whichever is free).
@@ -101,6 +102,9 @@ pub(crate) struct BenchArgs {
     /// Sub-chunk size (the unit of pipelining).
     #[arg(long, default_value = "512K", value_parser = parse_size)]
     pub(crate) sub_chunk: usize,
+    /// Ring bytes of each shared-memory connection a peer receives on (256K to 1G).
+    #[arg(long, default_value = "4M", value_parser = parse_size)]
+    pub(crate) shm_ring: usize,
     /// How long small collectives poll before blocking, in microseconds (peers and, with
     /// `--local`, the embedded master; 0: never poll). Default: CONCORD_SPIN_US, else 100.
     #[arg(long)]
@@ -449,6 +453,7 @@ impl BenchArgs {
             ("-T", self.timeout_s.to_string()),
             ("--conns", self.conns.to_string()),
             ("--sub-chunk", self.sub_chunk.to_string()),
+            ("--shm-ring", self.shm_ring.to_string()),
         ] {
             a.push(flag.into());
             a.push(v);
@@ -483,7 +488,8 @@ impl BenchArgs {
                 match t {
                     concord::BackendChoice::Uring => "uring",
                     concord::BackendChoice::Socket => "socket",
-                    _ => "auto",
+                    concord::BackendChoice::Shm => "shm",
+                    concord::BackendChoice::Auto => "auto",
                 }
                 .into(),
             );

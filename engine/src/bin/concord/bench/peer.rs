@@ -197,6 +197,7 @@ fn join(args: &BenchArgs) -> Result<(Communicator, Option<String>), String> {
         .join_timeout(timeout)
         .conns_per_neighbour(args.conns)
         .sub_chunk_bytes(args.sub_chunk)
+        .shm_ring_bytes(args.shm_ring)
         .spin(args.spin())
         .socket_buffer_bytes(args.socket_buffer)
         .transport(match args.transport {
