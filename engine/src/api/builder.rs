@@ -115,10 +115,11 @@ impl CommunicatorBuilder {
         self.config.sub_chunk_bytes = bytes;
         self
     }
-    /// Ring bytes of each shared-memory connection this peer receives on (default 4 MiB; a
-    /// multiple of 4 KiB from 256 KiB to 1 GiB).
+    /// Ring bytes of each shared-memory connection this peer receives on (default: room for
+    /// four sub-chunks, 2 MiB with the default sub-chunk; a multiple of 4 KiB from 256 KiB to
+    /// 1 GiB).
     pub fn shm_ring_bytes(mut self, bytes: usize) -> Self {
-        self.config.shm_ring_bytes = bytes;
+        self.config.shm_ring_bytes = Some(bytes);
         self
     }
     /// `SO_SNDBUF`/`SO_RCVBUF` of data sockets (default: kernel autotuning).

@@ -177,7 +177,7 @@ impl Communicator {
             timeout: config.topology_timeout,
             io_timeout: Some(config.op_timeout),
             shm: self.inner.shm,
-            shm_ring_bytes: config.shm_ring_bytes,
+            shm_ring_bytes: config.shm_ring(),
             cancelled: &|| {
                 let g = inner.lock();
                 g.proto.fatal().is_some()

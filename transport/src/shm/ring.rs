@@ -90,6 +90,10 @@ impl End {
         sleepers.fetch_sub(1, Ordering::SeqCst);
         // Stopping shuts the socket down too: say which it was.
         self.check_stopped()?;
+        // A neighbour that wrote its last frames and left: what it wrote is still read.
+        if r.is_err() && ready() {
+            return Ok(());
+        }
         r
     }
 
@@ -379,6 +383,10 @@ impl ShmWriter {
         }
         self.wait_space(HEADER_BYTES as u64)?;
         self.copy_in(&header.encode());
+        // A frame that lies in one piece is published whole: its reader, which reduces it in
+        // place, needs all of it anyway, and would otherwise wait (and maybe sleep) on a
+        // partial one. A larger frame streams, published piece by piece.
+        let whole = total <= cap / 2;
         let piece = (cap / 8).min(128 << 10);
         let mut rest = payload;
         while !rest.is_empty() {
@@ -392,7 +400,7 @@ impl ShmWriter {
             let (now, later) = rest.split_at(n);
             self.copy_in(now);
             rest = later;
-            if self.head - self.published >= piece {
+            if !whole && self.head - self.published >= piece {
                 self.publish();
             }
         }

@@ -24,7 +24,8 @@ pub(crate) fn print() {
         Ok((kind, _)) => kind.name(),
         Err(_) => "socket",
     };
-    println!("transports: socket (tcp): available; io_uring: {uring}; auto picks {chosen} (CONCORD_TRANSPORT=uring|socket|auto)");
+    println!("transports: socket (tcp): available; io_uring: {uring}; auto picks {chosen} towards other hosts (CONCORD_TRANSPORT=auto|shm|uring|socket)");
+    println!("shared memory with peers on this host: {}", shm_status());
     match concord_kernels::cuda::probe() {
         Ok(device) => println!("cuda: available: {device}"),
         Err(reason) => println!("cuda: not available: {reason}"),
@@ -59,5 +60,26 @@ fn cpu_features() -> String {
     #[cfg(not(target_arch = "x86_64"))]
     {
         std::env::consts::ARCH.to_string()
+    }
+}
+
+/// Whether this process can create a shared-memory ring and map it the way a neighbour would
+/// (through `/proc/<pid>/fd`), and the host identity peers compare.
+fn shm_status() -> String {
+    use concord_transport::shm::{host_id, Segment, HOST_ID_ENV};
+    use std::os::fd::AsRawFd;
+    let Some(host) = host_id() else {
+        return format!("not available: no kernel boot id and no {HOST_ID_ENV}");
+    };
+    let host = String::from_utf8_lossy(&host)
+        .trim_end_matches('\0')
+        .to_string();
+    let size = concord_transport::shm::segment::MIN_CAPACITY;
+    let mapped = Segment::create(size).and_then(|c| {
+        Segment::open(std::process::id(), c.fd.as_raw_fd(), size, &c.cookie).map(drop)
+    });
+    match mapped {
+        Ok(()) => format!("available (host id {host}; set {HOST_ID_ENV} to override)"),
+        Err(e) => format!("not available: {e}"),
     }
 }

@@ -25,7 +25,7 @@ enum Command {
     /// Run a master: one thread that admits peers and coordinates their collectives.
     Master(MasterArgs),
     /// Measure all-reduce bandwidth (nccl-tests conventions).
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
     /// Print the version, CPU features, kernel path, transports and CUDA status.
     Info,
     /// Simulate a group in virtual time, with faults, checking invariants (deterministic by seed).
@@ -89,7 +89,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Master(args) => run_master(&args),
-        Command::Bench(args) => bench::run(args),
+        Command::Bench(args) => bench::run(*args),
         Command::Simulate(args) => simulate::run(args),
         Command::Info => {
             info::print();

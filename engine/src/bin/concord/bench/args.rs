@@ -102,9 +102,10 @@ pub(crate) struct BenchArgs {
     /// Sub-chunk size (the unit of pipelining).
     #[arg(long, default_value = "512K", value_parser = parse_size)]
     pub(crate) sub_chunk: usize,
-    /// Ring bytes of each shared-memory connection a peer receives on (256K to 1G).
-    #[arg(long, default_value = "4M", value_parser = parse_size)]
-    pub(crate) shm_ring: usize,
+    /// Ring bytes of each shared-memory connection a peer receives on (256K to 1G; default:
+    /// room for four sub-chunks).
+    #[arg(long, value_parser = parse_size)]
+    pub(crate) shm_ring: Option<usize>,
     /// How long small collectives poll before blocking, in microseconds (peers and, with
     /// `--local`, the embedded master; 0: never poll). Default: CONCORD_SPIN_US, else 100.
     #[arg(long)]
@@ -453,10 +454,13 @@ impl BenchArgs {
             ("-T", self.timeout_s.to_string()),
             ("--conns", self.conns.to_string()),
             ("--sub-chunk", self.sub_chunk.to_string()),
-            ("--shm-ring", self.shm_ring.to_string()),
         ] {
             a.push(flag.into());
             a.push(v);
+        }
+        if let Some(ring) = self.shm_ring {
+            a.push("--shm-ring".into());
+            a.push(ring.to_string());
         }
         // Given only when given: the children inherit CONCORD_SPIN_US, and a --state child
         // refuses --spin-us.

@@ -191,13 +191,16 @@ fn join(args: &BenchArgs) -> Result<(Communicator, Option<String>), String> {
             args.world.expect("validated"),
         ),
     };
+    let builder = match args.shm_ring {
+        Some(bytes) => builder.shm_ring_bytes(bytes),
+        None => builder,
+    };
     let mut comm = args
         .with_token(builder)?
         .op_timeout(timeout)
         .join_timeout(timeout)
         .conns_per_neighbour(args.conns)
         .sub_chunk_bytes(args.sub_chunk)
-        .shm_ring_bytes(args.shm_ring)
         .spin(args.spin())
         .socket_buffer_bytes(args.socket_buffer)
         .transport(match args.transport {
