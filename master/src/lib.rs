@@ -3,7 +3,9 @@
 //!
 //! - [`proto`]: control messages and their versioned codec (shared with the engine);
 //! - [`coordinator`]: the sans-IO state machine;
-//! - [`server`]: the single-threaded `mio` event loop around it.
+//! - [`server`]: the single-threaded `mio` event loop around it;
+//! - [`ring_order`]: the ring order that measured edges call for (bottleneck first, then
+//!   latency), pure.
 //!
 //! ```no_run
 //! use concord_master::{coordinator::CoordinatorConfig, server::Server};
@@ -19,6 +21,7 @@
 
 pub mod coordinator;
 pub mod proto;
+pub mod ring_order;
 pub mod server;
 
 /// The master's default port.
