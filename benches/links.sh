@@ -48,7 +48,8 @@ up() { # RATE
       burst 512kb cburst 512kb quantum 60000
   done
 }
-on() { local i=$1; shift; ip netns exec $P$i "$@"; }
+# Each namespace is a host of its own: distinct host ids keep Concord off shared memory.
+on() { local i=$1; shift; ip netns exec $P$i env CONCORD_HOST_ID=$P$i "$@"; }
 med() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 gloo=0
 python3 -c 'import torch' 2>/dev/null && gloo=1
