@@ -48,12 +48,13 @@ mod results;
 #[doc(hidden)]
 pub mod sim;
 mod state;
+mod topology;
 #[doc(hidden)]
 pub mod verify;
 
 pub use api::{
     Collectives, Communicator, CommunicatorBuilder, Completion, DeviceCompletion, DeviceHandle,
-    Handle, PeerProbe,
+    Handle, OptimizeOptions, PeerProbe, TopologyReport,
 };
 pub use collective::Traffic;
 pub use concord_kernels::{DType, ReduceOp};

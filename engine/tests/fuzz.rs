@@ -143,6 +143,9 @@ fn seed_messages() -> (Vec<PeerMsg>, Vec<MasterMsg>) {
         PeerMsg::Proof { proof: [9; 32] },
         PeerMsg::AcceptVote,
         PeerMsg::RepairVote,
+        PeerMsg::OrderVote {
+            order: vec![1, 3, 2],
+        },
         PeerMsg::PendingQuery,
         PeerMsg::ConnectResult {
             epoch: 3,
@@ -497,7 +500,7 @@ fn peer_message(rng: &mut Rng, epoch_hint: u64, seq_hint: u64) -> PeerMsg {
             hint.saturating_sub(rng.below(2) as u64)
         }
     };
-    match rng.below(13) {
+    match rng.below(14) {
         0 => PeerMsg::Hello {
             version: PROTOCOL_VERSION,
             data_port: rng.next() as u16,
@@ -514,6 +517,9 @@ fn peer_message(rng: &mut Rng, epoch_hint: u64, seq_hint: u64) -> PeerMsg {
         },
         1 => PeerMsg::AcceptVote,
         2 => PeerMsg::RepairVote,
+        13 => PeerMsg::OrderVote {
+            order: (0..rng.below(5)).map(|_| rng.below(6) as u64).collect(),
+        },
         3 => PeerMsg::PendingQuery,
         4 => PeerMsg::ConnectResult {
             epoch: small(rng, epoch_hint),

@@ -80,10 +80,40 @@ impl Cluster {
     fn addr(&self, i: usize) -> String {
         format!("10.79.{}.{i}", self.subnet)
     }
+    /// A command in namespace `i`, a host of its own: its host id keeps Concord from sharing
+    /// memory with the other namespaces' peers, as peers on separate machines could not.
     fn exec(&self, i: usize, args: &[&str]) -> Command {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns(i)]).args(args);
+        cmd.env("CONCORD_HOST_ID", self.ns(i));
         cmd
+    }
+    /// Limits host `i`'s uplink to `rate` (htb, as `benches/links.sh`), and what it sends to
+    /// each host of `slow` to `slow_rate`.
+    fn shape(&self, i: usize, rate: &str, slow: &[usize], slow_rate: &str) -> Result<(), String> {
+        let (ns, dev) = (self.ns(i), format!("{}p", self.veth(i)));
+        let tc = |args: &[&str]| {
+            let mut all = vec!["ip", "netns", "exec", &ns, "tc"];
+            all.extend_from_slice(args);
+            sh(&all)
+        };
+        tc(&[
+            "qdisc", "add", "dev", &dev, "root", "handle", "1:", "htb", "default", "10",
+        ])?;
+        for (class, r) in [("1:10", rate), ("1:20", slow_rate)] {
+            tc(&[
+                "class", "add", "dev", &dev, "parent", "1:", "classid", class, "htb", "rate", r,
+                "ceil", r, "burst", "512kb", "cburst", "512kb", "quantum", "60000",
+            ])?;
+        }
+        for j in slow {
+            let dst = format!("{}/32", self.addr(*j));
+            tc(&[
+                "filter", "add", "dev", &dev, "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+                "match", "ip", "dst", &dst, "flowid", "1:20",
+            ])?;
+        }
+        Ok(())
     }
     fn cut(&self, i: usize) -> Result<(), String> {
         sh(&["ip", "link", "set", &self.veth(i), "down"])
@@ -338,4 +368,139 @@ fn launchers_form_a_group_across_hosts_with_no_group_flags() {
             "{name}: {all}"
         );
     }
+}
+
+/// `concord bench --topology` over shaped links: uplinks of 1 Gbit/s, host 2 to host 3 at
+/// 100 Mbit/s, which the id-order ring crosses (the peers join in host order). The printed matrix
+/// matches the shaping within 15%, the chosen ring avoids the slow edge, and its all-reduce (64
+/// MiB) reaches three quarters of its predicted busbw and more than twice the id-order ring's
+/// (16 MiB: 64 would take half a minute), in the same run.
+#[test]
+fn a_slow_link_is_measured_and_routed_around() {
+    let skip = |why: String| {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: shaped network namespaces unavailable here (needs root, iproute2, tc with htb): {why}"
+        );
+    };
+    let cluster = match Cluster::up(4) {
+        Ok(c) => c,
+        Err(why) => return skip(why),
+    };
+    for i in 2..=4 {
+        let slow: &[usize] = if i == 2 { &[3] } else { &[] };
+        if let Err(why) = cluster.shape(i, "1gbit", slow, "100mbit") {
+            return skip(why);
+        }
+    }
+    let bin = env!("CARGO_BIN_EXE_concord");
+    let master_addr = format!("{}:48149", cluster.addr(1));
+    let mut master = cluster
+        .exec(1, &[bin, "master", "--listen", &master_addr, "--insecure"])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("master");
+    std::thread::sleep(Duration::from_millis(300));
+    // One group per run; peers join in host order, so ids (and the id-order ring) follow hosts.
+    let run = |flags: &[&str]| -> String {
+        let mut children = Vec::new();
+        for i in 2..=4 {
+            let mut args = vec![
+                bin,
+                "bench",
+                "--master",
+                &master_addr,
+                "--world",
+                "3",
+                "-c",
+                "1",
+            ];
+            args.extend_from_slice(flags);
+            children.push(
+                cluster
+                    .exec(i, &args)
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("peer"),
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let mut all = String::new();
+        for mut c in children {
+            let mut out = String::new();
+            std::io::Read::read_to_string(c.stdout.as_mut().unwrap(), &mut out).unwrap();
+            assert!(c.wait().unwrap().success(), "a peer failed:\n{out}");
+            all.push_str(&out);
+        }
+        all
+    };
+    let busbw = |out: &str| -> f64 {
+        out.lines()
+            .find(|l| l.trim_start().starts_with(char::is_numeric))
+            .and_then(|l| l.split_whitespace().nth(6)?.parse().ok())
+            .unwrap_or_else(|| panic!("no row in:\n{out}"))
+    };
+    let optimised = run(&["--topology", "-b", "64M", "-e", "64M", "-n", "2", "-w", "1"]);
+    let id_order = run(&["-b", "16M", "-e", "16M", "-n", "1", "-w", "1"]);
+    let _ = master.kill();
+    let _ = master.wait();
+    println!("{optimised}\n{id_order}");
+    // The matrix, peers 1-3 on hosts 2-4: host 2 to host 3 is the slow edge.
+    let rows: Vec<Vec<f64>> = optimised
+        .lines()
+        .skip_while(|l| !l.contains("GB/s from"))
+        .skip(1)
+        .take(3)
+        .map(|l| {
+            l.trim_start_matches('#')
+                .split_whitespace()
+                .skip(1)
+                .map(|c| c.parse().unwrap_or(0.0))
+                .collect()
+        })
+        .collect();
+    assert_eq!(rows.len(), 3, "{optimised}");
+    for (a, row) in rows.iter().enumerate() {
+        for (b, &gbs) in row.iter().enumerate() {
+            if a == b {
+                continue;
+            }
+            let want = if (a, b) == (0, 1) { 0.0125 } else { 0.125 };
+            assert!(
+                (gbs - want).abs() <= 0.15 * want,
+                "edge {} -> {} measured {gbs} GB/s, shaped {want}",
+                a + 1,
+                b + 1
+            );
+        }
+    }
+    let line = |what: &str| {
+        optimised
+            .lines()
+            .find(|l| l.contains(what))
+            .unwrap_or_default()
+    };
+    let predicted: f64 = line("# ring chosen")
+        .split("predicted busbw ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .expect("a predicted busbw");
+    assert!(
+        !line("# ring chosen").contains("1 -> 2"),
+        "{}",
+        line("# ring chosen")
+    );
+    let (fast, slow) = (busbw(&optimised), busbw(&id_order));
+    println!("optimised ring {fast} GB/s (predicted {predicted}), id-order ring {slow} GB/s");
+    // The ring moves at most its slowest edge's bandwidth; over these shaped links the data
+    // plane reaches about 80-85% of it (benches/RESULTS.md), which bounds what is asserted.
+    assert!(
+        fast >= 0.75 * predicted,
+        "{fast} of a predicted {predicted}"
+    );
+    assert!(
+        fast >= 2.0 * slow,
+        "{fast} against the id-order ring's {slow}"
+    );
 }

@@ -218,6 +218,13 @@ pub enum PeerMsg {
     /// Vote to rebuild the rings around lost peers without admitting anyone (the retry after a
     /// failure: a peer admitted then would start somewhere else than the members' re-run).
     RepairVote,
+    /// Vote to rebuild the rings, without admitting anyone, with this peer's group in `order`
+    /// (`optimize_topology`: every member of the group proposes the same order, the one its
+    /// measurements call for). Counts as a topology vote.
+    OrderVote {
+        /// The group's members in ring order.
+        order: Vec<PeerId>,
+    },
     /// Vote to learn whether peers are waiting to join (`are_new_peers_pending`).
     PendingQuery,
     /// The peer's connections for a ring epoch are up (or failed).

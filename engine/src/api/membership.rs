@@ -103,6 +103,12 @@ impl Communicator {
                         match result {
                             Ok(plane) => {
                                 g.plane = Some(plane);
+                                g.ring_key = Some(EpochKey::derive(
+                                    self.inner.config.token.as_ref(),
+                                    KeyPurpose::Ring,
+                                    epoch,
+                                    secret,
+                                ));
                                 g.proto.install_ring(epoch, ring);
                                 g.proto.connect_finished(epoch, Ok(()));
                             }

@@ -13,6 +13,7 @@ mod gather_scatter;
 mod handle;
 mod layout;
 mod membership;
+mod optimize;
 mod retry;
 mod state_sync;
 
@@ -20,3 +21,4 @@ pub use builder::CommunicatorBuilder;
 pub use collectives::{Collectives, PeerProbe};
 pub use communicator::Communicator;
 pub use handle::{Completion, DeviceCompletion, DeviceHandle, Handle};
+pub use optimize::{OptimizeOptions, TopologyReport};

@@ -79,6 +79,8 @@ pub(crate) struct PeerState {
     /// First frames of collectives registered under the lock, sent by whoever releases it
     /// (see [`crate::plane::FirstSends`]).
     pub(crate) first_sends: Vec<FirstSends>,
+    /// The key of the ring in force (its hellos, and `optimize_topology`'s probes).
+    pub(crate) ring_key: Option<concord_transport::auth::EpochKey>,
 }
 
 pub(crate) struct Inner {
@@ -105,6 +107,13 @@ pub(crate) struct Inner {
     pub(crate) master_in: MasterIn,
     /// Bumped by every [`Inner::notify`]: what a polling caller watches.
     pub(crate) notified: std::sync::atomic::AtomicU64,
+    /// Edges measured by `optimize_topology`, (from, to), kept for the next call.
+    pub(crate) edges: Mutex<
+        std::collections::BTreeMap<
+            (concord_master::proto::PeerId, concord_master::proto::PeerId),
+            crate::topology::probe::Edge,
+        >,
+    >,
 }
 
 /// How long a peer whose ring connection broke waits for the master's abort before it reports
@@ -137,6 +146,7 @@ impl Inner {
                 wakers: Vec::new(),
                 first_sends: Vec::new(),
                 watch_at: None,
+                ring_key: None,
             }),
             cond: Condvar::new(),
             watch: Condvar::new(),
@@ -151,6 +161,7 @@ impl Inner {
             pace,
             master_in: MasterIn::new(master_read),
             notified: Default::default(),
+            edges: Mutex::new(Default::default()),
         }
     }
 

@@ -37,6 +37,12 @@ impl PeerProto {
         self.start_topology_vote(PeerMsg::RepairVote)
     }
 
+    /// Starts a rebuild of the ring in `order` (this peer's group), admitting nobody: the vote
+    /// of `optimize_topology`, which every member casts with the same order.
+    pub fn start_order_topology(&mut self, order: Vec<PeerId>) -> Result<(), Error> {
+        self.start_topology_vote(PeerMsg::OrderVote { order })
+    }
+
     fn start_topology_vote(&mut self, vote: PeerMsg) -> Result<(), Error> {
         self.usable()?;
         if !self.colls.is_empty() {

@@ -205,6 +205,7 @@ impl Coordinator {
             PeerMsg::AcceptVote | PeerMsg::RepairVote => {
                 self.on_topology_vote(id, matches!(msg, PeerMsg::AcceptVote))
             }
+            PeerMsg::OrderVote { order } => self.on_order_vote(id, order),
             PeerMsg::PendingQuery => self.on_pending_query(id),
             PeerMsg::ConnectResult { epoch, ok, detail } => {
                 self.on_connect_result(id, epoch, ok, detail)

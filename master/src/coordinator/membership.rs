@@ -173,6 +173,7 @@ impl Coordinator {
             return;
         };
         self.accept_votes.remove(&id);
+        self.order_votes.remove(&id);
         self.pending_votes.remove(&id);
         self.sync_remove_peer(id);
         if !peer.accepted {
@@ -249,6 +250,7 @@ pub(super) fn kind(msg: &PeerMsg) -> &'static str {
         PeerMsg::Proof { .. } => "Proof",
         PeerMsg::AcceptVote => "AcceptVote",
         PeerMsg::RepairVote => "RepairVote",
+        PeerMsg::OrderVote { .. } => "OrderVote",
         PeerMsg::PendingQuery => "PendingQuery",
         PeerMsg::ConnectResult { .. } => "ConnectResult",
         PeerMsg::CollInit { .. } => "CollInit",

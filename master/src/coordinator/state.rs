@@ -232,6 +232,11 @@ pub struct Coordinator {
     pub(super) round: Option<Round>,
     /// Topology votes: voter -> whether it asked to admit pending peers.
     pub(super) accept_votes: BTreeMap<PeerId, bool>,
+    /// The ring orders proposed with the topology votes (`OrderVote`), by voter.
+    pub(super) order_votes: BTreeMap<PeerId, Vec<PeerId>>,
+    /// Each group's ring order, as its members last agreed (`optimize_topology`); rings follow
+    /// it, members it does not name last in id order.
+    pub(super) orders: BTreeMap<u32, Vec<PeerId>>,
     pub(super) pending_votes: BTreeSet<PeerId>,
     pub(super) colls: BTreeMap<CollKey, Coll>,
     /// Votes cancelled before every member voted: (reason, peers told). A late voter of the tag
@@ -268,6 +273,8 @@ impl Coordinator {
             broken: BTreeMap::new(),
             round: None,
             accept_votes: BTreeMap::new(),
+            order_votes: BTreeMap::new(),
+            orders: BTreeMap::new(),
             pending_votes: BTreeSet::new(),
             colls: BTreeMap::new(),
             cancelled_votes: BTreeMap::new(),

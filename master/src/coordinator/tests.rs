@@ -1550,3 +1550,74 @@ fn a_root_outside_the_ring_is_refused() {
         }
     }
 }
+
+/// An order every member proposes becomes the ring (and stays through later rounds); orders
+/// that differ leave the ring as it was; an order naming a stranger gets its sender kicked.
+#[test]
+fn an_agreed_ring_order_is_installed() {
+    let mut h = H::group(3);
+    let ring_of = |out: &[Output], conn| match &H::sent_to(out, conn)[0] {
+        MasterMsg::Topology { ring, epoch, .. } => {
+            (*epoch, ring.iter().map(|m| m.peer_id).collect::<Vec<_>>())
+        }
+        m => panic!("{m:?}"),
+    };
+    for id in [1, 2] {
+        h.msg(
+            id,
+            PeerMsg::OrderVote {
+                order: vec![1, 3, 2],
+            },
+        );
+    }
+    let out = h.msg(
+        3,
+        PeerMsg::OrderVote {
+            order: vec![1, 3, 2],
+        },
+    );
+    let (epoch, ring) = ring_of(&out, 2);
+    assert_eq!(ring, vec![1, 3, 2]);
+    for conn in [1, 2, 3] {
+        h.msg(
+            conn,
+            PeerMsg::ConnectResult {
+                epoch,
+                ok: true,
+                detail: String::new(),
+            },
+        );
+    }
+    // A later repair keeps the order.
+    h.c.handle_disconnect(2, h.now);
+    h.drain();
+    h.msg(1, PeerMsg::RepairVote);
+    let out = h.msg(3, PeerMsg::RepairVote);
+    assert_eq!(ring_of(&out, 1).1, vec![1, 3]);
+    let epoch = ring_of(&out, 1).0;
+    for conn in [1, 3] {
+        h.msg(
+            conn,
+            PeerMsg::ConnectResult {
+                epoch,
+                ok: true,
+                detail: String::new(),
+            },
+        );
+    }
+    // Disagreeing orders change nothing: the round is not even needed.
+    h.msg(1, PeerMsg::OrderVote { order: vec![3, 1] });
+    let out = h.msg(3, PeerMsg::OrderVote { order: vec![1, 3] });
+    assert!(
+        H::sent_to(&out, 1)
+            .iter()
+            .all(|m| !matches!(m, MasterMsg::Topology { .. })),
+        "{out:?}"
+    );
+    // A stranger in the order is a protocol violation.
+    let out = h.msg(1, PeerMsg::OrderVote { order: vec![1, 99] });
+    assert!(
+        out.iter().any(|o| matches!(o, Output::Close { conn: 1 })),
+        "{out:?}"
+    );
+}

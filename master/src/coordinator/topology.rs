@@ -30,6 +30,60 @@ impl Coordinator {
         Ok(())
     }
 
+    /// A topology vote (without admitting anyone) that proposes the ring order of the voter's
+    /// group. It is installed when every member of the group proposes the same order.
+    pub(super) fn on_order_vote(&mut self, id: PeerId, order: Vec<PeerId>) -> Result<(), String> {
+        let mut seen = BTreeSet::new();
+        if let Some(bad) = order
+            .iter()
+            .find(|p| **p == 0 || **p >= self.next_peer_id || !seen.insert(**p))
+        {
+            return Err(format!(
+                "proposed a ring order naming peer {bad} twice or never admitted"
+            ));
+        }
+        if !order.contains(&id) {
+            return Err("proposed a ring order without itself".into());
+        }
+        self.on_topology_vote(id, false)?;
+        self.order_votes.insert(id, order);
+        Ok(())
+    }
+
+    /// Installs the orders every member of a group agreed on; whether any ring changes.
+    fn install_orders(&mut self, accepted: &BTreeSet<PeerId>) -> bool {
+        let votes = std::mem::take(&mut self.order_votes);
+        let mut changed = false;
+        let groups: BTreeSet<u32> = accepted.iter().map(|id| self.peers[id].group).collect();
+        for g in groups {
+            let members: Vec<PeerId> = accepted
+                .iter()
+                .copied()
+                .filter(|id| self.peers[id].group == g)
+                .collect();
+            let proposed: Vec<Vec<PeerId>> = members
+                .iter()
+                .filter_map(|id| votes.get(id))
+                .map(|o| o.iter().copied().filter(|p| members.contains(p)).collect())
+                .collect();
+            let Some(first) = proposed.first() else {
+                continue;
+            };
+            if proposed.len() != members.len() || proposed.iter().any(|o| o != first) {
+                tracing::warn!(
+                    group = g,
+                    "the members of group {g} proposed different ring orders; keeping the ring's order"
+                );
+                continue;
+            }
+            if self.orders.get(&g) != Some(first) {
+                self.orders.insert(g, first.clone());
+                changed = true;
+            }
+        }
+        changed
+    }
+
     /// A vote to learn whether peers wait to be admitted.
     pub(super) fn on_pending_query(&mut self, id: PeerId) -> Result<(), String> {
         if !self.pending_votes.insert(id) {
@@ -76,8 +130,14 @@ impl Coordinator {
             // Pending peers are admitted only when every member asked for it.
             let admit = self.accept_votes.values().all(|a| *a);
             self.accept_votes.clear();
+            let reordered = self.install_orders(accepted);
             let in_rings: BTreeSet<PeerId> = self.rings.values().flatten().copied().collect();
-            if (admit && has_pending) || !self.broken.is_empty() || in_rings != *accepted {
+            let current = self.group_rings(accepted) == self.rings;
+            if (admit && has_pending)
+                || !self.broken.is_empty()
+                || in_rings != *accepted
+                || (reordered && !current)
+            {
                 self.start_round_admitting(admit);
             } else {
                 self.send_topology_done(&accepted.iter().copied().collect::<Vec<_>>());
@@ -171,10 +231,21 @@ impl Coordinator {
     }
 
     /// Rings of every group among `members`, each in id order.
-    fn group_rings(&self, members: &[PeerId]) -> BTreeMap<u32, Vec<PeerId>> {
+    /// Each group's ring: its members in the group's agreed order, those the order does not
+    /// name after them in id order.
+    fn group_rings<'a>(
+        &self,
+        members: impl IntoIterator<Item = &'a PeerId>,
+    ) -> BTreeMap<u32, Vec<PeerId>> {
         let mut rings: BTreeMap<u32, Vec<PeerId>> = BTreeMap::new();
         for id in members {
             rings.entry(self.peers[id].group).or_default().push(*id);
+        }
+        for (g, ring) in rings.iter_mut() {
+            if let Some(order) = self.orders.get(g) {
+                let at = |id: &PeerId| order.iter().position(|p| p == id).unwrap_or(usize::MAX);
+                ring.sort_by_key(|id| (at(id), *id));
+            }
         }
         rings
     }

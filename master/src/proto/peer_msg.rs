@@ -7,7 +7,7 @@
 use super::wire::{Dec, Enc};
 use super::{
     abort_kind, coll_kind, malformed, CollectiveDesc, EntryDesc, PeerMsg, ProtoError,
-    CONTROL_MAGIC, MAX_ENTRIES,
+    CONTROL_MAGIC, MAX_ENTRIES, MAX_RING_MEMBERS,
 };
 
 /// Encodes a peer-to-master message, length prefix included.
@@ -75,6 +75,14 @@ fn fields(msg: &PeerMsg) -> Enc {
         PeerMsg::Goodbye => Enc::new(7),
         PeerMsg::Pong => Enc::new(9),
         PeerMsg::RepairVote => Enc::new(12),
+        PeerMsg::OrderVote { order } => {
+            let mut e = Enc::new(14);
+            e.u32(order.len() as u32);
+            for id in order {
+                e.u64(*id);
+            }
+            e
+        }
         PeerMsg::SyncVote {
             revision,
             strategy,
@@ -156,6 +164,19 @@ pub fn decode_peer(body: &[u8]) -> Result<PeerMsg, ProtoError> {
         7 => PeerMsg::Goodbye,
         9 => PeerMsg::Pong,
         12 => PeerMsg::RepairVote,
+        14 => {
+            let n = d.u32()? as usize;
+            if n > MAX_RING_MEMBERS {
+                return Err(malformed(format!(
+                    "a ring order of {n} peers over the limit"
+                )));
+            }
+            let mut order = Vec::with_capacity(n.min(d.remaining() / 8));
+            for _ in 0..n {
+                order.push(d.u64()?);
+            }
+            PeerMsg::OrderVote { order }
+        }
         10 => {
             let (revision, strategy, n) = (d.u64()?, d.str()?, d.u32()? as usize);
             if n > MAX_ENTRIES {

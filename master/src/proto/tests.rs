@@ -41,6 +41,9 @@ fn every_message_round_trips() {
         PeerMsg::Goodbye,
         PeerMsg::Pong,
         PeerMsg::RepairVote,
+        PeerMsg::OrderVote {
+            order: vec![3, 1, 2],
+        },
         PeerMsg::SyncVote {
             revision: 3,
             strategy: "send-only".into(),

@@ -80,6 +80,17 @@ pub(crate) struct BenchArgs {
     /// all-reduce busbw of the same bytes, measured in the same run.
     #[arg(long)]
     pub(crate) state: bool,
+    /// Measure the directed edges between the peers first (`optimize_topology`): print the
+    /// bandwidth and round-trip matrices, the ring in id order and the ring chosen, each with
+    /// its predicted busbw; the rows that follow run on the chosen ring.
+    #[arg(long)]
+    pub(crate) topology: bool,
+    /// As --topology, without the rows.
+    #[arg(long)]
+    pub(crate) topology_only: bool,
+    /// Most bytes one edge's probe sends (with --topology).
+    #[arg(long, default_value = "16M", value_parser = parse_size)]
+    pub(crate) probe_bytes: usize,
     /// Data-plane transport: auto (shared memory with peers on this host, io_uring to others
     /// where allowed, else sockets), shm (as auto, but shared memory that fails on one host is
     /// an error), uring or socket (never shared memory). Default: CONCORD_TRANSPORT, else auto.
@@ -486,6 +497,14 @@ impl BenchArgs {
         if self.state {
             a.push("--state".into());
         }
+        if self.topology {
+            a.push("--topology".into());
+        }
+        if self.topology_only {
+            a.push("--topology-only".into());
+        }
+        a.push("--probe-bytes".into());
+        a.push(self.probe_bytes.to_string());
         if let Some(t) = self.transport {
             a.push("--transport".into());
             a.push(

@@ -9,6 +9,7 @@ mod local;
 mod peer;
 mod report;
 mod shapes;
+mod topology;
 
 pub(crate) use args::BenchArgs;
 use args::CpuBind;

@@ -68,6 +68,29 @@ pub(super) fn run_peer(args: &BenchArgs) -> Result<(), String> {
     if let (true, Some(said)) = (leader, &launcher) {
         let _ = writeln!(out, "# launcher: {said}");
     }
+    if args.topology || args.topology_only {
+        let opts = concord::OptimizeOptions {
+            probe_bytes: args.probe_bytes,
+            ..Default::default()
+        };
+        let report = comm
+            .optimize_topology(&opts)
+            .map_err(|e| format!("optimize_topology: {e}"))?;
+        if leader {
+            super::topology::print(&mut out, &report, args.probe_bytes);
+            if let (true, Some(path)) = (args.topology_only, &args.json) {
+                let text = serde_json::to_string_pretty(&super::topology::json(&report))
+                    .expect("serialisable");
+                std::fs::write(path, text)
+                    .map_err(|e| format!("writing {}: {e}", path.display()))?;
+            }
+        }
+        if args.topology_only {
+            return Ok(());
+        }
+    }
+    // The optimised ring has its own rank 0.
+    let leader = comm.rank() == 0;
     if leader {
         report::print_banner(&mut out, args, world, comm.transport());
     }

@@ -1,0 +1,4 @@
+//! Measuring the edges between peers for `optimize_topology` (`api/optimize.rs`): one probe
+//! per directed edge (`probe`).
+
+pub(crate) mod probe;
