@@ -61,6 +61,10 @@ pub enum KernelError {
         /// Where it came from (`"CONCORD_KERNELS"` or `"argument"`).
         source_name: &'static str,
     },
+    /// A quantisation request or chunk that does not fit: a type that cannot be quantised, or
+    /// a chunk whose length or codec byte is not what it should be (`quant`).
+    #[error("quantisation: {0}")]
+    Quantisation(String),
     /// A dtype name could not be parsed.
     #[error("unknown dtype {input:?}; valid names: {}", valid_dtype_names())]
     UnknownDType {

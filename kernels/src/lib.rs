@@ -60,6 +60,7 @@ mod types;
 
 pub mod convert;
 pub mod cuda;
+pub mod quant;
 
 use std::num::NonZeroUsize;
 
