@@ -50,13 +50,14 @@ impl Communicator {
         self.topology_vote(false)
     }
 
+    /// How long a topology vote and its connection rounds may take, from now.
+    pub(super) fn topology_deadline(&self) -> Instant {
+        let c = &self.inner.config;
+        Instant::now() + c.topology_timeout.max(c.op_timeout)
+    }
+
     fn topology_vote(&mut self, admit: bool) -> Result<(), Error> {
-        let deadline = Instant::now()
-            + self
-                .inner
-                .config
-                .topology_timeout
-                .max(self.inner.config.op_timeout);
+        let deadline = self.topology_deadline();
         {
             let mut g = self.inner.lock();
             g.proto.reset_topology();

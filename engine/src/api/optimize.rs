@@ -206,12 +206,7 @@ impl Communicator {
         }
         let before_bottleneck = m.score(&(0..n).collect::<Vec<_>>()).0;
         if n >= 2 {
-            let deadline = Instant::now()
-                + self
-                    .inner
-                    .config
-                    .topology_timeout
-                    .max(self.inner.config.op_timeout);
+            let deadline = self.topology_deadline();
             {
                 let mut g = self.inner.lock();
                 g.proto.reset_topology();

@@ -19,13 +19,13 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use concord_master::proto::{PeerId, RingMember};
-use concord_transport::auth::EpochKey;
 use concord_transport::handshake::{read_reply, write_reply, DataHello, HelloStatus, HELLO_BYTES};
-use concord_transport::socket::{connect_until, resolve, SocketOptions};
+use concord_transport::socket::{connect_until, resolve};
 use concord_transport::PROTOCOL_VERSION;
 use socket2::SockRef;
 
-use super::shm_links::{ShmEnds, ShmUse};
+use super::link_setup::{read_exact_until, stopped, ShmEnds, Stop};
+pub(crate) use super::link_setup::{LinkError, RingSetup};
 
 /// The connections of one ring epoch.
 #[derive(Debug)]
@@ -53,59 +53,6 @@ impl Links {
 impl Drop for Links {
     fn drop(&mut self) {
         self.shutdown();
-    }
-}
-
-/// What building one epoch's ring needs.
-pub(crate) struct RingSetup<'a> {
-    pub(crate) me: PeerId,
-    pub(crate) epoch: u64,
-    /// Signs and checks this epoch's hellos (derived from the run token and the master's salt).
-    pub(crate) key: EpochKey,
-    pub(crate) ring: &'a [RingMember],
-    pub(crate) conns: usize,
-    pub(crate) options: SocketOptions,
-    pub(crate) timeout: Duration,
-    /// Read/write timeout set on every data socket: how long a neighbour may stay silent.
-    pub(crate) io_timeout: Option<Duration>,
-    /// Whether connections to neighbours on this host may run over shared memory.
-    pub(crate) shm: ShmUse,
-    /// Ring bytes of each shared-memory connection this peer receives on.
-    pub(crate) shm_ring_bytes: usize,
-    /// Returns true once the master called the round off: stop waiting for neighbours.
-    pub(crate) cancelled: &'a (dyn Fn() -> bool + Sync),
-}
-
-impl std::fmt::Debug for RingSetup<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RingSetup")
-            .field("epoch", &self.epoch)
-            .field("conns", &self.conns)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Why a ring epoch's connections could not be built.
-#[derive(Clone, Debug)]
-pub(crate) enum LinkError {
-    /// The two ends are configured differently (say, `--conns`): no retry can succeed.
-    Misconfigured(String),
-    /// Anything else (a neighbour lost, a deadline, a stale hello refused): a new round may
-    /// succeed.
-    Failed(String),
-}
-
-impl From<String> for LinkError {
-    fn from(why: String) -> Self {
-        LinkError::Failed(why)
-    }
-}
-
-impl std::fmt::Display for LinkError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            LinkError::Misconfigured(why) | LinkError::Failed(why) => f.write_str(why),
-        }
     }
 }
 
@@ -170,9 +117,6 @@ pub(crate) fn establish(listener: &TcpListener, setup: &RingSetup<'_>) -> Result
     })
 }
 
-/// Whether to give up waiting: the master called the round off, or the other direction failed.
-type Stop<'a> = dyn Fn() -> bool + Sync + 'a;
-
 fn dial(
     setup: &RingSetup<'_>,
     succ: &RingMember,
@@ -196,7 +140,7 @@ fn dial(
             hello
                 .send(&setup.key, &mut stream)
                 .map_err(|e| e.to_string())?;
-            let reply = read_reply_until(&mut stream, setup, deadline, stop)
+            let reply = read_reply_until(&stream, setup, deadline, stop)
                 .map_err(|e| format!("{what} at {addr}: {e}"))?;
             match read_reply(&mut &reply[..]).map_err(|e| format!("{what} at {addr}: {e}"))? {
                 HelloStatus::Ok => Ok(stream),
@@ -222,49 +166,15 @@ fn dial(
 /// Reads the 16-byte hello reply in short slices, so that a round the master called off (or
 /// the deadline) ends the wait: a successor that left its accept loop never answers.
 fn read_reply_until(
-    stream: &mut TcpStream,
+    stream: &TcpStream,
     setup: &RingSetup<'_>,
     deadline: Instant,
     stop: &Stop<'_>,
 ) -> Result<[u8; 16], String> {
-    use std::io::Read;
     let mut reply = [0u8; 16];
-    let mut got = 0;
-    stream
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .map_err(|e| e.to_string())?;
-    while got < reply.len() {
-        match stream.read(&mut reply[got..]) {
-            Ok(0) => return Err("the connection closed before the hello reply".into()),
-            Ok(n) => got += n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                if stop() {
-                    return Err(stopped(setup));
-                }
-                if Instant::now() >= deadline {
-                    return Err("no hello reply before the deadline".into());
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("reading data hello reply: {e}")),
-        }
-    }
+    read_exact_until(stream, &mut reply, setup, deadline, stop)
+        .map_err(|e| format!("reading data hello reply: {e}"))?;
     Ok(reply)
-}
-
-/// Why a direction gave up when told to stop (the other direction's failure, if any, is what
-/// the round reports instead).
-fn stopped(setup: &RingSetup<'_>) -> String {
-    if (setup.cancelled)() {
-        "the master called the connection round off".into()
-    } else {
-        "stopped: the other direction of the ring failed".into()
-    }
 }
 
 /// Most accepted connections whose hello has not arrived yet; past it the oldest is dropped.
@@ -458,8 +368,11 @@ fn log_mismatch(why: &str) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::link_setup::ShmUse;
     use super::*;
+    use concord_transport::auth::EpochKey;
     use concord_transport::auth::{KeyPurpose, RunToken};
+    use concord_transport::socket::SocketOptions;
 
     fn key(token: &str, epoch: u64) -> EpochKey {
         let token = RunToken::new(token).unwrap();

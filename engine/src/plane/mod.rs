@@ -10,6 +10,7 @@
 mod atomics;
 mod attempt;
 mod connection;
+mod link_setup;
 pub(crate) mod links;
 mod recv;
 mod send;

@@ -12,45 +12,15 @@
 //! mappings hold the memory, and the kernel frees it when both processes are gone.
 
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use concord_master::proto::PeerId;
 use concord_transport::shm::{
     host_id, Answer, Offer, OfferedSegment, Segment, ShmReader, ShmWriter,
 };
-use concord_transport::BackendChoice;
 
-use super::links::{LinkError, RingSetup};
-
-/// Whether a peer's connections may run over shared memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum ShmUse {
-    /// Never (`socket` or `io_uring` chosen).
-    Off,
-    /// With neighbours on this host where it works; TCP otherwise (`auto`).
-    Prefer,
-    /// With neighbours on this host, or an error naming why not (`shm`).
-    Require,
-}
-
-impl ShmUse {
-    pub(crate) fn of(choice: BackendChoice) -> ShmUse {
-        match choice {
-            BackendChoice::Auto => ShmUse::Prefer,
-            BackendChoice::Shm => ShmUse::Require,
-            BackendChoice::Uring | BackendChoice::Socket => ShmUse::Off,
-        }
-    }
-}
-
-/// The shared-memory ends of a ring epoch's connections (`None`: the connection stays TCP).
-#[derive(Debug, Default)]
-pub(crate) struct ShmEnds {
-    /// To the successor, by connection index.
-    pub(crate) next: Vec<Option<ShmWriter>>,
-    /// From the predecessor, by connection index.
-    pub(crate) prev: Vec<Option<ShmReader>>,
-}
+pub(crate) use super::link_setup::ShmUse;
+use super::link_setup::{read_exact_until, LinkError, RingSetup, ShmEnds};
 
 /// Decides every connection of the epoch: offers on `prev` (whose frames this peer receives),
 /// answers on `next`.
@@ -99,7 +69,7 @@ pub(crate) fn negotiate(
     let mut require_failed = None;
     for stream in next {
         let mut buf = [0u8; concord_transport::shm::offer::OFFER_BYTES];
-        read_until(stream, &mut buf, deadline, setup).map_err(|e| {
+        read_exact_until(stream, &mut buf, setup, deadline, setup.cancelled).map_err(|e| {
             format!("reading the shared-memory offer of ring successor {succ}: {e}")
         })?;
         let offer = Offer::decode(&buf).map_err(|e| e.to_string())?;
@@ -146,7 +116,7 @@ pub(crate) fn negotiate(
     }
     for (stream, created) in prev.iter().zip(offered) {
         let mut buf = [0u8; concord_transport::shm::offer::ANSWER_BYTES];
-        read_until(stream, &mut buf, deadline, setup).map_err(|e| {
+        read_exact_until(stream, &mut buf, setup, deadline, setup.cancelled).map_err(|e| {
             format!("reading the shared-memory answer of ring predecessor {pred}: {e}")
         })?;
         let answer = Answer::decode(&buf).map_err(|e| e.to_string())?;
@@ -193,43 +163,6 @@ fn bell(stream: &TcpStream) -> Result<TcpStream, LinkError> {
     stream
         .try_clone()
         .map_err(|e| LinkError::Failed(format!("cloning a data socket: {e}")))
-}
-
-/// Reads exactly `buf` in short slices, so that a round the master called off (or the
-/// deadline) ends the wait.
-fn read_until(
-    mut stream: &TcpStream,
-    buf: &mut [u8],
-    deadline: Instant,
-    setup: &RingSetup<'_>,
-) -> Result<(), String> {
-    use std::io::Read;
-    stream
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .map_err(|e| e.to_string())?;
-    let mut got = 0;
-    while got < buf.len() {
-        match stream.read(&mut buf[got..]) {
-            Ok(0) => return Err("the connection closed".into()),
-            Ok(n) => got += n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                if (setup.cancelled)() {
-                    return Err("the master called the connection round off".into());
-                }
-                if Instant::now() >= deadline {
-                    return Err("nothing arrived before the deadline".into());
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-    Ok(())
 }
 
 /// A fall-back to TCP is said once per process (every ring epoch would repeat it).
